@@ -1,0 +1,35 @@
+"""``ares-jax`` command line. Each subsystem registers its own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules exposing ``register(subparsers)``; each adds its subcommands with ``set_defaults(func=...)``.
+_SUBCOMMAND_MODULES = (
+    "ares_jax.sim.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ares-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

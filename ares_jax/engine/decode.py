@@ -1,0 +1,259 @@
+"""The decode engine: continuous batching over a paged KV pool.
+
+``insert`` a prefilled request, ``step`` the whole batch one token, ``release`` finished
+requests. Batch size and page-table width are bucketed to powers of two, so steady-state serving
+reuses a handful of compiled steps; the pool is donated to every step and updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ares_jax.engine import sampling
+from ares_jax.engine.kv_pool import (
+    SCRATCH_PAGE,
+    OutOfPages,
+    PageAllocator,
+    bucket,
+    create_pool,
+    pages_for,
+    read_pages,
+    write_pages,
+)
+from ares_jax.engine.prefill import resolve_max_model_len
+from ares_jax.engine.types import EngineConfig, PrefillResult, Request, StepOutput
+from ares_jax.model import model as llama
+from ares_jax.model.loader import LoadedModel
+from ares_jax.model.sharding import kv_pool_sharding
+
+DEFAULT_CPU_PAGES = 2048
+
+# A fused head: (params, hidden [B, D], hidden_tap [B, D], generated [B], max_tokens [B]) -> [B].
+HeadFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass
+class SlotState:
+    request: Request
+    num_cached: int  # tokens whose K/V are in the pool
+    last_token: int  # the next token to feed; its K/V is written by the next step
+    generated: int  # tokens generated so far, the first (from prefill) included
+    order: int  # insertion order: the newest is preempted first
+
+
+class DecodeEngine:
+    def __init__(self, model: LoadedModel, config: EngineConfig,
+                 head: tuple[HeadFn, Any] | None = None) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        self.config = config
+        self.max_model_len = resolve_max_model_len(model, config)
+        self.page_size = config.page_size
+        self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
+        num_pages = config.num_pages or self._pages_from_memory()
+        self.pool = create_pool(self.cfg, num_pages, self.page_size, model.mesh, model.rules)
+        self.allocator = PageAllocator(num_pages)
+        self.slots: dict[str, SlotState] = {}
+        self._order = 0
+        self.head = head
+        self._replicated = NamedSharding(model.mesh, PartitionSpec())
+        self._jit_step = jax.jit(self._step, donate_argnums=(1, 2),
+                                 static_argnames=("greedy_only", "num_logprobs"))
+
+    # ------------------------------------------------------------------ capacity
+
+    def _pages_from_memory(self) -> int:
+        if self.config.kv_cache_gib is None:
+            return DEFAULT_CPU_PAGES
+        per_page = self.cfg.kv_bytes_per_token * self.page_size
+        return max(2, int(self.config.kv_cache_gib * 2**30 // per_page))
+
+    @property
+    def num_active(self) -> int:
+        return len(self.slots)
+
+    def free_slots(self) -> int:
+        return self.config.max_num_seqs - len(self.slots)
+
+    def can_admit(self, num_tokens: int) -> bool:
+        """A slot is free and the pool has the pages for ``num_tokens`` plus the next token."""
+        return self.free_slots() > 0 and \
+            pages_for(num_tokens + 1, self.page_size) <= self.allocator.num_free
+
+    def check_fits(self, total_tokens: int) -> None:
+        """Refuse a request that could never fit, whatever else is running."""
+        if total_tokens > self.max_model_len:
+            raise ValueError(f"the request needs {total_tokens} tokens of context; "
+                             f"max_model_len is {self.max_model_len}")
+        need = pages_for(total_tokens, self.page_size)
+        if need > self.allocator.capacity:
+            raise ValueError(f"the request needs {need} KV pages; the pool holds "
+                             f"{self.allocator.capacity}")
+
+    # ------------------------------------------------------------------ requests in and out
+
+    def insert(self, result: PrefillResult) -> None:
+        """Place a prefilled request: its K/V pages move to this engine's mesh and pool."""
+        rid = result.request.request_id
+        if rid in self.slots:
+            raise ValueError(f"request {rid} is already running on this engine")
+        if self.free_slots() <= 0:
+            raise OutOfPages(f"request {rid}: no free decode slot ({self.config.max_num_seqs})")
+        n = pages_for(result.num_tokens, self.page_size)
+        pages = self.allocator.allocate(rid, n)
+        try:
+            self._write(pages, result.k, result.v)
+        except Exception:
+            self.allocator.free(rid)
+            raise
+        self._add_slot(result.request, num_cached=result.num_tokens,
+                       last_token=result.first.token_id,
+                       generated=len(result.request.resumed_ids) + 1)
+
+    def _add_slot(self, request: Request, *, num_cached: int, last_token: int,
+                  generated: int) -> None:
+        self._order += 1
+        self.slots[request.request_id] = SlotState(request, num_cached, last_token, generated,
+                                                   self._order)
+
+    def _write(self, pages: list[int], k: jax.Array, v: jax.Array) -> None:
+        """Write [L, n, S, KVH, K] arrays (n >= len(pages); the rest go to scratch)."""
+        target = kv_pool_sharding(k.shape, self.model.mesh, self.model.rules)
+        k, v = jax.device_put((k, v), target)
+        ids = np.full(k.shape[1], SCRATCH_PAGE, np.int32)
+        ids[: len(pages)] = pages
+        self.pool.k, self.pool.v = write_pages(self.pool.k, self.pool.v, jnp.asarray(ids), k, v)
+
+    def release(self, request_id: str) -> int:
+        """Drop a request (finished, cancelled or failed) and free its pages. Idempotent."""
+        self.slots.pop(request_id, None)
+        return self.allocator.free(request_id)
+
+    # ------------------------------------------------------------------ page export / import
+
+    def export_pages(self, request_id: str, start: int, end: int) -> tuple[jax.Array, jax.Array]:
+        """Copies of the request's pages [start, end) as [L, bucket(n), S, KVH, K] arrays."""
+        pages = self.allocator.pages(request_id)
+        if not 0 <= start <= end <= len(pages):
+            raise IndexError(f"request {request_id}: page range [{start}, {end}) outside its "
+                             f"{len(pages)} pages")
+        n = end - start
+        ids = np.full(bucket(max(n, 1)), SCRATCH_PAGE, np.int32)
+        ids[:n] = pages[start:end]
+        return read_pages(self.pool.k, self.pool.v, jnp.asarray(ids))
+
+    def reserve(self, request_id: str, num_pages: int) -> list[int]:
+        """Pre-allocate pages for an incoming request (migration destination)."""
+        return self.allocator.allocate(request_id, num_pages)
+
+    def import_pages(self, request_id: str, start: int, k: jax.Array, v: jax.Array,
+                     count: int) -> None:
+        """Write ``count`` pages from ``k``/``v`` into the request's reserved pages from
+        ``start``."""
+        pages = self.allocator.pages(request_id)
+        if start + count > len(pages):
+            raise IndexError(f"request {request_id}: importing pages [{start}, {start + count}) "
+                             f"but only {len(pages)} are reserved")
+        if k.shape[1] < count or k.shape[0] != self.cfg.n_layers or \
+                k.shape[2:] != self.pool.k.shape[2:]:
+            raise ValueError(f"request {request_id}: page block of shape {k.shape} does not "
+                             f"match this pool's pages {self.pool.k.shape}")
+        self._write(pages[start:start + count], k, v)
+
+    def adopt(self, request: Request, *, num_cached: int, last_token: int, generated: int) -> None:
+        """Start decoding a request whose pages were imported (migration commit)."""
+        need = pages_for(num_cached, self.page_size)
+        if len(self.allocator.pages(request.request_id)) < need:
+            raise ValueError(f"request {request.request_id}: {need} pages needed to adopt it")
+        self._add_slot(request, num_cached=num_cached, last_token=last_token,
+                       generated=generated)
+
+    # ------------------------------------------------------------------ the step
+
+    def _step(self, weights, k_pool, v_pool, tokens, positions, page_table, s, head_inputs, *,
+              greedy_only, num_logprobs):
+        out = llama.decode_step(weights, self.cfg, k_pool, v_pool, tokens, positions, page_table,
+                                self.config.tap_layer)
+        page = jnp.take_along_axis(page_table, (positions // self.page_size)[:, None], 1)[:, 0]
+        slot = positions % self.page_size
+        k_pool = k_pool.at[:, page, slot].set(out["k"])
+        v_pool = v_pool.at[:, page, slot].set(out["v"])
+        picked = sampling.sample(
+            out["logits"], s, eos_ids=self.cfg.eos_token_ids, greedy_only=greedy_only,
+            num_logprobs=num_logprobs, candidates=self.config.sampling_candidates)
+        pred = None
+        if self.head is not None:
+            fn, params = self.head
+            generated, max_tokens = head_inputs
+            pred = fn(params, out["hidden"], out["hidden_tap"], generated, max_tokens)
+        return k_pool, v_pool, picked, out["hidden"], out["hidden_tap"], pred
+
+    def _ensure_pages(self) -> list[str]:
+        """Give every request a page for its next token, preempting the newest on shortage."""
+        preempted: list[str] = []
+        for rid in sorted(self.slots, key=lambda r: self.slots[r].order):
+            if rid not in self.slots:
+                continue
+            st = self.slots[rid]
+            while len(self.allocator.pages(rid)) < pages_for(st.num_cached + 1, self.page_size):
+                try:
+                    self.allocator.allocate(rid, 1)
+                except OutOfPages:
+                    victim = max(self.slots, key=lambda r: self.slots[r].order)
+                    self.release(victim)
+                    preempted.append(victim)
+                    if victim == rid:
+                        break
+        return preempted
+
+    def step(self) -> StepOutput:
+        """Decode one token for every active request."""
+        preempted = self._ensure_pages()
+        ids = list(self.slots)
+        if not ids:
+            empty = jnp.zeros((0, self.cfg.d_model), self.cfg.jnp_dtype)
+            return StepOutput([], [], empty, empty, None, preempted)
+        states = [self.slots[r] for r in ids]
+        b = bucket(len(ids))
+        width = bucket(max(len(self.allocator.pages(r)) for r in ids),
+                       maximum=self.max_pages_per_seq)
+        tokens = np.zeros(b, np.int32)
+        positions = np.zeros(b, np.int32)
+        table = np.full((b, width), SCRATCH_PAGE, np.int32)
+        generated = np.zeros(b, np.int32)
+        max_tokens = np.ones(b, np.int32)
+        for i, (rid, st) in enumerate(zip(ids, states)):
+            tokens[i], positions[i] = st.last_token, st.num_cached
+            pages = self.allocator.pages(rid)
+            table[i, : len(pages)] = pages
+            generated[i], max_tokens[i] = st.generated, st.request.params.max_tokens
+        params = [st.request.params for st in states]
+        s = sampling.sampler_inputs_for(params, [st.request.index for st in states],
+                                        [st.generated for st in states],
+                                        [st.generated for st in states], b)
+        greedy_only, num_logprobs = sampling.batch_mode(params)
+        rep = self._replicated
+        self.pool.k, self.pool.v, picked, hidden, tap, pred = self._jit_step(
+            self.model.weights, self.pool.k, self.pool.v, jax.device_put(tokens, rep),
+            jax.device_put(positions, rep), jax.device_put(table, rep), jax.device_put(s, rep),
+            jax.device_put((generated, max_tokens), rep),
+            greedy_only=greedy_only, num_logprobs=num_logprobs)
+        host = jax.device_get(picked)
+        infos = sampling.to_token_infos(host, params)
+        for st, info in zip(states, infos):
+            st.num_cached += 1
+            st.last_token = info.token_id
+            st.generated += 1
+        pred_host = None if pred is None else np.asarray(jax.device_get(pred))[: len(ids)]
+        return StepOutput(ids, infos, hidden, tap, pred_host, preempted)
+
+    def compiled_step_count(self) -> int:
+        """How many step variants have been compiled (a test checks this stays bounded)."""
+        return self._jit_step._cache_size()

@@ -1,0 +1,119 @@
+"""The prefill engine: padded, bucketed batches of prompts -> first tokens, KV pages, hidden taps."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ares_jax.engine import sampling
+from ares_jax.engine.kv_pool import bucket, pages_for
+from ares_jax.engine.types import EngineConfig, PrefillResult, Request
+from ares_jax.model import model as llama
+from ares_jax.model.loader import LoadedModel
+from ares_jax.model.sharding import named
+
+
+class PrefillEngine:
+    """Runs prompts through the model on its own mesh. The results' KV stays on this mesh until
+    a decode engine inserts it (``jax.device_put`` to the decode sharding)."""
+
+    def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        self.config = config
+        self.max_model_len = resolve_max_model_len(model, config)
+        self._replicated = NamedSharding(model.mesh, PartitionSpec())
+        self._jit = jax.jit(self._prefill, static_argnames=("greedy_only", "num_logprobs"))
+
+    @property
+    def tap_layer(self) -> int:
+        return self.config.tap_layer or self.cfg.default_tap_layer
+
+    def _prefill(self, weights, tokens, lengths, s, *, greedy_only, num_logprobs):
+        out = llama.prefill(weights, self.cfg, tokens, lengths, self.tap_layer)
+        picked = sampling.sample(
+            out["logits"], s, eos_ids=self.cfg.eos_token_ids, greedy_only=greedy_only,
+            num_logprobs=num_logprobs, candidates=self.config.sampling_candidates)
+        n_layers, b, t, kvh, hd = out["k"].shape
+        ps = self.config.page_size
+        paged = lambda x: x.reshape(n_layers, b, t // ps, ps, kvh, hd)  # noqa: E731
+        return picked, out["hidden"], out["hidden_tap"], paged(out["k"]), paged(out["v"])
+
+    def prefill(self, requests: Sequence[Request]) -> list[PrefillResult]:
+        """Prefill ``requests`` in as few bucketed batches as ``max_prefill_tokens`` allows."""
+        results: dict[str, PrefillResult] = {}
+        for group in self._groups(requests):
+            for r in self._run(group):
+                results[r.request.request_id] = r
+        return [results[r.request_id] for r in requests]
+
+    def _groups(self, requests: Sequence[Request]) -> list[list[Request]]:
+        order = sorted(requests, key=lambda r: len(r.context_ids))
+        groups: list[list[Request]] = []
+        for r in order:
+            n = len(r.context_ids)
+            if n < 1 or n >= self.max_model_len:
+                raise ValueError(f"request {r.request_id}: prompt has {n} tokens; it must have "
+                                 f"1 to {self.max_model_len - 1} (max_model_len)")
+            if groups:
+                g = groups[-1]
+                t = self._len_bucket(n)
+                if t * bucket(len(g) + 1) <= max(self.config.max_prefill_tokens, t):
+                    g.append(r)
+                    continue
+            groups.append([r])
+        return groups
+
+    def _len_bucket(self, n: int) -> int:
+        return bucket(n, max(self.config.min_prefill_bucket, self.config.page_size))
+
+    def _run(self, group: list[Request]) -> list[PrefillResult]:
+        lengths = [len(r.context_ids) for r in group]
+        t, b = self._len_bucket(max(lengths)), bucket(len(group))
+        tokens = np.zeros((b, t), np.int32)
+        for i, r in enumerate(group):
+            tokens[i, : lengths[i]] = r.context_ids
+        lens = np.ones(b, np.int32)
+        lens[: len(group)] = lengths
+        params = [r.params for r in group]
+        s = sampling.sampler_inputs_for(params, [r.index for r in group],
+                                        [len(r.resumed_ids) for r in group],
+                                        [len(r.resumed_ids) for r in group], b)
+        greedy_only, num_logprobs = sampling.batch_mode(params)
+        tok_sharding = named(self.model.mesh, ("batch", "seq"), (b, t), self.model.rules)
+        picked, hidden, tap, k, v = self._jit(
+            self.model.weights, jax.device_put(tokens, tok_sharding),
+            jax.device_put(lens, self._replicated), jax.device_put(s, self._replicated),
+            greedy_only=greedy_only, num_logprobs=num_logprobs)
+        infos = sampling.to_token_infos(jax.device_get(picked), params)
+        out = []
+        for i, r in enumerate(group):
+            # Bucketed page count keeps the slice's compiled shapes few; pages past
+            # pages_for(num_tokens) are padding that insert() sends to the scratch page.
+            n_pages = bucket(pages_for(lengths[i], self.config.page_size))
+            kr, vr = _slice_request(k, v, jnp.int32(i), n_pages)
+            out.append(PrefillResult(request=r, first=infos[i], k=kr, v=vr,
+                                     num_tokens=lengths[i], hidden=hidden[i],
+                                     hidden_tap=tap[i]))
+        return out
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _slice_request(k: jax.Array, v: jax.Array, row: jax.Array, n_pages: int):
+    return k[:, row, :n_pages], v[:, row, :n_pages]
+
+
+def resolve_max_model_len(model: LoadedModel, config: EngineConfig) -> int:
+    limit = config.max_model_len or min(model.cfg.max_seq_len, 4096)
+    if limit > model.cfg.max_seq_len:
+        raise ValueError(f"EngineConfig.max_model_len={limit} exceeds the model's context "
+                         f"length {model.cfg.max_seq_len}")
+    return limit
+
+
+__all__ = ["PrefillEngine", "resolve_max_model_len"]

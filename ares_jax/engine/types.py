@@ -1,0 +1,96 @@
+"""Engine configuration and the records that flow between prefill, decode and the serving loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from ares_jax.config import config
+from ares_jax.engine.sampling import SamplingParams
+
+
+@config
+class EngineConfig:
+    page_size: int = 16
+    # None: sized from kv_cache_gib (or 2,048 pages on CPU).
+    num_pages: int | None = None
+    kv_cache_gib: float | None = None
+    max_num_seqs: int = 64
+    # None: the model's context length, capped at 4,096.
+    max_model_len: int | None = None
+    max_prefill_tokens: int = 4096
+    min_prefill_bucket: int = 32
+    # Output of this transformer block feeds the intermediate-layer hidden tap; None: middle.
+    tap_layer: int | None = None
+    sampling_candidates: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"EngineConfig.page_size must be a power of two, got {self.page_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"EngineConfig.max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"EngineConfig.num_pages must be >= 2, got {self.num_pages}")
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+    # A stable index that seeds unseeded sampling, so reruns reproduce.
+    index: int = 0
+    # Tokens generated before a preemption; recompute prefills prompt + these.
+    resumed_ids: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def context_ids(self) -> list[int]:
+        return self.prompt_ids + self.resumed_ids
+
+
+@dataclasses.dataclass
+class TokenInfo:
+    """One sampled token and the logprobs the request asked for."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    """Everything a decode engine needs to continue a request.
+
+    ``k``/``v`` are the request's pages, [L, n_pages, S, KVH, K], on the prefill mesh. ``hidden``
+    and ``hidden_tap`` are [D] arrays at the last prompt token (final layer after the norm, and
+    block ``tap_layer``).
+    """
+
+    request: Request
+    first: TokenInfo
+    k: jax.Array
+    v: jax.Array
+    num_tokens: int
+    hidden: jax.Array
+    hidden_tap: jax.Array
+    predicted_remaining: float | None = None
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """One decode step: a token per active request (row order = ``request_ids``).
+
+    ``hidden``/``hidden_tap`` are [B_bucket, D] device arrays; rows past ``len(request_ids)`` are
+    padding. ``predicted_remaining`` holds the fused predictor's output per request, if any.
+    """
+
+    request_ids: list[str]
+    tokens: list[TokenInfo]
+    hidden: jax.Array
+    hidden_tap: jax.Array
+    predicted_remaining: np.ndarray | None = None
+    # Requests evicted to free pages; the serving loop re-queues them for recompute.
+    preempted: list[str] = dataclasses.field(default_factory=list)
