@@ -45,8 +45,8 @@ def assert_all_pages_free(loop: ServingLoop) -> None:
 def test_pages_never_leak_after_finish_cancel_and_failure(tiny_model):
     loop = make_loop(tiny_model)
     for i in range(20):
-        loop.add_request(req(i, n=3 + i, params=SamplingParams(temperature=0.0,
-                                                                max_tokens=5 + i % 7)))
+        loop.add_request(req(i, n=3 + i, params=SamplingParams(
+            temperature=0.0, max_tokens=5 + i % 7, ignore_eos=True)))
     steps = 0
     while loop.has_work:
         loop.step()

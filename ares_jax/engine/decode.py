@@ -32,6 +32,7 @@ from ares_jax.engine.types import EngineConfig, PrefillResult, Request, StepOutp
 from ares_jax.model import model as llama
 from ares_jax.model.loader import LoadedModel
 from ares_jax.model.sharding import kv_pool_sharding
+from ares_jax.transfer.local import handoff
 
 DEFAULT_CPU_PAGES = 2048
 
@@ -124,7 +125,7 @@ class DecodeEngine:
     def _write(self, pages: list[int], k: jax.Array, v: jax.Array) -> None:
         """Write [L, n, S, KVH, K] arrays (n >= len(pages); the rest go to scratch)."""
         target = kv_pool_sharding(k.shape, self.model.mesh, self.model.rules)
-        k, v = jax.device_put((k, v), target)
+        k, v = handoff(k, v, target)
         ids = np.full(k.shape[1], SCRATCH_PAGE, np.int32)
         ids[: len(pages)] = pages
         self.pool.k, self.pool.v = write_pages(self.pool.k, self.pool.v, jnp.asarray(ids), k, v)

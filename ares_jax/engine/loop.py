@@ -42,6 +42,9 @@ class ServingLoop:
         self.finished: dict[str, RequestTracker] = {}
         self.location: dict[str, int] = {}  # request id -> decode engine index
         self.on_step: list[Callable[[int, StepOutput], None]] = []
+        # Time each decode engine spent stepping: its own clock, as if it ran on its own host.
+        self.step_seconds = [0.0] * len(self.decoders)
+        self.last_step_seconds = [0.0] * len(self.decoders)
 
     # ------------------------------------------------------------------ intake
 
@@ -95,7 +98,10 @@ class ServingLoop:
         for idx, engine in enumerate(self.decoders):
             if engine.num_active == 0:
                 continue
+            started = time.perf_counter()
             out = engine.step()
+            self.last_step_seconds[idx] = time.perf_counter() - started
+            self.step_seconds[idx] += self.last_step_seconds[idx]
             for rid in out.preempted:
                 self._requeue(rid)
             for row, (rid, info) in enumerate(zip(out.request_ids, out.tokens)):

@@ -198,7 +198,7 @@ class TensorSource:
             raise MissingTensorError(f"{self.directory}: tensor {name!r} is missing from the "
                                      "checkpoint")
         f = self._file(fname)
-        if name not in f.keys():
+        if name not in f:
             raise MissingTensorError(f"{f.path}: tensor {name!r} is listed in {INDEX_FILE} but "
                                      "absent from the file")
         shape = f.shape(name)
@@ -235,7 +235,7 @@ def _open_tensors(path: Path) -> Iterator[TensorSource]:
                                     "PyTorch .bin checkpoints are not supported")
         name_to_file = {}
         for f in files:
-            for name in SafetensorsFile(f).keys():
+            for name in SafetensorsFile(f).names():
                 name_to_file.setdefault(name, f.name)
     source = TensorSource(path, name_to_file)
     try:

@@ -56,3 +56,11 @@ def load_model(
                          "checkpoint")
     weights = place_weights(host, cfg, mesh, rules)
     return LoadedModel(cfg, weights, tok, mesh, rules, str(path))
+
+
+def on_mesh(model: LoadedModel, mesh: Mesh) -> LoadedModel:
+    """The same weights placed on another mesh (device to device: the file is not re-read)."""
+    from ares_jax.model.sharding import weight_shardings
+
+    weights = jax.device_put(model.weights, weight_shardings(model.cfg, mesh, model.rules))
+    return dataclasses.replace(model, weights=weights, mesh=mesh)

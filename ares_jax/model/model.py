@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ares_jax.config import config
 
@@ -72,7 +73,7 @@ class Config:
 
     @property
     def default_tap_layer(self) -> int:
-        return self.n_layers // 2
+        return max(1, self.n_layers // 2)
 
 
 def default_dtype() -> str:
@@ -160,22 +161,28 @@ def is_shape_leaf(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(d, int | str) for d in x)
 
 
-def init_random_weights(cfg: Config, key: jax.Array, scale: float = 0.02) -> Weights:
-    """Random weights (tests, benchmarks). Norm scales start at 1."""
+def init_random_weights(cfg: Config, key: jax.Array | int, scale: float = 0.02) -> Weights:
+    """Random weights (tests, benchmarks), drawn on the host with numpy: one eager JAX op per
+    weight would compile once per shape. Norm scales start at 1."""
+    seed = int(key) if isinstance(key, int) else int(jax.random.randint(key, (), 0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
     shapes = weight_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape_leaf)
-    keys = jax.random.split(key, len(leaves))
-    arrays = [scale * jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, leaves)]
-    w = jax.tree.unflatten(treedef, arrays)
-    ones = lambda a: jnp.ones_like(a)
-    w = dataclasses.replace(
-        w,
-        final_norm=ones(w.final_norm),
-        layers=dataclasses.replace(
-            w.layers, attn_norm=ones(w.layers.attn_norm), mlp_norm=ones(w.layers.mlp_norm)
-        ),
-    )
-    return jax.tree.map(lambda a: a.astype(cfg.jnp_dtype), w)
+
+    def draw(path, shape):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.ones(shape, cfg.jnp_dtype)
+        return jnp.asarray(scale * rng.standard_normal(shape, np.float32), cfg.jnp_dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=is_shape_leaf)
+
+
+def check_tap_layer(cfg: Config, tap_layer: int | None) -> int:
+    tap = cfg.default_tap_layer if tap_layer is None else tap_layer
+    if not 1 <= tap <= cfg.n_layers:
+        raise ValueError(f"tap_layer must be in [1, {cfg.n_layers}] (the output of that block), "
+                         f"got {tap}")
+    return tap
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -254,7 +261,7 @@ def prefill(
     layer, after the final norm, at that token), ``hidden_tap`` [B, D] (output of block
     ``tap_layer``), ``k``/``v`` [L, B, T, KVH, K] and ``all_logits`` is not computed.
     """
-    tap = cfg.default_tap_layer if tap_layer is None else tap_layer
+    tap = check_tap_layer(cfg, tap_layer)
     h, k, v, taps = _stack(w, cfg, tokens, lengths)
     last = (lengths - 1).astype(jnp.int32)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
@@ -324,7 +331,7 @@ def decode_step(
     ``hidden`` [B, D], ``hidden_tap`` [B, D] and the new token's ``k``/``v`` [L, B, KVH, K],
     which the caller scatters into the pool at (page_table[b, pos // S], pos % S).
     """
-    tap = cfg.default_tap_layer if tap_layer is None else tap_layer
+    tap = check_tap_layer(cfg, tap_layer)
     b = tokens.shape[0]
     page_size = k_pages.shape[2]
     ctx = page_table.shape[1] * page_size

@@ -1,0 +1,45 @@
+"""Carve the local devices into a prefill mesh and decode meshes, and build the engines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+
+from ares_jax.cluster.config import ClusterConfig
+from ares_jax.cluster.live import ClusterLoop
+from ares_jax.engine.decode import DecodeEngine, HeadFn
+from ares_jax.engine.prefill import PrefillEngine
+from ares_jax.engine.types import EngineConfig
+from ares_jax.model.loader import LoadedModel, on_mesh
+from ares_jax.model.sharding import make_mesh
+
+
+def split_devices(cluster: ClusterConfig, devices: Sequence[jax.Device] | None = None
+                  ) -> tuple[list[jax.Device], list[list[jax.Device]]]:
+    """(prefill devices, [decode devices per replica]); disjoint, in device order."""
+    devs = list(jax.devices() if devices is None else devices)
+    need = cluster.prefill_devices + cluster.decode_replicas * cluster.devices_per_replica
+    if need > len(devs):
+        raise ValueError(
+            f"the cluster needs {need} devices ({cluster.prefill_devices} prefill + "
+            f"{cluster.decode_replicas} x {cluster.devices_per_replica} decode) but "
+            f"{len(devs)} are available; on CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={need} before JAX starts")
+    prefill = devs[: cluster.prefill_devices]
+    rest = devs[cluster.prefill_devices:]
+    k = cluster.devices_per_replica
+    return prefill, [rest[i * k:(i + 1) * k] for i in range(cluster.decode_replicas)]
+
+
+def build_cluster(model: LoadedModel, cluster: ClusterConfig, engine: EngineConfig,
+                  head: tuple[HeadFn, object] | None = None,
+                  prefill_head: tuple[HeadFn, object] | None = None) -> ClusterLoop:
+    """Place the model on every mesh (device to device) and wire the policy-driven loop."""
+    prefill_devs, decode_devs = split_devices(cluster)
+    prefill_model = on_mesh(model, make_mesh(prefill_devs))
+    kwargs = {} if prefill_head is None else {"head": prefill_head}
+    prefill = PrefillEngine(prefill_model, engine, **kwargs)
+    decoders = [DecodeEngine(on_mesh(model, make_mesh(devs)), engine, head=head)
+                for devs in decode_devs]
+    return ClusterLoop(prefill, decoders, model.tokenizer, cluster)

@@ -1,0 +1,339 @@
+"""ARES: predictive dispatch and decode-phase rescheduling (design brief, section 4).
+
+Memory first, then step time:
+
+* **Dispatch.** For each pending request, every replica's load is forecast with the request
+  added. Replicas whose predicted peak KV over the horizon stays within
+  ``memory_target * capacity`` (minus memory held outside the running batch) qualify; among them
+  the lowest predicted TPOT wins. When none qualifies, the smallest predicted overflow wins.
+* **Rescheduling** (each period, at most ``max_migrations_per_round`` moves):
+  1. *OOM guard*: replicas whose predicted peak exceeds their budget move out requests that are
+     still alive at the peak (longest predicted remaining first) to the replica with the lowest
+     post-move TPOT that has headroom.
+  2. *Balancing*: while the worst-minus-best predicted TPOT gap exceeds the threshold, move from
+     the worst replica the longest-remaining request whose move improves the pair and whose
+     benefit (token-time saved over the horizon) recoups ``recoup_factor`` times its transfer
+     cost (KV bytes over the link plus the stall).
+  3. A request that migrated is cooled down for ``cooldown_s``; one already migrating is left
+     alone.
+
+``ares-oracle`` is the same policy reading true remaining lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ares_jax.config import config
+from ares_jax.scheduler.cost import StepCostModel, TransferCost
+from ares_jax.scheduler.load import (
+    kv_alive_at,
+    peak_kv,
+    sample_times,
+    trajectories,
+    weighted_tpot,
+)
+from ares_jax.scheduler.state import (
+    ClusterSnapshot,
+    Decisions,
+    Dispatch,
+    Migration,
+    PendingDispatch,
+    PolicyState,
+    RequestTable,
+)
+
+
+@config
+class AresConfig:
+    horizon_steps: int = 2048  # decode steps the load model looks ahead
+    samples: int = 9  # sample points of the TPOT average over the horizon
+    memory_target: float = 0.95  # the predicted peak may use this fraction of capacity
+    balance_threshold: float = 0.10  # rebalance when (worst - best) TPOT > this * mean TPOT ...
+    balance_threshold_ms: float = 1.0  # ... and > this many ms
+    recoup_factor: float = 2.0  # a move must save this many times its transfer cost
+    max_migrations_per_round: int = 8
+    cooldown_s: float = 10.0
+    prior_remaining_tokens: float = 512.0  # for a request with no prediction yet
+    candidates_per_replica: int = 8  # longest-remaining requests examined per source
+    use_true_remaining: bool = False  # the oracle
+
+
+def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
+    """Remaining tokens per row: prediction (or truth for the oracle), prior when unknown,
+    clipped to what ``max_tokens`` still allows."""
+    rem = table.predicted_remaining
+    if cfg.use_true_remaining:
+        rem = np.where(np.isnan(table.true_remaining), rem, table.true_remaining)
+    rem = np.where(np.isnan(rem), cfg.prior_remaining_tokens, rem)
+    allowed = np.maximum(table.max_tokens - table.generated_tokens, 0)
+    return np.clip(rem, 0.0, allowed).astype(np.float64)
+
+
+def pending_remaining(p: PendingDispatch, cfg: AresConfig) -> float:
+    rem = p.predicted_remaining
+    if cfg.use_true_remaining and p.true_remaining is not None:
+        rem = p.true_remaining
+    if rem is None:
+        rem = cfg.prior_remaining_tokens
+    return float(np.clip(rem, 0.0, max(p.max_tokens - p.generated_tokens, 0)))
+
+
+@dataclass(frozen=True, eq=False)
+class _BaseForecast:
+    kv: np.ndarray
+    rem: np.ndarray
+    rep: np.ndarray
+    batch: np.ndarray
+    memory: np.ndarray
+    peak: np.ndarray
+    peak_at: np.ndarray
+    tpot: np.ndarray
+
+
+@lru_cache(maxsize=4)
+def _base_forecast(
+    table: RequestTable, num_replicas: int, cost: StepCostModel, cfg: AresConfig
+) -> _BaseForecast:
+    """The forecast of a request table. Memoised on the table's identity: a caller that reuses
+    a snapshot for several dispatch calls (a scheduler polling replica state periodically, as
+    Llumnix does) pays for it once."""
+    kv = table.kv_tokens.astype(np.float64)
+    rem = estimate_remaining(table, cfg)
+    rep = table.replica.astype(np.int64)
+    times = sample_times(cfg.horizon_steps, cfg.samples)
+    batch, memory = trajectories(kv, rem, rep, num_replicas, times)
+    peak, peak_at = peak_kv(kv, rem, rep, num_replicas, cfg.horizon_steps)
+    return _BaseForecast(kv=kv, rem=rem, rep=rep, batch=batch, memory=memory, peak=peak,
+                         peak_at=peak_at, tpot=weighted_tpot(cost, batch, memory))
+
+
+class _Board:
+    """Mutable forecast of every replica for the duration of one policy call."""
+
+    def __init__(
+        self,
+        snapshot: ClusterSnapshot,
+        cost: StepCostModel,
+        cfg: AresConfig,
+    ) -> None:
+        self.cost = cost
+        self.horizon = cfg.horizon_steps
+        self.times = sample_times(cfg.horizon_steps, cfg.samples)
+        self.n = snapshot.num_replicas
+        base = _base_forecast(snapshot.table(), self.n, cost, cfg)
+        self.kv, self.rem, self.rep = base.kv, base.rem, base.rep.copy()
+        self.batch, self.memory = base.batch.copy(), base.memory.copy()
+        self.peak, self.peak_at = base.peak.copy(), base.peak_at.copy()
+        self.tpot = base.tpot.copy()
+        # Memory outside the running batch (page rounding, transfers, reservations, queue)
+        # does not grow; the running batch's trajectory must fit in what is left.
+        fixed = snapshot.used_tokens - snapshot.running_kv_tokens + snapshot.queued_kv_tokens
+        self.budget = cfg.memory_target * snapshot.kv_capacity_tokens - fixed
+
+    def refresh(self, positions: list[int]) -> None:
+        for pos in positions:
+            rows = self.rep == pos
+            kv, rem = self.kv[rows], self.rem[rows]
+            zero = np.zeros(kv.shape[0], dtype=np.int64)
+            b, m = trajectories(kv, rem, zero, 1, self.times)
+            pk, pk_at = peak_kv(kv, rem, zero, 1, self.horizon)
+            self.batch[pos], self.memory[pos] = b[0], m[0]
+            self.peak[pos], self.peak_at[pos] = pk[0], pk_at[0]
+            self.tpot[pos] = weighted_tpot(self.cost, b, m)[0]
+
+    def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float) -> None:
+        """Add a request to ``pos`` with the forecast ``with_request`` computed for it."""
+        d_batch, d_memory = self._added(kv, rem)
+        self.batch[pos] += d_batch
+        self.memory[pos] += d_memory
+        self.tpot[pos] = tpot
+        if peak > self.peak[pos]:
+            self.peak[pos] = peak
+            self.peak_at[pos] = min(rem, float(self.horizon))  # approximately where it moved
+        self.kv = np.append(self.kv, kv)
+        self.rem = np.append(self.rem, rem)
+        self.rep = np.append(self.rep, pos)
+
+    def _added(self, kv: float, rem: float) -> tuple[np.ndarray, np.ndarray]:
+        alive = (rem > self.times).astype(np.float64)
+        return alive, alive * (kv + self.times)
+
+    def with_request(
+        self, kv: float, rem: float, positions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted ``(tpot, peak)`` of ``positions`` if the request joined each of them.
+
+        The peak is exact at the old peak, at the request's own finish and at the samples.
+        """
+        d_batch, d_memory = self._added(kv, rem)
+        batch = self.batch[positions] + d_batch
+        memory = self.memory[positions] + d_memory
+        tpot = weighted_tpot(self.cost, batch, memory)
+        t_x = min(rem, float(self.horizon))
+        if positions.size < self.n:
+            wanted = np.zeros(self.n, dtype=bool)
+            wanted[positions] = True
+            rows = wanted[self.rep]
+            alive_at_x = kv_alive_at(self.kv[rows], self.rem[rows], self.rep[rows], self.n, t_x)
+        else:
+            alive_at_x = kv_alive_at(self.kv, self.rem, self.rep, self.n, t_x)
+        peak, peak_at = self.peak[positions], self.peak_at[positions]
+        at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
+        at_own_finish = alive_at_x[positions] + kv + t_x
+        return tpot, np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=1))
+
+    def could_take(self, kv: float) -> np.ndarray:
+        """Replicas that might fit a request of ``kv`` tokens (a necessary condition: the new
+        peak is at least the old one and at least today's KV plus the request's)."""
+        return np.flatnonzero(
+            (self.peak <= self.budget) & (self.memory[:, 0] + kv <= self.budget)
+        )
+
+    def tpot_without(self, row: int) -> float:
+        pos = int(self.rep[row])
+        d_batch, d_memory = self._added(self.kv[row], self.rem[row])
+        b = (self.batch[pos] - d_batch)[None, :]
+        m = (self.memory[pos] - d_memory)[None, :]
+        return float(weighted_tpot(self.cost, b, m)[0])
+
+    def move(self, row: int, dst: int) -> None:
+        src = int(self.rep[row])
+        self.rep[row] = dst
+        self.refresh([src, dst])
+
+
+@dataclass(frozen=True, eq=False)
+class AresPolicy:
+    cost: StepCostModel
+    transfer: TransferCost
+    config: AresConfig = AresConfig()
+    name: str = "ares"
+    needs_request_table: bool = True
+    migrates: bool = True
+
+    def dispatch(
+        self, snapshot: ClusterSnapshot, state: PolicyState
+    ) -> tuple[Decisions, PolicyState]:
+        if not snapshot.pending:
+            return Decisions(), state
+        board = _Board(snapshot, self.cost, self.config)
+        everyone = np.arange(board.n)
+        out = []
+        for p in snapshot.pending:
+            rem = pending_remaining(p, self.config)
+            tpot, peak = board.with_request(float(p.kv_tokens), rem, everyone)
+            overflow = peak - board.budget
+            fits = overflow <= 0
+            if fits.any():
+                pos = int(np.argmin(np.where(fits, tpot, np.inf)))
+            else:
+                pos = int(np.argmin(overflow))
+            out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
+            board.place(float(p.kv_tokens), rem, pos, tpot[pos], peak[pos])
+        return Decisions(dispatches=tuple(out)), state
+
+    def reschedule(
+        self, snapshot: ClusterSnapshot, state: PolicyState
+    ) -> tuple[Decisions, PolicyState]:
+        table = snapshot.table()
+        cfg = self.config
+        if len(table) == 0 or snapshot.num_replicas < 2:
+            return Decisions(), state
+        board = _Board(snapshot, self.cost, cfg)
+        movable = ~table.migrating & (snapshot.now - table.last_migrated_at >= cfg.cooldown_s)
+        moves: list[tuple[int, int, int]] = []  # (row, src, dst)
+        self._guard_memory(board, movable, moves)
+        self._balance(board, movable, moves)
+        ids = snapshot.replica_ids
+        return (
+            Decisions(
+                migrations=tuple(
+                    Migration(request_id=table.id_at(row), src=int(ids[s]), dst=int(ids[d]))
+                    for row, s, d in moves
+                )
+            ),
+            state,
+        )
+
+    def _candidates(self, board: _Board, movable: np.ndarray, src: int) -> np.ndarray:
+        """Movable rows of ``src``, longest predicted remaining first."""
+        rows = np.flatnonzero((board.rep == src) & movable)
+        order = np.argsort(-board.rem[rows], kind="stable")
+        return rows[order][: self.config.candidates_per_replica]
+
+    def _guard_memory(
+        self, board: _Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
+    ) -> None:
+        overflow = board.peak - board.budget
+        for src in [int(i) for i in np.argsort(-overflow) if overflow[i] > 0]:
+            while (
+                board.peak[src] > board.budget[src]
+                and len(moves) < self.config.max_migrations_per_round
+            ):
+                rows = self._candidates(board, movable, src)
+                # Only requests still alive at the peak lower it.
+                rows = rows[board.rem[rows] >= board.peak_at[src]]
+                chosen = None
+                for row in rows:
+                    dests = board.could_take(board.kv[row])
+                    dests = dests[dests != src]
+                    if dests.size == 0:
+                        continue
+                    tpot, peak = board.with_request(board.kv[row], board.rem[row], dests)
+                    fits = peak <= board.budget[dests]
+                    if fits.any():
+                        chosen = (int(row), int(dests[np.argmin(np.where(fits, tpot, np.inf))]))
+                        break
+                if chosen is None:
+                    break
+                row, dst = chosen
+                moves.append((row, src, dst))
+                movable[row] = False
+                board.move(row, dst)
+
+    def _balance(
+        self, board: _Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
+    ) -> None:
+        cfg = self.config
+        exhausted = np.zeros(board.n, dtype=bool)
+        while len(moves) < cfg.max_migrations_per_round:
+            mean = float(board.tpot.mean())
+            worst = int(np.argmax(np.where(exhausted, -np.inf, board.tpot)))
+            best = int(np.argmin(board.tpot))
+            gap = board.tpot[worst] - board.tpot[best]
+            if exhausted[worst] or gap <= max(cfg.balance_threshold_ms,
+                                              cfg.balance_threshold * mean):
+                return
+            row = self._best_move(board, movable, worst, best)
+            if row is None:
+                exhausted[worst] = True
+                continue
+            moves.append((row, worst, best))
+            movable[row] = False
+            board.move(row, best)
+
+    def _best_move(
+        self, board: _Board, movable: np.ndarray, worst: int, best: int
+    ) -> int | None:
+        cfg = self.config
+        horizon = float(cfg.horizon_steps)
+        before = board.tpot[worst]
+        on_worst = board.rep == worst
+        others_tokens = np.minimum(board.rem[on_worst], horizon).sum()
+        dst = np.array([best])
+        for row in self._candidates(board, movable, worst):
+            tpot_dst, peak_dst = board.with_request(board.kv[row], board.rem[row], dst)
+            if peak_dst[0] > board.budget[best]:
+                continue
+            tpot_src = board.tpot_without(int(row))
+            if max(tpot_src, tpot_dst[0]) >= before:
+                continue  # the pair must improve
+            own = min(board.rem[row], horizon)
+            saved_ms = (before - tpot_dst[0]) * own + (before - tpot_src) * (others_tokens - own)
+            if saved_ms >= cfg.recoup_factor * self.transfer.migration_ms(board.kv[row]):
+                return int(row)
+        return None

@@ -1,0 +1,309 @@
+"""Step-time cost models and the memory facts of each model/GPU pair.
+
+A decode step runs the whole batch of a replica at once (continuous batching); its time depends on
+the batch size and on the total number of KV tokens attended. Two implementations:
+
+* :class:`LinearStepCost`: ``ms = a + b * batch + c * kv_tokens``, from the fit table in
+  ``../shared/data/README.md`` or fitted from measurements with :meth:`LinearStepCost.fit_linear`
+  (how the CPU engine gets its model);
+* :class:`GridStepCost`: bilinear interpolation over aiconfigurator's decode grid
+  (``costmodel/aic_grid.csv``), linear extrapolation outside it.
+
+Both also give ``prefill_ms(prompt_tokens)`` by interpolating the grid's prefill rows.
+
+Memory: a replica's KV capacity is ``tp * gpu_bytes * utilisation - weight_bytes - tp *
+activation_reserve``, divided by the model's KV bytes per token. Assumptions (documented in
+docs/SIMULATOR.md): bf16 weights and KV, weight bytes = 2 * parameter count, vLLM's default 0.9
+memory utilisation, 1 GiB per GPU kept for activations and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def shared_data_dir() -> Path:
+    """``$ARES_SHARED_DATA`` if set, else ``<repo root>/../shared/data``."""
+    env = os.environ.get("ARES_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def default_grid_path() -> Path:
+    return shared_data_dir() / "costmodel" / "aic_grid.csv"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The dimensions that decide KV size and weight memory."""
+
+    name: str
+    params: float  # parameter count
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2  # bf16
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        # K and V, every layer, every KV head (summed over tensor-parallel shards).
+        return self.layers * self.kv_heads * self.head_dim * 2 * self.dtype_bytes
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.dtype_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuSpec:
+    name: str
+    memory_bytes: int
+
+
+# Published model configs (config.json of each checkpoint).
+MODELS: dict[str, ModelSpec] = {
+    "llama3_8b": ModelSpec(name="llama3_8b", params=8.03e9, layers=32, kv_heads=8, head_dim=128),
+    "qwen25_7b": ModelSpec(name="qwen25_7b", params=7.62e9, layers=28, kv_heads=4, head_dim=128),
+    "r1_qwen_32b": ModelSpec(
+        name="r1_qwen_32b", params=32.76e9, layers=64, kv_heads=8, head_dim=128
+    ),
+}
+
+# Memory as nvidia-smi reports it for the SXM parts.
+GPUS: dict[str, GpuSpec] = {
+    "h100_sxm": GpuSpec(name="h100_sxm", memory_bytes=81559 * MIB),
+    "h200_sxm": GpuSpec(name="h200_sxm", memory_bytes=143771 * MIB),
+    "a100_sxm": GpuSpec(name="a100_sxm", memory_bytes=81920 * MIB),
+}
+
+# The fit table of ../shared/data/README.md: (a ms, b ms per request, c ms per KV token).
+LINEAR_FITS: dict[tuple[str, str, int], tuple[float, float, float]] = {
+    ("llama3_8b", "h100_sxm", 1): (6.31, 0.0129, 4.12e-5),
+    ("llama3_8b", "a100_sxm", 1): (11.72, 0.036, 8.45e-5),
+    ("llama3_8b", "h200_sxm", 1): (4.74, 0.016, 2.91e-5),
+    ("qwen25_7b", "h100_sxm", 1): (5.72, 0.0121, 1.83e-5),
+    ("r1_qwen_32b", "h100_sxm", 2): (13.60, 0.028, 4.19e-5),
+}
+
+
+def kv_capacity_tokens(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    tp: int,
+    *,
+    memory_utilization: float = 0.9,
+    activation_reserve_bytes: float = 1 * GIB,
+) -> int:
+    """KV tokens one replica (``tp`` GPUs) can hold."""
+    budget = tp * gpu.memory_bytes * memory_utilization - model.weight_bytes
+    budget -= tp * activation_reserve_bytes
+    if budget <= 0:
+        raise ValueError(f"{model.name} does not fit on {tp} x {gpu.name}")
+    return int(budget // model.kv_bytes_per_token)
+
+
+class StepCostModel(Protocol):
+    """Time of one decode step of a whole batch, and of one prefill."""
+
+    def step_ms(self, batch: ArrayLike, kv_tokens: ArrayLike) -> np.ndarray:
+        """Decode step time for ``batch`` requests holding ``kv_tokens`` KV tokens in total."""
+        ...
+
+    def prefill_ms(self, prompt_tokens: ArrayLike) -> np.ndarray:
+        ...
+
+
+class _PrefillCurve:
+    """Piecewise-linear prefill time over prompt length; flat below, last slope above."""
+
+    def __init__(self, tokens: ArrayLike, ms: ArrayLike) -> None:
+        order = np.argsort(np.asarray(tokens, dtype=np.float64))
+        self.tokens = np.asarray(tokens, dtype=np.float64)[order]
+        self.ms = np.asarray(ms, dtype=np.float64)[order]
+        if self.tokens.size >= 2:
+            self.tail_slope = (self.ms[-1] - self.ms[-2]) / (self.tokens[-1] - self.tokens[-2])
+        else:
+            self.tail_slope = 0.0
+
+    def __call__(self, prompt_tokens: ArrayLike) -> np.ndarray:
+        x = np.asarray(prompt_tokens, dtype=np.float64)
+        inside = np.interp(x, self.tokens, self.ms)
+        beyond = self.ms[-1] + self.tail_slope * (x - self.tokens[-1])
+        return np.where(x > self.tokens[-1], beyond, inside)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearStepCost:
+    """``ms = a + b * batch + c * kv_tokens`` (0 for an empty batch)."""
+
+    a: float
+    b: float
+    c: float
+    prefill_tokens: tuple[float, ...] = (1.0, 8192.0)
+    prefill_times_ms: tuple[float, ...] = (1.0, 200.0)
+
+    def step_ms(self, batch: ArrayLike, kv_tokens: ArrayLike) -> np.ndarray:
+        n = np.asarray(batch, dtype=np.float64)
+        ms = self.a + self.b * n + self.c * np.asarray(kv_tokens, dtype=np.float64)
+        return np.where(n > 0, ms, 0.0)
+
+    def prefill_ms(self, prompt_tokens: ArrayLike) -> np.ndarray:
+        return _PrefillCurve(self.prefill_tokens, self.prefill_times_ms)(prompt_tokens)
+
+    @classmethod
+    def fit_linear(
+        cls,
+        samples: Iterable[tuple[float, float, float]],
+        prefill_samples: Iterable[tuple[float, float]] = (),
+    ) -> LinearStepCost:
+        """Least-squares fit from measured ``(batch, kv_tokens, ms)`` decode rows.
+
+        ``prefill_samples`` are ``(prompt_tokens, ms)`` rows, interpolated as-is.
+        """
+        rows = np.asarray(list(samples), dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[0] < 3 or rows.shape[1] != 3:
+            raise ValueError("fit_linear needs at least 3 (batch, kv_tokens, ms) rows")
+        design = np.column_stack([np.ones(len(rows)), rows[:, 0], rows[:, 1]])
+        (a, b, c), *_ = np.linalg.lstsq(design, rows[:, 2], rcond=None)
+        pre = sorted(prefill_samples)
+        if pre:
+            tokens, times = zip(*pre, strict=True)
+            return cls(a=a, b=b, c=c, prefill_tokens=tokens, prefill_times_ms=times)
+        return cls(a=a, b=b, c=c)
+
+
+class GridStepCost:
+    """Bilinear interpolation of decode step time over (batch, KV tokens per request)."""
+
+    def __init__(
+        self,
+        batches: ArrayLike,
+        lens: ArrayLike,
+        grid_ms: ArrayLike,
+        prefill_tokens: ArrayLike,
+        prefill_times_ms: ArrayLike,
+    ) -> None:
+        self.batches = np.asarray(batches, dtype=np.float64)
+        self.lens = np.asarray(lens, dtype=np.float64)
+        self.grid = np.asarray(grid_ms, dtype=np.float64)  # [batch index, len index]
+        if self.grid.shape != (self.batches.size, self.lens.size):
+            raise ValueError("grid shape does not match its axes")
+        self._prefill = _PrefillCurve(prefill_tokens, prefill_times_ms)
+
+    @staticmethod
+    def _bracket(axis: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lower index and weight for linear interpolation; weights outside [0, 1] extrapolate."""
+        i = np.clip(np.searchsorted(axis, x, side="right") - 1, 0, axis.size - 2)
+        w = (x - axis[i]) / (axis[i + 1] - axis[i])
+        return i, w
+
+    def step_ms(self, batch: ArrayLike, kv_tokens: ArrayLike) -> np.ndarray:
+        n = np.asarray(batch, dtype=np.float64)
+        kv = np.asarray(kv_tokens, dtype=np.float64)
+        safe_n = np.maximum(n, 1.0)
+        # Below the grid's first row (batch 1 / 256 tokens) the step time is flat: clamp there.
+        b = np.maximum(safe_n, self.batches[0])
+        length = np.maximum(kv / safe_n, self.lens[0])
+        bi, bw = self._bracket(self.batches, b)
+        li, lw = self._bracket(self.lens, length)
+        g = self.grid
+        low = g[bi, li] * (1 - lw) + g[bi, li + 1] * lw
+        high = g[bi + 1, li] * (1 - lw) + g[bi + 1, li + 1] * lw
+        ms = low * (1 - bw) + high * bw
+        return np.where(n > 0, ms, 0.0)
+
+    def prefill_ms(self, prompt_tokens: ArrayLike) -> np.ndarray:
+        return self._prefill(prompt_tokens)
+
+
+@lru_cache(maxsize=8)
+def _read_grid(path: str) -> tuple[tuple[str, ...], ...]:
+    with open(path, newline="") as f:
+        return tuple(tuple(row) for row in csv.reader(f))
+
+
+def _grid_rows(model: str, gpu: str, tp: int, path: Path | None) -> list[dict[str, str]]:
+    rows = _read_grid(str(path or default_grid_path()))
+    header, body = rows[0], rows[1:]
+    picked = [dict(zip(header, r, strict=True)) for r in body]
+    picked = [
+        r for r in picked if r["model"] == model and r["system"] == gpu and int(r["tp"]) == tp
+    ]
+    if not picked:
+        raise ValueError(f"no aic_grid rows for model={model} gpu={gpu} tp={tp}")
+    return picked
+
+
+def _prefill_points(rows: list[dict[str, str]]) -> tuple[list[float], list[float]]:
+    pre = sorted((float(r["len"]), float(r["ms"])) for r in rows if r["phase"] == "prefill")
+    return [t for t, _ in pre], [m for _, m in pre]
+
+
+def grid_step_cost(model: str, gpu: str, tp: int, path: Path | None = None) -> GridStepCost:
+    rows = _grid_rows(model, gpu, tp, path)
+    decode = [r for r in rows if r["phase"] == "decode"]
+    batches = sorted({float(r["batch"]) for r in decode})
+    lens = sorted({float(r["len"]) for r in decode})
+    grid = np.full((len(batches), len(lens)), np.nan)
+    for r in decode:
+        grid[batches.index(float(r["batch"])), lens.index(float(r["len"]))] = float(r["ms"])
+    if np.isnan(grid).any():
+        raise ValueError(f"aic_grid decode rows for {model}/{gpu}/tp{tp} are not a full grid")
+    tokens, times = _prefill_points(rows)
+    return GridStepCost(batches, lens, grid, tokens, times)
+
+
+def linear_step_cost(model: str, gpu: str, tp: int, path: Path | None = None) -> LinearStepCost:
+    """The README's fit when it has the pair, else a fit of the grid's decode rows."""
+    rows = _grid_rows(model, gpu, tp, path)
+    tokens, times = _prefill_points(rows)
+    if (model, gpu, tp) in LINEAR_FITS:
+        a, b, c = LINEAR_FITS[(model, gpu, tp)]
+        return LinearStepCost(
+            a=a, b=b, c=c, prefill_tokens=tuple(tokens), prefill_times_ms=tuple(times)
+        )
+    samples = [
+        (float(r["batch"]), float(r["tokens"]), float(r["ms"]))
+        for r in rows
+        if r["phase"] == "decode"
+    ]
+    return LinearStepCost.fit_linear(samples, zip(tokens, times, strict=True))
+
+
+def build_cost_model(
+    kind: str, model: str, gpu: str, tp: int, path: Path | None = None
+) -> StepCostModel:
+    if kind == "grid":
+        return grid_step_cost(model, gpu, tp, path)
+    if kind == "linear":
+        return linear_step_cost(model, gpu, tp, path)
+    raise ValueError(f"unknown cost model {kind!r}; expected 'grid' or 'linear'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransferCost:
+    """Moving KV between replicas: bytes over a link, plus a fixed stall per stop-and-copy."""
+
+    kv_bytes_per_token: int
+    link_gbytes_per_s: float = 50.0
+    stall_ms: float = 1.0
+
+    def copy_ms(self, kv_tokens: float) -> float:
+        return kv_tokens * self.kv_bytes_per_token / (self.link_gbytes_per_s * 1e9) * 1e3
+
+    def migration_ms(self, kv_tokens: float) -> float:
+        """What a migration costs: the full copy plus the final stall."""
+        return self.copy_ms(kv_tokens) + self.stall_ms

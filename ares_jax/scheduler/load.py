@@ -1,0 +1,141 @@
+"""The ARES load model: predicted KV and batch trajectories of each decode replica.
+
+For the running requests ``r`` of a replica, with current KV tokens ``kv_r`` and remaining tokens
+``rem_r`` (predicted, or true for the oracle), over a horizon of ``H`` decode steps:
+
+* batch size ``B(t) = #{r : rem_r > t}``
+* KV tokens  ``M(t) = sum over {r : rem_r > t} of (kv_r + t)``
+
+``M`` rises by ``B`` tokens a step and drops when a request finishes, so its maximum over
+``[0, H]`` is reached just before some request finishes (or at ``H``): :func:`peak_kv` evaluates
+exactly those candidate times. ``B`` and ``M`` at a few sample times feed the step-cost model,
+whose token-weighted mean over the horizon is the replica's predicted TPOT.
+
+Everything is vectorised over all requests of all replicas at once: rows carry the position of
+their replica, and per-replica sums are ``bincount`` calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ares_jax.scheduler.cost import StepCostModel
+
+
+def sample_times(horizon_steps: int, samples: int) -> np.ndarray:
+    """Evenly spaced sample steps ``0 .. horizon`` (the TPOT average is uniform in steps)."""
+    if samples < 2:
+        raise ValueError("need at least 2 sample points")
+    return np.linspace(0.0, float(horizon_steps), samples)
+
+
+def trajectories(
+    kv: np.ndarray,
+    remaining: np.ndarray,
+    replica: np.ndarray,
+    num_replicas: int,
+    times: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(B, M)``, each ``[num_replicas, len(times)]``."""
+    s = times.size
+    alive = remaining[:, None] > times[None, :]
+    bins = (replica[:, None] * s + np.arange(s)[None, :]).ravel()
+    size = num_replicas * s
+    batch = np.bincount(bins, weights=alive.ravel(), minlength=size)
+    kv_at = np.where(alive, kv[:, None] + times[None, :], 0.0)
+    memory = np.bincount(bins, weights=kv_at.ravel(), minlength=size)
+    # (bincount of an empty array is integer-typed; callers add floats in place)
+    return (batch.reshape(num_replicas, s).astype(np.float64),
+            memory.reshape(num_replicas, s).astype(np.float64))
+
+
+def peak_kv(
+    kv: np.ndarray,
+    remaining: np.ndarray,
+    replica: np.ndarray,
+    num_replicas: int,
+    horizon_steps: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``max over t in [0, H] of M(t)`` per replica, and the step where it is reached."""
+    peak = np.zeros(num_replicas)
+    peak_at = np.zeros(num_replicas)
+    n = kv.shape[0]
+    if n == 0:
+        return peak, peak_at
+    t = np.clip(remaining, 0.0, float(horizon_steps))
+    order = np.lexsort((-t, replica))  # by replica, then latest finisher first
+    rep, kv_s, t_s = replica[order], kv[order].astype(np.float64), t[order]
+    starts = np.flatnonzero(np.r_[True, rep[1:] != rep[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    cum = np.cumsum(kv_s)
+    before_group = np.repeat(cum[starts] - kv_s[starts], lengths)
+    rank = np.arange(n) - np.repeat(starts, lengths)
+    # Just before t_s finishes, every request ranked at or above it is still alive.
+    m = cum - before_group + (rank + 1) * t_s
+    group_peak = np.maximum.reduceat(m, starts)
+    at_peak = np.where(m == np.repeat(group_peak, lengths), t_s, -1.0)
+    peak[rep[starts]] = group_peak
+    peak_at[rep[starts]] = np.maximum.reduceat(at_peak, starts)
+    return peak, peak_at
+
+
+def kv_alive_at(
+    kv: np.ndarray,
+    remaining: np.ndarray,
+    replica: np.ndarray,
+    num_replicas: int,
+    step: float,
+) -> np.ndarray:
+    """``M`` just before ``step`` (requests with ``rem >= step`` still alive), per replica."""
+    alive = remaining >= step
+    return np.bincount(replica[alive], weights=kv[alive] + step, minlength=num_replicas)
+
+
+def weighted_tpot(cost: StepCostModel, batch: np.ndarray, memory: np.ndarray) -> np.ndarray:
+    """Token-weighted mean step time over the samples (0 for a replica with no work)."""
+    step = cost.step_ms(batch, memory)
+    tokens = batch.sum(axis=-1)
+    return np.where(tokens > 0, (step * batch).sum(axis=-1) / np.maximum(tokens, 1), 0.0)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LoadForecast:
+    """The predicted load of every replica over the horizon."""
+
+    times: np.ndarray  # [S] sample steps
+    batch: np.ndarray  # [R, S] B(t)
+    memory: np.ndarray  # [R, S] M(t), KV tokens of running requests
+    peak: np.ndarray  # [R] exact peak of M over the horizon
+    peak_at: np.ndarray  # [R] step of that peak
+    tpot_ms: np.ndarray  # [R] predicted TPOT
+
+
+def forecast(
+    kv: np.ndarray,
+    remaining: np.ndarray,
+    replica: np.ndarray,
+    num_replicas: int,
+    cost: StepCostModel,
+    *,
+    horizon_steps: int,
+    samples: int,
+) -> LoadForecast:
+    times = sample_times(horizon_steps, samples)
+    kv = kv.astype(np.float64)
+    batch, memory = trajectories(kv, remaining, replica, num_replicas, times)
+    peak, peak_at = peak_kv(kv, remaining, replica, num_replicas, horizon_steps)
+    return LoadForecast(
+        times=times,
+        batch=batch,
+        memory=memory,
+        peak=peak,
+        peak_at=peak_at,
+        tpot_ms=weighted_tpot(cost, batch, memory),
+    )
+
+
+def coefficient_of_variation(values: np.ndarray) -> float:
+    mean = float(np.mean(values)) if values.size else 0.0
+    return float(np.std(values) / mean) if mean > 0 else 0.0

@@ -1,0 +1,68 @@
+"""Simulator settings (one ``@config`` tree; override with ``--set a.b=value``)."""
+
+from __future__ import annotations
+
+from ares_jax.config import config
+from ares_jax.scheduler.ares import AresConfig
+from ares_jax.scheduler.policies import LlumnixConfig
+
+
+@config
+class ClusterConfig:
+    model: str = "llama3_8b"  # llama3_8b | qwen25_7b | r1_qwen_32b
+    gpu: str = "h100_sxm"  # h100_sxm | h200_sxm | a100_sxm
+    tp: int = 1
+    prefill_replicas: int = 4
+    decode_replicas: int = 16
+    cost_model: str = "grid"  # grid (aiconfigurator interpolation) | linear (the README fit)
+    page_size: int = 16
+    memory_utilization: float = 0.9
+    # < 1 shrinks every decode replica's KV pool: the memory-pressure regimes.
+    kv_capacity_scale: float = 1.0
+    link_gbytes_per_s: float = 50.0  # prefill->decode and decode->decode KV links
+    migration_stall_ms: float = 1.0  # fixed cost of the final stop-and-copy stage
+    migration_max_stages: int = 3  # Llumnix: abandon after this many copy stages
+    migration_last_stage_max_blocks: int = 16  # Llumnix: stop-and-copy when this few remain
+    prefill_token_budget: int = 8192  # prompt tokens batched into one prefill
+    admission_watermark: float = 0.01  # vLLM: keep this fraction of pages free at admission
+
+
+@config
+class PredictionConfig:
+    """Multiplicative log-normal error of the remaining-length prediction.
+
+    ``pred = true_remaining * exp(sigma(g) * z)`` at each refresh (every ``refresh_tokens``
+    generated tokens), counted down between refreshes. ``sigma`` shrinks with generated tokens
+    ``g``: ``floor + (start - floor) * half / (half + g)``, or is read from ``table`` (a CSV of
+    ``generated_tokens,sigma`` rows measured on the real predictor). ``z`` mixes a per-request
+    persistent bias with fresh noise per refresh (``persistence`` is their correlation).
+    """
+
+    sigma_start: float = 0.8
+    sigma_floor: float = 0.1
+    half_tokens: float = 600.0
+    persistence: float = 0.8
+    refresh_tokens: int = 16
+    table: str | None = None
+
+
+@config
+class SloConfig:
+    ttft_s: float = 2.0
+    tpot_ms: float = 50.0
+    attainment: float = 0.9  # goodput: fraction of requests that must meet both SLOs
+
+
+@config
+class SimConfig:
+    cluster: ClusterConfig = ClusterConfig()
+    prediction: PredictionConfig = PredictionConfig()
+    slo: SloConfig = SloConfig()
+    ares: AresConfig = AresConfig()
+    llumnix: LlumnixConfig = LlumnixConfig()
+    reschedule_period_s: float = 0.25
+    # Dispatch reads replica state polled at most this often (Llumnix polls every 50 ms),
+    # plus its own placements since; 0 polls on every dispatch.
+    dispatch_poll_s: float = 0.05
+    sample_period_s: float = 1.0  # load-imbalance samples
+    seed: int = 0

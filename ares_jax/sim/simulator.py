@@ -1,0 +1,583 @@
+"""Discrete-event simulator of a prefill/decode-disaggregated cluster.
+
+Life of a request: arrival -> FIFO queue of the least-loaded prefill replica -> prefill (batched
+up to a token budget; time from the cost model; the first token is emitted here) -> the policy
+dispatches it to a decode replica -> it waits in that replica's admission queue until its pages
+can be allocated (vLLM-style watermark) -> its KV crosses the link (bytes / bandwidth) -> it
+joins the decode batch at the next step boundary -> one token per step until its output length.
+
+Decode: each replica steps its whole running batch together; a step's time is the cost model of
+(batch size, total KV tokens). Before a step the pages for the tokens it writes are allocated; if
+the pool cannot supply them the replica records an OOM event and preempts the most recently
+arrived running request (recompute: it goes back to the front of a prefill queue with its KV
+length to recompute, keeps its generated tokens, and is dispatched again). Memory is never
+over-committed.
+
+Migration (Llumnix's staged protocol): the destination reserves pages; copy stages run while the
+request keeps decoding on the source; when the new KV since the last stage fits in
+``migration_last_stage_max_blocks`` pages, the request leaves the source at its next step
+boundary and is out of both batches for the final copy plus a fixed stall; it is abandoned after
+``migration_max_stages`` stages, when the destination runs out of pages, or when the request
+finishes or is preempted meanwhile.
+
+Events are kept in a heap; arrivals are merged from the sorted workload. Policies are called on
+every prefill completion (dispatch) and every ``reschedule_period_s`` (migration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ares_jax.scheduler.ares import estimate_remaining
+from ares_jax.scheduler.cost import (
+    GPUS,
+    MODELS,
+    StepCostModel,
+    TransferCost,
+    build_cost_model,
+    kv_capacity_tokens,
+)
+from ares_jax.scheduler.load import coefficient_of_variation, forecast
+from ares_jax.scheduler.policies import Policy
+from ares_jax.scheduler.registry import make_policy
+from ares_jax.scheduler.state import ClusterSnapshot, PendingDispatch, PolicyState, RequestTable
+from ares_jax.sim.config import SimConfig
+from ares_jax.sim.predictions import ErrorModel
+from ares_jax.sim.replica import DecodeReplica, PrefillReplica, StepTimer, pages_for
+from ares_jax.sim.workloads import Workload
+
+_PREFILL_DONE, _STEP_DONE, _TRANSFER_DONE, _STAGE_DONE, _FINAL_DONE = range(5)
+_RESCHEDULE, _SAMPLE = 5, 6
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Timeline:
+    times_s: np.ndarray  # [T]
+    kv_fraction: np.ndarray  # [T, D] used pages / capacity
+    predicted_tpot_ms: np.ndarray  # [T, D] the load model's TPOT per replica
+    tpot_cv: np.ndarray  # [T] coefficient of variation across replicas
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SimResult:
+    policy: str
+    workload: str
+    num_decode_replicas: int
+    num_gpus: int
+    kv_capacity_tokens: int
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    first_token_s: np.ndarray
+    finish_s: np.ndarray
+    finish_count: np.ndarray  # how many times each request finished (must be all ones)
+    preemptions_per_request: np.ndarray
+    migrations_per_request: np.ndarray
+    counters: dict[str, float]
+    timeline: Timeline
+    wall_s: float
+
+
+def cluster_transfer(cfg: SimConfig) -> TransferCost:
+    c = cfg.cluster
+    return TransferCost(
+        kv_bytes_per_token=MODELS[c.model].kv_bytes_per_token,
+        link_gbytes_per_s=c.link_gbytes_per_s,
+        stall_ms=c.migration_stall_ms,
+    )
+
+
+class _Migration:
+    __slots__ = ("req", "src", "dst", "stage", "copied", "reserved", "bytes")
+
+    def __init__(self, req: int, src: int, dst: int, copied: int, reserved: int) -> None:
+        self.req, self.src, self.dst = req, src, dst
+        self.stage, self.copied, self.reserved = 1, copied, reserved
+        self.bytes = 0
+
+
+class Simulator:
+    def __init__(
+        self,
+        workload: Workload,
+        policy: Policy,
+        cfg: SimConfig,
+        *,
+        cost: StepCostModel | None = None,
+    ) -> None:
+        c = cfg.cluster
+        self.cfg, self.policy, self.workload = cfg, policy, workload
+        model = MODELS[c.model]
+        self.cost = cost or build_cost_model(c.cost_model, c.model, c.gpu, c.tp)
+        self.timer = StepTimer(self.cost)
+        self.page = c.page_size
+        capacity = kv_capacity_tokens(
+            model, GPUS[c.gpu], c.tp, memory_utilization=c.memory_utilization
+        )
+        self.capacity_pages = int(capacity * c.kv_capacity_scale) // self.page
+        self.watermark_pages = int(c.admission_watermark * self.capacity_pages)
+        self.transfer = cluster_transfer(cfg)
+        self.kv_bytes = model.kv_bytes_per_token
+        self.predictor = ErrorModel(cfg.prediction, cfg.seed)
+        self.decode = [DecodeReplica(i, self.capacity_pages, self.page)
+                       for i in range(c.decode_replicas)]
+        self.prefill = [PrefillReplica(i) for i in range(c.prefill_replicas)]
+        self._init_requests(workload)
+        self.heap: list[tuple[float, int, int, int, int]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.state = PolicyState()
+        self.active: dict[int, _Migration] = {}
+        self.view: ClusterSnapshot | None = None  # the dispatcher's last poll
+        self.counters = dict.fromkeys(
+            ("oom_events", "preemptions", "migrations_started", "migrations_completed",
+             "migrations_aborted", "migrations_rejected", "bytes_moved_completed",
+             "bytes_moved_aborted", "migrated_kv_tokens", "decode_tokens", "clipped_requests"),
+            0,
+        )
+        self.finished = 0
+        self.samples: list[tuple[float, np.ndarray, np.ndarray]] = []
+
+    def _init_requests(self, w: Workload) -> None:
+        n = len(w)
+        # A request must fit alone in one replica's pool, or nothing could ever serve it.
+        fit = self.capacity_pages * self.page - 2 * self.page
+        prompt = np.minimum(w.prompt_tokens, fit // 2)
+        output = np.minimum(w.output_tokens, fit - prompt)
+        self.clipped = int(np.sum((prompt != w.prompt_tokens) | (output != w.output_tokens)))
+        self.arrival = w.arrival_s.astype(np.float64)
+        self.prompt, self.output = prompt.astype(np.int64), output.astype(np.int64)
+        self.max_tokens = np.full(n, w.max_tokens, dtype=np.int64)
+        self.arrival_list = self.arrival.tolist()
+        self.output_list = self.output.tolist()
+        self.kv_cur = self.prompt.tolist()  # KV when not running (prefill/queue/transfer)
+        self.gen_cur = [0] * n
+        self.epoch = [0] * n
+        self.rep_of = np.full(n, -1, dtype=np.int64)  # decode replica while in a running batch
+        self.kv_off = np.zeros(n, dtype=np.int64)
+        self.gen_off = np.zeros(n, dtype=np.int64)
+        self.migrating = np.zeros(n, dtype=bool)
+        self.last_migrated = np.full(n, -np.inf)
+        self.first_token = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.finish_count = np.zeros(n, dtype=np.int64)
+        self.req_preemptions = np.zeros(n, dtype=np.int64)
+        self.req_migrations = np.zeros(n, dtype=np.int64)
+
+    # ----------------------------------------------------------------- event plumbing
+    def _push(self, t: float, kind: int, a: int = 0, b: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, a, b))
+
+    def run(self) -> SimResult:
+        start = time.perf_counter()
+        n = len(self.arrival_list)
+        self.counters["clipped_requests"] = self.clipped
+        if self.policy.migrates:
+            self._push(self.cfg.reschedule_period_s, _RESCHEDULE)
+        self._push(0.0, _SAMPLE)
+        arrivals, heap, ai = self.arrival_list, self.heap, 0
+        while self.finished < n:
+            if ai < n and (not heap or arrivals[ai] <= heap[0][0]):
+                self.now = arrivals[ai]
+                self._arrive(ai)
+                ai += 1
+                continue
+            t, _, kind, a, b = heapq.heappop(heap)
+            self.now = t
+            if kind == _STEP_DONE:
+                self._step_done(self.decode[a])
+            elif kind == _PREFILL_DONE:
+                self._prefill_done(self.prefill[a])
+            elif kind == _TRANSFER_DONE:
+                self._joins(self.decode[a], b)
+            elif kind == _STAGE_DONE:
+                self._stage_done(b)
+            elif kind == _FINAL_DONE:
+                self._final_done(b)
+            elif kind == _RESCHEDULE:
+                self._reschedule()
+            elif kind == _SAMPLE:
+                self._sample()
+        self._sample()
+        return self._result(time.perf_counter() - start)
+
+    # ----------------------------------------------------------------- prefill
+    def _arrive(self, r: int) -> None:
+        self._to_prefill(r, front=False)
+
+    def _to_prefill(self, r: int, *, front: bool) -> None:
+        p = min(self.prefill, key=lambda q: (q.queued_tokens, q.busy))
+        if front:
+            p.queue.appendleft(r)
+        else:
+            p.queue.append(r)
+        p.queued_tokens += self.kv_cur[r]
+        self._start_prefill(p)
+
+    def _start_prefill(self, p: PrefillReplica) -> None:
+        if p.busy or not p.queue:
+            return
+        budget = self.cfg.cluster.prefill_token_budget
+        tokens = 0
+        while p.queue:
+            t = self.kv_cur[p.queue[0]]
+            if p.batch and tokens + t > budget:
+                break
+            p.batch.append(p.queue.popleft())
+            tokens += t
+        p.queued_tokens -= tokens
+        p.busy = True
+        self._push(self.now + float(self.cost.prefill_ms(tokens)) / 1e3, _PREFILL_DONE, p.pos)
+
+    def _prefill_done(self, p: PrefillReplica) -> None:
+        batch, p.batch, p.busy = p.batch, [], False
+        pending = []
+        for r in batch:
+            if math.isnan(self.first_token[r]):
+                self.first_token[r] = self.now
+                self.gen_cur[r] = 1
+                if self.output_list[r] <= 1:
+                    self._complete(r)
+                    continue
+            pending.append(r)
+        if pending:
+            self._dispatch(pending)
+        self._start_prefill(p)
+
+    # ----------------------------------------------------------------- policy calls
+    def _dispatch(self, reqs: list[int]) -> None:
+        idx = np.array(reqs, dtype=np.int64)
+        gen = np.array([self.gen_cur[r] for r in reqs], dtype=np.int64)
+        pred = self.predictor.predict(idx, gen, self.output[idx], self.max_tokens[idx])
+        pending = tuple(
+            PendingDispatch(
+                request_id=r,
+                kv_tokens=self.kv_cur[r],
+                generated_tokens=self.gen_cur[r],
+                max_tokens=int(self.max_tokens[r]),
+                predicted_remaining=float(pred[i]),
+                true_remaining=self.output_list[r] - self.gen_cur[r],
+            )
+            for i, r in enumerate(reqs)
+        )
+        snap = self._dispatch_view().with_pending(pending)
+        decisions, self.state = self.policy.dispatch(snap, self.state)
+        placed = decisions.dispatch_map()
+        if sorted(placed) != sorted(reqs):
+            raise RuntimeError(f"policy {self.policy.name} did not place every pending request")
+        queued_kv, queued_count = snap.queued_kv_tokens.copy(), snap.queued_count.copy()
+        for r in reqs:
+            rep = self.decode[placed[r]]
+            rep.queue.append(r)
+            rep.queued_kv += self.kv_cur[r]
+            queued_kv[rep.pos] += self.kv_cur[r]
+            queued_count[rep.pos] += 1
+            self._admit(rep)
+        # Until the next poll the scheduler knows only what it placed itself.
+        self.view = dataclasses.replace(snap, pending=(), queued_kv_tokens=queued_kv,
+                                        queued_count=queued_count)
+
+    def _dispatch_view(self) -> ClusterSnapshot:
+        """The cluster as the scheduler last polled it (every ``dispatch_poll_s``)."""
+        period = self.cfg.dispatch_poll_s
+        if self.view is None or self.now - self.view.now >= period:
+            self.view = self._snapshot((), with_table=self.policy.needs_request_table)
+        return self.view
+
+    def _reschedule(self) -> None:
+        self.view = self._snapshot((), with_table=True)
+        decisions, self.state = self.policy.reschedule(self.view, self.state)
+        for m in decisions.migrations:
+            self._start_migration(int(m.request_id), m.src, m.dst)
+        self._push(self.now + self.cfg.reschedule_period_s, _RESCHEDULE)
+
+    def _snapshot(
+        self, pending: tuple[PendingDispatch, ...], *, with_table: bool
+    ) -> ClusterSnapshot:
+        reps = self.decode
+        steps = np.fromiter((r.steps for r in reps), np.int64, len(reps))
+        table = None
+        if with_table:
+            rows = np.flatnonzero(self.rep_of >= 0)
+            rep = self.rep_of[rows]
+            at = steps[rep]
+            gen = self.gen_off[rows] + at
+            out = self.output[rows]
+            table = RequestTable(
+                request_ids=rows,
+                replica=rep,
+                generated_tokens=gen,
+                kv_tokens=self.kv_off[rows] + at,
+                max_tokens=self.max_tokens[rows],
+                predicted_remaining=self.predictor.predict(rows, gen, out, self.max_tokens[rows]),
+                true_remaining=(out - gen).astype(np.float64),
+                migrating=self.migrating[rows],
+                last_migrated_at=self.last_migrated[rows],
+            )
+        count = len(reps)
+        return ClusterSnapshot(
+            now=self.now,
+            replica_ids=np.arange(count, dtype=np.int64),
+            page_size=self.page,
+            kv_capacity_tokens=np.full(count, self.capacity_pages * self.page, np.int64),
+            used_tokens=np.fromiter((r.used_pages for r in reps), np.int64, count) * self.page,
+            running_kv_tokens=np.fromiter((r.running_kv() for r in reps), np.int64, count),
+            batch_size=np.fromiter((len(r.running) for r in reps), np.int64, count),
+            queued_kv_tokens=np.fromiter((r.queued_kv for r in reps), np.int64, count),
+            queued_count=np.fromiter((len(r.queue) for r in reps), np.int64, count),
+            requests=table,
+            pending=pending,
+        )
+
+    # ----------------------------------------------------------------- decode
+    def _admit(self, rep: DecodeReplica) -> None:
+        while rep.queue:
+            r = rep.queue[0]
+            kv = self.kv_cur[r]
+            need = pages_for(kv, self.page)
+            keep = self.watermark_pages if rep.used_pages else 0
+            if need > rep.free_pages - keep:
+                return
+            rep.queue.popleft()
+            rep.queued_kv -= kv
+            rep.used_pages += need
+            self._push(self.now + self.transfer.copy_ms(kv) / 1e3, _TRANSFER_DONE, rep.pos, r)
+
+    def _joins(self, rep: DecodeReplica, r: int) -> None:
+        rep.joining.append(r)
+        if not rep.busy:
+            self._start_step(rep)
+
+    def _join(self, rep: DecodeReplica, r: int) -> None:
+        s = rep.steps
+        off = self.kv_cur[r] - s
+        self.kv_off[r] = off
+        self.gen_off[r] = self.gen_cur[r] - s
+        self.rep_of[r] = rep.pos
+        rep.running.add(r)
+        rep.kv_offset_sum += off
+        rep.phase_counts[off % self.page] += 1
+        finish_step = s + self.output_list[r] - self.gen_cur[r]
+        heapq.heappush(rep.finish_heap, (finish_step, r, self.epoch[r]))
+
+    def _leave(self, rep: DecodeReplica, r: int) -> int:
+        """Take ``r`` out of the batch, free its pages; returns its KV tokens."""
+        s = rep.steps
+        off = int(self.kv_off[r])
+        kv = off + s
+        rep.running.remove(r)
+        rep.kv_offset_sum -= off
+        rep.phase_counts[off % self.page] -= 1
+        rep.used_pages -= pages_for(kv, self.page)
+        self.kv_cur[r] = kv
+        self.gen_cur[r] = int(self.gen_off[r]) + s
+        self.rep_of[r] = -1
+        self.epoch[r] += 1
+        return kv
+
+    def _start_step(self, rep: DecodeReplica) -> None:
+        for r in rep.joining:
+            self._join(rep, r)
+        rep.joining.clear()
+        need = rep.pages_needed_this_step()
+        if need > rep.free_pages:
+            self.counters["oom_events"] += 1
+            arrival = self.arrival_list
+            while need > rep.free_pages and rep.running:
+                self._preempt(rep, max(rep.running, key=arrival.__getitem__))
+                need = rep.pages_needed_this_step()
+        rep.used_pages += need
+        if rep.used_pages > rep.capacity_pages:
+            raise RuntimeError("KV pool over-committed")  # cannot happen: we preempt first
+        n = len(rep.running)
+        rep.step_batch = n
+        rep.busy = n > 0
+        if n:
+            self._push(self.now + self.timer(n, rep.running_kv()) / 1e3, _STEP_DONE, rep.pos)
+
+    def _step_done(self, rep: DecodeReplica) -> None:
+        rep.steps += 1
+        self.counters["decode_tokens"] += rep.step_batch
+        heap, s = rep.finish_heap, rep.steps
+        while heap and heap[0][0] <= s:
+            _, r, epoch = heapq.heappop(heap)
+            if epoch == self.epoch[r]:
+                if self.migrating[r]:
+                    self._abort_migration(r)
+                self._leave(rep, r)
+                self._complete(r)
+        if rep.leaving:
+            self._depart(rep)
+        self._admit(rep)
+        self._start_step(rep)
+
+    def _preempt(self, rep: DecodeReplica, r: int) -> None:
+        if self.migrating[r]:
+            self._abort_migration(r)
+        self._leave(rep, r)
+        self.counters["preemptions"] += 1
+        self.req_preemptions[r] += 1
+        self._to_prefill(r, front=True)
+
+    def _complete(self, r: int) -> None:
+        self.finish[r] = self.now
+        self.finish_count[r] += 1
+        self.finished += 1
+
+    # ----------------------------------------------------------------- migration
+    def _start_migration(self, r: int, src: int, dst: int) -> None:
+        ok = 0 <= dst < len(self.decode) and src != dst
+        if not ok or self.rep_of[r] != src or self.migrating[r]:
+            self.counters["migrations_rejected"] += 1
+            return
+        dest = self.decode[dst]
+        kv = int(self.kv_off[r]) + self.decode[src].steps
+        pages = pages_for(kv, self.page)
+        if pages > dest.free_pages - self.watermark_pages:
+            self.counters["migrations_rejected"] += 1
+            return
+        dest.used_pages += pages
+        dest.reserved_pages += pages
+        mig = self.active[r] = _Migration(r, src, dst, kv, pages)
+        mig.bytes = kv * self.kv_bytes
+        self.migrating[r] = True
+        self.counters["migrations_started"] += 1
+        self._push(self.now + self.transfer.copy_ms(kv) / 1e3, _STAGE_DONE, 0, r)
+
+    def _reserve(self, mig: _Migration, pages: int) -> bool:
+        dest = self.decode[mig.dst]
+        extra = pages - mig.reserved
+        if extra > dest.free_pages:
+            return False
+        if extra > 0:
+            dest.used_pages += extra
+            dest.reserved_pages += extra
+            mig.reserved = pages
+        return True
+
+    def _stage_done(self, r: int) -> None:
+        mig = self.active.get(r)
+        if mig is None:
+            return  # aborted meanwhile
+        src = self.decode[mig.src]
+        kv_now = int(self.kv_off[r]) + src.steps
+        delta = kv_now - mig.copied
+        c = self.cfg.cluster
+        if pages_for(delta, self.page) <= c.migration_last_stage_max_blocks:
+            # The step in progress may still add one token before the request leaves.
+            if not self._reserve(mig, pages_for(kv_now + 1, self.page)):
+                self._abort_migration(r)
+                return
+            src.leaving.append(r)
+        elif mig.stage >= c.migration_max_stages or not self._reserve(
+            mig, pages_for(kv_now, self.page)
+        ):
+            self._abort_migration(r)
+        else:
+            mig.stage += 1
+            mig.copied = kv_now
+            mig.bytes += delta * self.kv_bytes
+            self._push(self.now + self.transfer.copy_ms(delta) / 1e3, _STAGE_DONE, 0, r)
+
+    def _depart(self, src: DecodeReplica) -> None:
+        for r in src.leaving:
+            mig = self.active[r]
+            kv = self._leave(src, r)
+            delta = kv - mig.copied
+            mig.copied = kv
+            mig.bytes += delta * self.kv_bytes
+            stall_ms = self.transfer.copy_ms(delta) + self.transfer.stall_ms
+            self._push(self.now + stall_ms / 1e3, _FINAL_DONE, 0, r)
+        src.leaving.clear()
+
+    def _final_done(self, r: int) -> None:
+        mig = self.active.pop(r)
+        dest = self.decode[mig.dst]
+        need = pages_for(self.kv_cur[r], self.page)
+        dest.used_pages -= mig.reserved - need  # the reservation becomes the request's pages
+        dest.reserved_pages -= mig.reserved
+        self.migrating[r] = False
+        self.last_migrated[r] = self.now
+        self.req_migrations[r] += 1
+        self.counters["migrations_completed"] += 1
+        self.counters["bytes_moved_completed"] += mig.bytes
+        self.counters["migrated_kv_tokens"] += self.kv_cur[r]
+        self._joins(dest, r)
+
+    def _abort_migration(self, r: int) -> None:
+        mig = self.active.pop(r)
+        dest = self.decode[mig.dst]
+        dest.used_pages -= mig.reserved
+        dest.reserved_pages -= mig.reserved
+        self.migrating[r] = False
+        self.counters["migrations_aborted"] += 1
+        self.counters["bytes_moved_aborted"] += mig.bytes
+        src = self.decode[mig.src]
+        if r in src.leaving:
+            src.leaving.remove(r)
+        self._admit(dest)
+
+    # ----------------------------------------------------------------- observation
+    def _sample(self) -> None:
+        snap = self._snapshot((), with_table=True)
+        table = snap.table()
+        ares = self.cfg.ares
+        fc = forecast(
+            table.kv_tokens, estimate_remaining(table, ares), table.replica, snap.num_replicas,
+            self.cost, horizon_steps=ares.horizon_steps, samples=ares.samples,
+        )
+        kv_fraction = snap.used_tokens / np.maximum(snap.kv_capacity_tokens, 1)
+        self.samples.append((self.now, kv_fraction, fc.tpot_ms))
+        if self.finished < len(self.arrival_list):
+            self._push(self.now + self.cfg.sample_period_s, _SAMPLE)
+
+    def _result(self, wall_s: float) -> SimResult:
+        d = len(self.decode)
+        tpot = np.array([s[2] for s in self.samples]).reshape(len(self.samples), d)
+        timeline = Timeline(
+            times_s=np.array([s[0] for s in self.samples]),
+            kv_fraction=np.array([s[1] for s in self.samples]).reshape(len(self.samples), d),
+            predicted_tpot_ms=tpot,
+            tpot_cv=np.array([coefficient_of_variation(row) for row in tpot]),
+        )
+        c = self.cfg.cluster
+        return SimResult(
+            policy=self.policy.name,
+            workload=self.workload.name,
+            num_decode_replicas=d,
+            num_gpus=(c.prefill_replicas + c.decode_replicas) * c.tp,
+            kv_capacity_tokens=self.capacity_pages * self.page,
+            arrival_s=self.arrival,
+            prompt_tokens=self.prompt,
+            output_tokens=self.output,
+            first_token_s=self.first_token,
+            finish_s=self.finish,
+            finish_count=self.finish_count,
+            preemptions_per_request=self.req_preemptions,
+            migrations_per_request=self.req_migrations,
+            counters=dict(self.counters),
+            timeline=timeline,
+            wall_s=wall_s,
+        )
+
+
+def simulate(
+    workload: Workload,
+    policy_name: str,
+    cfg: SimConfig,
+    *,
+    cost: StepCostModel | None = None,
+) -> SimResult:
+    """Run one policy on one workload."""
+    c = cfg.cluster
+    cost = cost or build_cost_model(c.cost_model, c.model, c.gpu, c.tp)
+    policy = make_policy(policy_name, cost=cost, transfer=cluster_transfer(cfg), ares=cfg.ares,
+                         llumnix=cfg.llumnix)
+    return Simulator(workload, policy, cfg, cost=cost).run()

@@ -1,0 +1,161 @@
+"""The regime sweep of issue 5: every policy, per regime, at a common rate and by goodput.
+
+Per regime:
+
+1. goodput of every policy at each attainment target (90% and 99%), by rate search; all
+   searches share one memo of (policy, rate) -> summary, so points are simulated once;
+2. a table of every policy at the *reference rate*: ``load_factor`` x static's 90% goodput
+   (near static's collapse, where the paper's P99 TPOT comparison is made).
+
+Request counts are kept modest (this runs on 2 shared cores); large replica counts use fewer
+requests per replica and no goodput search (see ``regimes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ares_jax.scheduler.cost import GPUS, MODELS, build_cost_model, kv_capacity_tokens
+from ares_jax.sim.config import ClusterConfig, SimConfig
+from ares_jax.sim.goodput import search_rate
+from ares_jax.sim.metrics import summarize
+from ares_jax.sim.simulator import SimResult, simulate
+from ares_jax.sim.workloads import Workload, WorkloadConfig, load_workload
+
+TABLE_COLUMNS = (
+    "tpot_ms_p50", "tpot_ms_p99", "ttft_s_p99", "slo_attainment", "preemptions", "migrations",
+    "bytes_moved_gb",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Regime:
+    name: str
+    workload: WorkloadConfig
+    sim: SimConfig
+    search_goodput: bool = True
+    fixed_rate: float | None = None  # reference rate when goodput is not searched
+    load_factor: float = 1.2
+
+
+def _cluster(decode: int, prefill: int, **kw: Any) -> SimConfig:
+    return SimConfig(cluster=ClusterConfig(decode_replicas=decode, prefill_replicas=prefill, **kw))
+
+
+def regimes(size: str = "quick") -> list[Regime]:
+    """The issue's regimes. ``quick``: fewer requests (minutes per regime on 2 cores)."""
+    n = 1500 if size == "quick" else 4000
+    r1 = WorkloadConfig(name="servegen-r1", num_requests=2 * n)
+    azure = WorkloadConfig(name="azure-conv", num_requests=2 * n)
+    longr = WorkloadConfig(name="long-reasoning", num_requests=n)
+    tp2 = {"model": "r1_qwen_32b", "tp": 2}
+    return [
+        Regime(name="8b-servegen-r1-d16", workload=r1, sim=_cluster(16, 4)),
+        Regime(name="8b-azure-conv-d16", workload=azure, sim=_cluster(16, 4)),
+        Regime(name="8b-long-reasoning-d16", workload=longr, sim=_cluster(16, 2)),
+        Regime(name="8b-long-reasoning-d16-mem25", workload=longr,
+               sim=_cluster(16, 2, kv_capacity_scale=0.25)),
+        Regime(name="8b-servegen-r1-d4", workload=dataclasses.replace(r1, num_requests=n),
+               sim=_cluster(4, 1)),
+        Regime(name="8b-long-reasoning-d4-mem25",
+               workload=dataclasses.replace(longr, num_requests=n // 2),
+               sim=_cluster(4, 1, kv_capacity_scale=0.25)),
+        Regime(name="32b-tp2-servegen-r1-d16", workload=r1, sim=_cluster(16, 4, **tp2)),
+        Regime(name="32b-tp2-long-reasoning-d16", workload=longr, sim=_cluster(16, 2, **tp2)),
+        Regime(name="8b-servegen-r1-d64", workload=dataclasses.replace(r1, num_requests=8 * n),
+               sim=_cluster(64, 16)),
+        Regime(name="8b-servegen-r1-d256", search_goodput=False,
+               workload=dataclasses.replace(r1, num_requests=20 * n), sim=_cluster(256, 64)),
+    ]
+
+
+def capacity_rate_estimate(workload: Workload, cfg: SimConfig) -> float:
+    """A rough sustainable rate, to start the search near the answer: memory-limited batch per
+    replica at the mean request footprint, times its step rate, over the mean output."""
+    c = cfg.cluster
+    capacity = kv_capacity_tokens(MODELS[c.model], GPUS[c.gpu], c.tp) * c.kv_capacity_scale
+    footprint = float(np.mean(workload.prompt_tokens + workload.output_tokens / 2))
+    batch = max(1.0, capacity / footprint)
+    cost = build_cost_model(c.cost_model, c.model, c.gpu, c.tp)
+    step_s = float(cost.step_ms(batch, batch * footprint)) / 1e3
+    return 0.5 * c.decode_replicas * batch / step_s / float(np.mean(workload.output_tokens))
+
+
+def run_regime(
+    regime: Regime,
+    policies: Sequence[str],
+    *,
+    targets: Sequence[float] = (0.9, 0.99),
+    on_run: Callable[[str, float], None] | None = None,
+    keep_results: bool = False,
+) -> dict[str, Any]:
+    workload = load_workload(regime.workload)
+    cfg = regime.sim
+    memo: dict[tuple[str, float], dict[str, Any]] = {}
+    kept: dict[tuple[str, float], SimResult] = {}
+
+    def at(policy: str, rate: float) -> dict[str, Any]:
+        key = (policy, round(rate, 6))
+        if key not in memo:
+            if on_run is not None:
+                on_run(policy, rate)
+            result = simulate(workload.at_rate(rate), policy, cfg)
+            memo[key] = summarize(result, cfg.slo) | {"rate_req_s": rate}
+            if keep_results:
+                kept[key] = result
+        return memo[key]
+
+    goodput: dict[str, dict[str, float]] = {}
+    if regime.search_goodput:
+        start = capacity_rate_estimate(workload, cfg)
+        for policy in policies:
+            goodput[policy] = {
+                f"{t:.2f}": search_rate(lambda r, p=policy, t=t: at(p, r)["slo_attainment"] >= t,
+                                        start)
+                for t in targets
+            }
+        base = goodput.get("static", next(iter(goodput.values())))[f"{targets[0]:.2f}"]
+        reference = regime.load_factor * base
+    else:
+        reference = regime.fixed_rate or workload.native_rate
+    rows = {policy: at(policy, reference) for policy in policies}
+    curves = {
+        p: sorted((r, s["tpot_ms_p99"]) for (q, r), s in memo.items() if q == p) for p in policies
+    }
+    out: dict[str, Any] = {
+        "regime": regime.name,
+        "workload": regime.workload.name,
+        "requests": len(workload),
+        "model": cfg.cluster.model,
+        "tp": cfg.cluster.tp,
+        "decode_replicas": cfg.cluster.decode_replicas,
+        "prefill_replicas": cfg.cluster.prefill_replicas,
+        "kv_capacity_scale": cfg.cluster.kv_capacity_scale,
+        "reference_rate_req_s": reference,
+        "goodput_req_s": goodput,
+        "rows": rows,
+        "tpot_p99_curves": curves,
+    }
+    if keep_results:
+        out["results"] = {p: kept[(p, round(reference, 6))] for p in policies}
+    return out
+
+
+def markdown_table(regime_out: dict[str, Any]) -> str:
+    targets = sorted({t for g in regime_out["goodput_req_s"].values() for t in g})
+    head = ["policy", "P50 TPOT ms", "P99 TPOT ms", "P99 TTFT s", "SLO att.", "preempt.",
+            "migr.", "GB moved"] + [f"goodput@{float(t):.0%} req/s" for t in targets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for policy, s in regime_out["rows"].items():
+        cells = [policy, f"{s['tpot_ms_p50']:.1f}", f"{s['tpot_ms_p99']:.1f}",
+                 f"{s['ttft_s_p99']:.2f}", f"{s['slo_attainment']:.3f}", str(s["preemptions"]),
+                 str(s["migrations"]), f"{s['bytes_moved_gb']:.0f}"]
+        g = regime_out["goodput_req_s"].get(policy, {})
+        cells += [f"{g[t]:.2f}" if t in g else "-" for t in targets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Load model and cost models, on cases small enough to check by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ares_jax.scheduler.cost import (
+    GPUS,
+    MODELS,
+    LinearStepCost,
+    TransferCost,
+    default_grid_path,
+    grid_step_cost,
+    kv_capacity_tokens,
+)
+from ares_jax.scheduler.load import forecast, peak_kv, trajectories
+
+
+def test_trajectories_by_hand() -> None:
+    kv = np.array([100.0, 200.0, 50.0])
+    rem = np.array([10.0, 50.0, 5.0])
+    rep = np.array([0, 0, 1])
+    batch, memory = trajectories(kv, rem, rep, 2, np.array([0.0, 20.0, 60.0]))
+    # replica 0: both alive at 0; only the 50-remaining one at 20 (with 220 KV); none at 60.
+    np.testing.assert_array_equal(batch, [[2, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(memory, [[300, 220, 0], [50, 0, 0]])
+
+
+def test_peak_is_just_before_a_finish() -> None:
+    kv = np.array([100.0, 200.0])
+    rem = np.array([10.0, 50.0])
+    peak, at = peak_kv(kv, rem, np.array([0, 0]), 1, horizon_steps=1000)
+    # Just before step 10 both are alive: 110 + 210 = 320 (> 250 just before step 50).
+    assert peak[0] == 320 and at[0] == 10
+    peak, at = peak_kv(kv, rem, np.array([0, 0]), 1, horizon_steps=5)
+    assert peak[0] == 310 and at[0] == 5  # the horizon cuts the growth
+
+
+def test_peak_matches_dense_evaluation() -> None:
+    rng = np.random.default_rng(3)
+    n, replicas, horizon = 60, 4, 300
+    kv = rng.integers(1, 500, n).astype(float)
+    rem = rng.integers(0, 400, n).astype(float)
+    rep = rng.integers(0, replicas, n)
+    peak, _ = peak_kv(kv, rem, rep, replicas, horizon)
+    t = np.arange(horizon + 1, dtype=float) - 1e-9  # just before each integer step
+    t[0] = 0.0
+    alive = rem[:, None] >= t[None, :] + 1e-9
+    alive[:, 0] = True  # everyone holds KV now
+    for r in range(replicas):
+        mask = rep == r
+        dense = (alive[mask] * (kv[mask][:, None] + np.maximum(t, 0)[None, :])).sum(0)
+        assert peak[r] == pytest.approx(dense.max(), abs=1e-6)
+    assert peak[rep.max() + 1 :].sum() == 0 if rep.max() + 1 < replicas else True
+
+
+def test_forecast_tpot_is_token_weighted_step_time() -> None:
+    cost = LinearStepCost(a=0.0, b=1.0, c=0.0)  # step time = batch size
+    fc = forecast(np.array([10.0, 10.0]), np.array([100.0, 1000.0]), np.array([0, 0]), 2, cost,
+                  horizon_steps=200, samples=3)  # samples at 0, 100, 200
+    # B = [2, 1, 1] -> steps [2, 1, 1] weighted by B: (4 + 1 + 1) / 4 = 1.5; replica 1 idle.
+    np.testing.assert_allclose(fc.tpot_ms, [1.5, 0.0])
+
+
+def test_linear_cost_and_fit() -> None:
+    cost = LinearStepCost(a=1.0, b=2.0, c=0.5)
+    assert float(cost.step_ms(3, 10)) == 12.0
+    assert float(cost.step_ms(0, 0)) == 0.0
+    rows = [(b, k, 1.0 + 2.0 * b + 0.5 * k) for b in (1, 4, 9) for k in (10, 300, 5000)]
+    fitted = LinearStepCost.fit_linear(rows, [(128, 5.0), (1024, 20.0)])
+    assert (fitted.a, fitted.b, fitted.c) == pytest.approx((1.0, 2.0, 0.5))
+    assert float(fitted.prefill_ms(576)) == pytest.approx(12.5)
+    with pytest.raises(ValueError):
+        LinearStepCost.fit_linear([(1, 1, 1)])
+
+
+def test_kv_bytes_and_capacity_from_model_dims() -> None:
+    llama = MODELS["llama3_8b"]
+    assert llama.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2  # 128 KiB
+    h100 = GPUS["h100_sxm"]
+    expected = (h100.memory_bytes * 0.9 - 8.03e9 * 2 - 1024**3) // llama.kv_bytes_per_token
+    assert kv_capacity_tokens(llama, h100, 1) == int(expected)
+    assert 400_000 < expected < 500_000
+    # 32B on TP2 holds fewer tokens than 8B on one GPU: its KV is twice as large per token.
+    assert kv_capacity_tokens(MODELS["r1_qwen_32b"], h100, 2) < expected
+    with pytest.raises(ValueError):
+        kv_capacity_tokens(MODELS["r1_qwen_32b"], h100, 1, memory_utilization=0.5)
+
+
+def test_transfer_cost() -> None:
+    t = TransferCost(kv_bytes_per_token=1000, link_gbytes_per_s=1.0, stall_ms=2.0)
+    assert t.copy_ms(1_000_000) == pytest.approx(1000.0)  # 1 GB at 1 GB/s
+    assert t.migration_ms(1000) == pytest.approx(3.0)
+
+
+@pytest.mark.skipif(not default_grid_path().is_file(),
+                    reason="../shared/data/costmodel/aic_grid.csv absent")
+def test_grid_cost_reproduces_grid_points_and_extrapolates() -> None:
+    cost = grid_step_cost("llama3_8b", "h100_sxm", 1)
+    # Rows of aic_grid.csv: batch 16 x len 4096 and batch 128 x len 8192.
+    assert float(cost.step_ms(16, 16 * 4096)) == pytest.approx(9.98768305227168)
+    assert float(cost.step_ms(128, 128 * 8192)) == pytest.approx(50.610536928351465)
+    lengths = np.array([1000, 8000, 16384, 24000, 32000]) * 32.0
+    steps = cost.step_ms(np.full(5, 32), lengths)
+    assert np.all(np.diff(steps) > 0)  # more KV, slower, beyond the grid too
+    assert float(cost.prefill_ms(1024)) == pytest.approx(22.109286510104102)
+    assert float(cost.prefill_ms(32768)) > float(cost.prefill_ms(16384))
