@@ -9,6 +9,7 @@ import sys
 # Modules exposing ``register(subparsers)``; each adds its subcommands with ``set_defaults(func=...)``.
 _SUBCOMMAND_MODULES = (
     "ares_jax.sim.cli",
+    "ares_jax.predictor.cli",
 )
 
 

@@ -11,6 +11,7 @@ import jax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from ares_jax.cluster import ClusterConfig, build_cluster
 from ares_jax.config import from_dict, to_dict
 from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.loop import ServingLoop
@@ -22,12 +23,18 @@ from ares_jax.model.loader import load_model
 
 Prompt = str | Sequence[int]
 Messages = Sequence[dict[str, str]]
+# ``predictor="default"``: the length head shipped for the embedded model, when it is installed.
+DEFAULT_PREDICTOR = "default"
 
 
 class LLM:
     """Serve a Llama-family model: the embedded SmolLM2-135M-Instruct by default.
 
     ``model`` is None, a ``.gguf`` file, an HF checkpoint directory, or an ares-jax checkpoint.
+    ``cluster`` serves disaggregated: one prefill mesh and N decode meshes on the local devices,
+    with the named scheduling policy dispatching and migrating requests.
+    ``predictor`` is the remaining-length head fused into prefill and decode: ``"default"`` (the
+    packaged head, for the embedded model only), None (off), or a head checkpoint directory.
     """
 
     def __init__(
@@ -41,6 +48,8 @@ class LLM:
         page_size: int = 16,
         max_model_len: int | None = None,
         engine_config: EngineConfig | None = None,
+        predictor: str | Path | None = DEFAULT_PREDICTOR,
+        cluster: ClusterConfig | None = None,
     ) -> None:
         base = engine_config or EngineConfig()
         self.engine_config = from_dict(EngineConfig, {
@@ -50,10 +59,34 @@ class LLM:
         })
         self.model = load_model(model, dtype=dtype, mesh=mesh)
         self.tokenizer = self.model.tokenizer
-        self.prefill_engine = PrefillEngine(self.model, self.engine_config)
-        self.decode_engine = DecodeEngine(self.model, self.engine_config)
-        self.loop = ServingLoop(self.prefill_engine, [self.decode_engine], self.tokenizer)
+        head = self._load_predictor(predictor, embedded=model is None)
+        self.head = head
+        if cluster is not None:
+            # Disaggregated: a prefill mesh and N decode meshes, driven by cluster.policy.
+            self.loop: ServingLoop = build_cluster(self.model, cluster, self.engine_config,
+                                                   head=head, prefill_head=head)
+            self.prefill_engine = self.loop.prefill_engine
+            self.decode_engine = self.loop.decoders[0]
+        else:
+            self.prefill_engine = PrefillEngine(self.model, self.engine_config, head=head)
+            self.decode_engine = DecodeEngine(self.model, self.engine_config, head=head)
+            self.loop = ServingLoop(self.prefill_engine, [self.decode_engine], self.tokenizer)
         self._ids = itertools.count()
+
+    def _load_predictor(self, predictor: str | Path | None, embedded: bool):
+        from ares_jax.predictor.serving import DEFAULT_HEAD_DIR, load_engine_head
+
+        if predictor is None:
+            return None
+        if predictor == DEFAULT_PREDICTOR:
+            # The packaged head was trained on the embedded model's hidden states only.
+            if not embedded or not DEFAULT_HEAD_DIR.is_dir():
+                return None
+            predictor = DEFAULT_HEAD_DIR
+        cfg = self.model.cfg
+        return load_engine_head(predictor, cfg.d_model, n_layers=cfg.n_layers,
+                                tap_layer=self.engine_config.tap_layer or cfg.default_tap_layer,
+                                mesh=self.model.mesh)
 
     # ------------------------------------------------------------------ requests
 

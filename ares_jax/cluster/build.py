@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ares_jax.cluster.config import ClusterConfig
 from ares_jax.cluster.live import ClusterLoop
@@ -37,9 +38,19 @@ def build_cluster(model: LoadedModel, cluster: ClusterConfig, engine: EngineConf
                   prefill_head: tuple[HeadFn, object] | None = None) -> ClusterLoop:
     """Place the model on every mesh (device to device) and wire the policy-driven loop."""
     prefill_devs, decode_devs = split_devices(cluster)
-    prefill_model = on_mesh(model, make_mesh(prefill_devs))
-    kwargs = {} if prefill_head is None else {"head": prefill_head}
-    prefill = PrefillEngine(prefill_model, engine, **kwargs)
-    decoders = [DecodeEngine(on_mesh(model, make_mesh(devs)), engine, head=head)
-                for devs in decode_devs]
+    prefill_mesh = make_mesh(prefill_devs)
+    kwargs = {} if prefill_head is None else {"head": _head_on(prefill_head, prefill_mesh)}
+    prefill = PrefillEngine(on_mesh(model, prefill_mesh), engine, **kwargs)
+    decoders = []
+    for devs in decode_devs:
+        mesh = make_mesh(devs)
+        decoders.append(DecodeEngine(on_mesh(model, mesh), engine, head=_head_on(head, mesh)))
     return ClusterLoop(prefill, decoders, model.tokenizer, cluster)
+
+
+def _head_on(head: tuple[HeadFn, object] | None, mesh: Mesh) -> tuple[HeadFn, object] | None:
+    """The predictor head's parameters replicated onto ``mesh`` (jit needs them co-located)."""
+    if head is None:
+        return None
+    fn, params = head
+    return fn, jax.device_put(params, NamedSharding(mesh, PartitionSpec()))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,15 +18,23 @@ from ares_jax.model import model as llama
 from ares_jax.model.loader import LoadedModel
 from ares_jax.model.sharding import named
 
+# A fused head, as in decode: (params, hidden, hidden_tap, generated, max_tokens) -> [B].
+HeadFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
 
 class PrefillEngine:
     """Runs prompts through the model on its own mesh. The results' KV stays on this mesh until
-    a decode engine inserts it (``jax.device_put`` to the decode sharding)."""
+    a decode engine inserts it (``jax.device_put`` to the decode sharding).
 
-    def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
+    With a ``head``, each result carries the first remaining-length prediction (from the last
+    prompt token, computed in the same jitted call)."""
+
+    def __init__(self, model: LoadedModel, config: EngineConfig,
+                 head: tuple[HeadFn, Any] | None = None) -> None:
         self.model = model
         self.cfg = model.cfg
         self.config = config
+        self.head = head
         self.max_model_len = resolve_max_model_len(model, config)
         self._replicated = NamedSharding(model.mesh, PartitionSpec())
 
@@ -75,11 +84,19 @@ class PrefillEngine:
                                         [len(r.resumed_ids) for r in group], b)
         greedy_only, num_logprobs = sampling.batch_mode(params)
         tok_sharding = named(self.model.mesh, ("batch", "seq"), (b, t), self.model.rules)
-        picked, hidden, tap, k, v = _prefill_jit(
+        # Head inputs: tokens generated before this pass (0, or the resumed ones) and the cap.
+        generated, max_tokens = np.zeros(b, np.int32), np.ones(b, np.int32)
+        for i, r in enumerate(group):
+            generated[i], max_tokens[i] = len(r.resumed_ids), r.params.max_tokens
+        head_fn, head_params = self.head if self.head is not None else (None, None)
+        picked, hidden, tap, k, v, pred = _prefill_jit(
             self.model.weights, jax.device_put(tokens, tok_sharding),
             jax.device_put(lens, self._replicated), jax.device_put(s, self._replicated),
-            cfg=self.cfg, ecfg=self.config, greedy_only=greedy_only, num_logprobs=num_logprobs)
+            head_params, jax.device_put((generated, max_tokens), self._replicated),
+            cfg=self.cfg, ecfg=self.config, head_fn=head_fn, greedy_only=greedy_only,
+            num_logprobs=num_logprobs)
         infos = sampling.to_token_infos(jax.device_get(picked), params)
+        pred_host = None if pred is None else np.asarray(jax.device_get(pred))
         out = []
         for i, r in enumerate(group):
             # Bucketed page count keeps the slice's compiled shapes few; pages past
@@ -88,21 +105,29 @@ class PrefillEngine:
             kr, vr = _slice_request(k, v, jnp.int32(i), n_pages)
             out.append(PrefillResult(request=r, first=infos[i], k=kr, v=vr,
                                      num_tokens=lengths[i], hidden=hidden[i],
-                                     hidden_tap=tap[i]))
+                                     hidden_tap=tap[i],
+                                     predicted_remaining=None if pred_host is None
+                                     else float(pred_host[i])))
         return out
 
 
-def _prefill(weights, tokens, lengths, s, *, cfg, ecfg: EngineConfig, greedy_only, num_logprobs):
+def _prefill(weights, tokens, lengths, s, head_params, head_inputs, *, cfg, ecfg: EngineConfig,
+             head_fn, greedy_only, num_logprobs):
     out = llama.prefill(weights, cfg, tokens, lengths, ecfg.tap_layer)
     picked = sampling.sample(out["logits"], s, eos_ids=cfg.eos_token_ids, greedy_only=greedy_only,
                              num_logprobs=num_logprobs, candidates=ecfg.sampling_candidates)
     n_layers, b, t, kvh, hd = out["k"].shape
     ps = ecfg.page_size
     paged = lambda x: x.reshape(n_layers, b, t // ps, ps, kvh, hd)  # noqa: E731
-    return picked, out["hidden"], out["hidden_tap"], paged(out["k"]), paged(out["v"])
+    pred = None
+    if head_fn is not None:
+        generated, max_tokens = head_inputs
+        pred = head_fn(head_params, out["hidden"], out["hidden_tap"], generated, max_tokens)
+    return picked, out["hidden"], out["hidden_tap"], paged(out["k"]), paged(out["v"]), pred
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "ecfg", "greedy_only", "num_logprobs"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "ecfg", "head_fn", "greedy_only",
+                                                  "num_logprobs"))
 
 
 @functools.partial(jax.jit, static_argnums=(3,))

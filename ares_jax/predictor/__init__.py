@@ -1,0 +1,1 @@
+"""Remaining-length prediction: data collection, heads, training, evaluation, serving hook."""
