@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-# Modules exposing ``register(subparsers)``; each adds its subcommands with ``set_defaults(func=...)``.
+# Modules exposing ``register(subparsers)``, each adding subcommands with set_defaults(func=...).
 _SUBCOMMAND_MODULES = (
     "ares_jax.sim.cli",
     "ares_jax.predictor.cli",
