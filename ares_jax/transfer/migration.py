@@ -4,7 +4,8 @@ A migration runs in stages interleaved with decode steps (the serving loop calls
 between steps), so the request keeps decoding on the source while its filled pages are copied:
 
 1. ``start``: the destination pre-allocates the request's pages (plus headroom).
-2. Each stage copies the pages filled since the last stage, except the one being written.
+2. Each stage copies the pages filled since the last stage, except the one being written, at
+   most ``stage_pages`` per call so that the source's steps are never held up for long.
 3. Once at most ``final_stage_pages`` pages remain, or after ``max_stages`` stages, the final
    stop-and-copy stage detaches the request from the source, copies the rest, and the
    destination adopts it. Only this stage stalls the request, and its size is bounded, so the
@@ -41,7 +42,11 @@ class MigrationOutcome(enum.Enum):
 @config
 class MigrationConfig:
     final_stage_pages: int = 2
+    # Catch-up rounds (each copies what was filled since the last) before stop-and-copy.
     max_stages: int = 3
+    # Pages copied per advance() at most, so that a long request's first full pass does not
+    # stall the source's next step for long; only completed passes count as stages.
+    stage_pages: int = 64
     headroom_pages: int = 1
     # Wall-clock limit for the whole migration before the destination gives up.
     timeout_s: float = 30.0
@@ -147,9 +152,11 @@ class MigrationManager:
         final = used - rec.copied_pages <= self.config.final_stage_pages or \
             rec.stages >= self.config.max_stages
         if not final:
-            rec.bytes_moved += self.copy_fn(src, dst, rec.request_id, rec.copied_pages, filled)
-            rec.copied_pages = max(rec.copied_pages, filled)
-            rec.stages += 1
+            end = min(filled, rec.copied_pages + self.config.stage_pages)
+            rec.bytes_moved += self.copy_fn(src, dst, rec.request_id, rec.copied_pages, end)
+            rec.copied_pages = max(rec.copied_pages, end)
+            if end == filled:
+                rec.stages += 1
             return
         # Stop-and-copy: nothing decodes this request until the destination adopts it.
         rec.detached_at = self.clock()

@@ -1,0 +1,314 @@
+"""KV transfer throughput within a process and across processes, against the machine's memory
+copy bandwidth measured in the same run (issue 6, section 4, second bullet).
+
+The payload is one request's K and V page blocks, ``[L, n, S, KVH, K]`` float32 each, with the
+embedded SmolLM2-135M's page geometry (L=30, S=16, KVH=3, K=64: 368,640 B per page per K or V,
+46,080 B of K+V per token). ``n`` is chosen per target size (``--sizes-mb``, K+V together); the
+reported MB are the actual block bytes. Blocks live in the KV pool's sharding on a 2-device mesh:
+SmolLM2's 3 KV heads do not divide a 2-way ``model`` axis, so the block is *replicated* on both
+devices, and each transfer writes 2 physical copies (reported as ``replicas``). Throughput is
+logical payload (K+V bytes of the block) per second.
+
+Measured, for every size:
+
+- ``handoff``: ``ares_jax.transfer.local.handoff`` (``jax.device_put``) of the block from mesh
+  A (devices 0-1) to mesh B (devices 2-3), until ready.
+- ``copy_path``: what one migration stage does, ``read_pages`` (gather the request's pages out of
+  a source pool) + ``handoff`` + ``write_pages`` (scatter into the destination pool, donated), the
+  kernels of ``DecodeEngine.export_pages``/``import_pages``. Page ids are padded to a power of two
+  exactly as ``export_pages`` does.
+- ``remote_pull``: ``KVTransferServer.pull`` in this process of a block offered with
+  ``KVTransferServer.offer`` by a spawned source process (``benchmarks/kv_transfer_source.py``)
+  over localhost, pulled with the source's sharding onto 2 local devices. Each pull includes the
+  API's connect and waiter thread; the first pull of a run (connection set-up) is reported apart.
+  The pulled data is checked against the source's checksums.
+- The memory copy bandwidth: ``benchmarks.common.copy_bandwidth_gbs`` (a numpy copy, read + write
+  bytes), at the start and at the end of the run. A payload copied at that rate moves
+  ``bandwidth / 2`` bytes per second (``memcpy_payload_gbs``); each throughput is reported as a
+  fraction of it.
+
+Times are the best and the median of ``--repeats`` (the machine is shared; best is the least
+disturbed).
+
+Run (repository root; about 2-3 minutes on 2 shared cores)::
+
+    .venv/bin/python benchmarks/transfer_throughput.py > /tmp/transfer_throughput.json
+    .venv/bin/python benchmarks/transfer_throughput.py --quick          # ~40 s
+    .venv/bin/python benchmarks/transfer_throughput.py --sizes-mb 1,64 --repeats 5
+
+JSON goes to stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+try:
+    from benchmarks.common import copy_bandwidth_gbs, load_average, log  # noqa: E402
+except ImportError:  # run as a script: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.common import copy_bandwidth_gbs, load_average, log  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from ares_jax.engine.kv_pool import SCRATCH_PAGE, bucket, read_pages, write_pages  # noqa: E402
+from ares_jax.model.sharding import kv_pool_sharding, make_mesh  # noqa: E402
+from ares_jax.transfer.local import handoff  # noqa: E402
+from ares_jax.transfer.remote import KVTransferServer, PageTicket  # noqa: E402
+
+# SmolLM2-135M's page geometry: layers, page size, KV heads, head dim.
+PAGE_GEOMETRY = (30, 16, 3, 64)
+SOURCE_SCRIPT = Path(__file__).resolve().parent / "kv_transfer_source.py"
+
+
+@dataclasses.dataclass
+class Options:
+    sizes_mb: tuple[float, ...] = (1, 8, 64, 256)  # K+V block sizes (MiB), rounded to pages
+    repeats: int = 5
+    large_repeats: int = 3  # for blocks of >= 64 MiB
+    remote: bool = True
+    copy_path: bool = True
+    pull_timeout_s: float = 120.0
+
+
+def page_bytes() -> int:
+    layers, page_size, kv_heads, head_dim = PAGE_GEOMETRY
+    return layers * page_size * kv_heads * head_dim * 4
+
+
+def pages_for_mb(mb: float) -> int:
+    return max(1, round(mb * 2**20 / (2 * page_bytes())))
+
+
+def block_shape(pages: int) -> tuple[int, ...]:
+    layers, page_size, kv_heads, head_dim = PAGE_GEOMETRY
+    return (layers, pages, page_size, kv_heads, head_dim)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds per call, ``repeats`` calls after one warm-up call (compiles, faults pages in)."""
+    jax.block_until_ready(fn())
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def rate(payload_bytes: int, seconds: list[float], memcpy_gbs: float) -> dict[str, float]:
+    best, median = min(seconds), statistics.median(seconds)
+    return {"best_ms": 1e3 * best, "median_ms": 1e3 * median,
+            "gbs_best": payload_bytes / best / 1e9, "gbs_median": payload_bytes / median / 1e9,
+            "fraction_of_memcpy_best": payload_bytes / best / 1e9 / memcpy_gbs,
+            "repeats": len(seconds)}
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def in_process(pages: int, repeats: int, memcpy_gbs: float, with_copy_path: bool
+               ) -> dict[str, Any]:
+    devices = jax.devices()
+    mesh_a, mesh_b = make_mesh(devices[0:2]), make_mesh(devices[2:4])
+    shape = block_shape(pages)
+    shard_a, shard_b = kv_pool_sharding(shape, mesh_a), kv_pool_sharding(shape, mesh_b)
+    rng = np.random.default_rng(pages)
+    k, v = jax.device_put((rng.standard_normal(shape, np.float32),
+                           rng.standard_normal(shape, np.float32)), shard_a)
+    payload = 2 * k.nbytes
+    out: dict[str, Any] = {"handoff": rate(payload, timed(lambda: handoff(k, v, shard_b),
+                                                          repeats), memcpy_gbs)}
+    moved = handoff(k, v, shard_b)
+    assert np.array_equal(np.asarray(moved[0]), np.asarray(k)), "handoff changed the data"
+    del moved
+    if with_copy_path:
+        padded = bucket(pages)
+        pool_shape = block_shape(1 + padded)  # page 0 is scratch
+        pools = {}
+        for name, mesh in (("src", mesh_a), ("dst", mesh_b)):
+            sharding = kv_pool_sharding(pool_shape, mesh)
+            zeros = jax.jit(lambda: jnp.zeros(pool_shape, jnp.float32), out_shardings=sharding)
+            pools[name] = [zeros(), zeros()]
+        ids = np.full(padded, SCRATCH_PAGE, np.int32)
+        ids[:pages] = np.arange(1, pages + 1)  # a fresh allocator hands out pages 1, 2, ...
+        src_ids = jnp.asarray(ids)
+        dst_ids = jnp.asarray(ids)
+        block = _pad(k, v, padded) if padded > pages else (k, v)
+        pools["src"] = list(write_pages(*pools["src"], src_ids, *block))
+        target = kv_pool_sharding(block_shape(padded), mesh_b)
+
+        def copy_path() -> jax.Array:
+            ek, ev = read_pages(*pools["src"], src_ids)
+            hk, hv = handoff(ek, ev, target)
+            pools["dst"] = list(write_pages(*pools["dst"], dst_ids, hk, hv))
+            return pools["dst"][0]
+
+        out["copy_path"] = rate(payload, timed(copy_path, repeats), memcpy_gbs)
+        out["copy_path"]["padded_pages"] = padded
+        got = np.asarray(pools["dst"][0][:, 1:pages + 1])
+        assert np.array_equal(got, np.asarray(k)), "the copy path changed the data"
+        del pools
+    return out
+
+
+def _pad(k: jax.Array, v: jax.Array, pages: int) -> tuple[jax.Array, jax.Array]:
+    widths = [(0, 0), (0, pages - k.shape[1]), (0, 0), (0, 0), (0, 0)]
+    return jnp.pad(k, widths), jnp.pad(v, widths)
+
+
+# ----------------------------------------------------------------------------- across processes
+
+
+class SourceProcess:
+    """The spawned offering process, driven over its stdin/stdout."""
+
+    def __init__(self) -> None:
+        shape = ",".join(str(x) for x in PAGE_GEOMETRY)
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        self.proc = subprocess.Popen([sys.executable, str(SOURCE_SCRIPT), "--shape", shape],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the source process died (exit {self.proc.poll()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=30)
+
+
+def remote_pulls(source: SourceProcess, server: KVTransferServer, pages: int, repeats: int,
+                 memcpy_gbs: float, timeout_s: float) -> dict[str, Any]:
+    offer = source.ask(f"offer {pages} {repeats + 1} {pages}")
+    tickets = [PageTicket.from_json(t) for t in offer["tickets"]]
+    shape = block_shape(pages)
+    seconds = []
+    first_s = float("nan")
+    arrays = None
+    for i, ticket in enumerate(tickets):
+        start = time.perf_counter()
+        arrays = server.pull(ticket, shape=shape, dtype="float32", timeout_s=timeout_s)
+        elapsed = time.perf_counter() - start
+        if i == 0:
+            first_s = elapsed
+        else:
+            seconds.append(elapsed)
+    assert arrays is not None
+    k_sum = float(np.asarray(arrays[0]).sum(dtype=np.float64))
+    v_sum = float(np.asarray(arrays[1]).sum(dtype=np.float64))
+    if (k_sum, v_sum) != (offer["k_sum"], offer["v_sum"]):
+        raise RuntimeError(f"pulled block differs from the source's: {(k_sum, v_sum)} vs "
+                           f"{(offer['k_sum'], offer['v_sum'])}")
+    del arrays
+    source.ask("drop")
+    out = rate(2 * int(np.prod(shape)) * 4, seconds, memcpy_gbs)
+    out["first_pull_ms"] = 1e3 * first_s
+    out["checksum_ok"] = True
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(opts: Options) -> dict[str, Any]:
+    started = time.perf_counter()
+    devices = jax.devices()
+    if len(devices) < 4:
+        raise SystemExit(f"needs 4 devices, have {len(devices)} (XLA_FLAGS set too late?)")
+    bandwidth_start = copy_bandwidth_gbs()
+    memcpy_gbs = bandwidth_start / 2
+    log(f"copy bandwidth {bandwidth_start:.1f} GB/s read+write = {memcpy_gbs:.1f} GB/s payload; "
+        f"load {load_average()}")
+    source = SourceProcess() if opts.remote else None
+    server = KVTransferServer() if opts.remote else None
+    rows = []
+    try:
+        for mb in opts.sizes_mb:
+            pages = pages_for_mb(mb)
+            payload = 2 * pages * page_bytes()
+            repeats = opts.large_repeats if payload >= 64 * 2**20 else opts.repeats
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"target_mib": mb, "pages": pages, "tokens": 16 * pages,
+                                   "payload_mb": payload / 1e6, "replicas": 2}
+            row.update(in_process(pages, repeats, memcpy_gbs, opts.copy_path))
+            if source is not None and server is not None:
+                row["remote_pull"] = remote_pulls(source, server, pages, repeats, memcpy_gbs,
+                                                  opts.pull_timeout_s)
+            rows.append(row)
+            parts = [f"{k} {row[k]['gbs_best']:.2f} GB/s"
+                     for k in ("handoff", "copy_path", "remote_pull") if k in row]
+            log(f"{payload / 1e6:7.1f} MB ({pages} pages): " + " | ".join(parts) +
+                f" [{time.perf_counter() - t0:.0f} s]")
+    finally:
+        if source is not None:
+            source.close()
+    bandwidth_end = copy_bandwidth_gbs()
+    return {
+        "benchmark": "transfer_throughput",
+        "options": dataclasses.asdict(opts),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "jax": jax.__version__, "devices": len(devices),
+                    "copy_bandwidth_gbs_start": bandwidth_start,
+                    "copy_bandwidth_gbs_end": bandwidth_end,
+                    "memcpy_payload_gbs": memcpy_gbs,
+                    "load_average_end": load_average()},
+        "page_geometry": dict(zip(("layers", "page_size", "kv_heads", "head_dim"),
+                                  PAGE_GEOMETRY)),
+        "page_kv_bytes": 2 * page_bytes(),
+        "results": rows,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="sizes 1,64 MiB, 3 repeats")
+    p.add_argument("--sizes-mb", help="comma-separated K+V block sizes in MiB")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--no-remote", action="store_true", help="skip the cross-process pulls")
+    p.add_argument("--no-copy-path", action="store_true", help="skip gather+handoff+scatter")
+    a = p.parse_args(argv)
+    opts = Options()
+    if a.quick:
+        opts = dataclasses.replace(opts, sizes_mb=(1, 64), repeats=3, large_repeats=2)
+    if a.sizes_mb:
+        opts = dataclasses.replace(opts, sizes_mb=tuple(float(x) for x in a.sizes_mb.split(",")))
+    if a.repeats:
+        opts = dataclasses.replace(opts, repeats=a.repeats, large_repeats=a.repeats)
+    return dataclasses.replace(opts, remote=not a.no_remote, copy_path=not a.no_copy_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps(run(parse_args(argv)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
