@@ -79,13 +79,19 @@ CopyFn = Callable[["DecodeEngine", "DecodeEngine", str, int, int], int]
 
 def copy_pages(src: DecodeEngine, dst: DecodeEngine, rid: str, start: int, end: int) -> int:
     """Copy pages [start, end) of ``rid`` from ``src`` to the same page indices at ``dst``.
+
+    The range goes in power-of-two chunks (257 pages = 256 + 1), which are exactly the shapes
+    ``export_pages`` buckets to: no padding crosses the link, and few shapes are compiled.
     Returns the bytes moved."""
-    if end <= start:
-        return 0
-    k, v = src.export_pages(rid, start, end)
-    dst.import_pages(rid, start, k, v, end - start)
-    page_bytes = k.nbytes // k.shape[1]
-    return 2 * page_bytes * (end - start)
+    moved = 0
+    pos = start
+    while pos < end:
+        n = 1 << ((end - pos).bit_length() - 1)
+        k, v = src.export_pages(rid, pos, pos + n)
+        dst.import_pages(rid, pos, k, v, n)
+        moved += k.nbytes + v.nbytes
+        pos += n
+    return moved
 
 
 class MigrationManager:
