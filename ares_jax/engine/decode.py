@@ -222,10 +222,10 @@ class DecodeEngine:
         greedy_only, num_logprobs = sampling.batch_mode(params)
         rep = self._replicated
         head_fn, head_params = self.head if self.head is not None else (None, None)
+        # One transfer for all per-step inputs rather than one per array.
+        inputs = jax.device_put((tokens, positions, table, s, (generated, max_tokens)), rep)
         self.pool.k, self.pool.v, picked, hidden, tap, pred = _decode_jit(
-            self.model.weights, self.pool.k, self.pool.v, jax.device_put(tokens, rep),
-            jax.device_put(positions, rep), jax.device_put(table, rep), jax.device_put(s, rep),
-            head_params, jax.device_put((generated, max_tokens), rep),
+            self.model.weights, self.pool.k, self.pool.v, *inputs[:4], head_params, inputs[4],
             cfg=self.cfg, ecfg=self.config, head_fn=head_fn, greedy_only=greedy_only,
             num_logprobs=num_logprobs)
         host = jax.device_get(picked)
