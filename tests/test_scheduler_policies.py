@@ -43,7 +43,9 @@ def pending(rid: str, kv: int, rem: float | None = None, true: int | None = None
 
 
 def ares(**overrides: float) -> object:
-    cfg = dataclasses.replace(AresConfig(memory_target=1.0, horizon_steps=8192), **overrides)
+    cfg = dataclasses.replace(
+        AresConfig(memory_target=1.0, horizon_steps=8192, memory_horizon_steps=8192), **overrides
+    )
     return make_policy("ares", cost=KV_COST, transfer=FAST_LINK, ares=cfg)
 
 
@@ -138,7 +140,7 @@ def test_ares_oracle_reads_true_lengths() -> None:
     snap = _memory_trap(pred_rem=100.0)
     decisions, _ = ares().dispatch(snap, PolicyState())
     assert decisions.dispatch_map() == {"new": 0}
-    oracle_cfg = AresConfig(memory_target=1.0, horizon_steps=8192)
+    oracle_cfg = AresConfig(memory_target=1.0, horizon_steps=8192, memory_horizon_steps=8192)
     oracle = make_policy("ares-oracle", cost=KV_COST, transfer=FAST_LINK, ares=oracle_cfg)
     assert oracle.dispatch(snap, PolicyState())[0].dispatch_map() == {"new": 1}
 
@@ -198,3 +200,28 @@ def test_policies_are_pure() -> None:
     first = policy.dispatch(snap, PolicyState())
     assert policy.dispatch(snap, PolicyState()) == first
     np.testing.assert_array_equal(snap.table().kv_tokens, before)
+
+
+def test_ares_holds_a_request_no_replica_has_memory_for() -> None:
+    full = ClusterSnapshot.from_views(
+        0.0,
+        [replica(0, (req("a", 9000, 5000.0),)), replica(1, (req("b", 9500, 5000.0),))],
+        [pending("new", 500, 1000.0)],
+    )
+    holding = ares(defer_when_full=True)
+    decisions, _ = holding.dispatch(full, PolicyState())
+    assert decisions.dispatches == ()  # held; the caller offers it again later
+    forced = ares().dispatch(full, PolicyState())[0]
+    assert forced.dispatch_map() == {"new": 0}  # smallest overflow
+    with_idle = ClusterSnapshot.from_views(
+        0.0, [*full_replicas(full), replica(2, capacity=1000)], full.pending)
+    # The idle replica cannot hold the request's whole predicted life either, but it is idle.
+    assert holding.dispatch(with_idle, PolicyState())[0].dispatch_map() == {"new": 2}
+
+
+def full_replicas(snap: ClusterSnapshot) -> list[ReplicaView]:
+    table = snap.table()
+    return [replica(int(rid), tuple(req(str(table.id_at(i)), int(table.kv_tokens[i]),
+                                        float(table.predicted_remaining[i]))
+                                    for i in np.flatnonzero(table.replica == pos)))
+            for pos, rid in enumerate(snap.replica_ids)]

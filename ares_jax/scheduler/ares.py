@@ -49,7 +49,10 @@ from ares_jax.scheduler.state import (
 
 @config
 class AresConfig:
-    horizon_steps: int = 2048  # decode steps the load model looks ahead
+    horizon_steps: int = 2048  # decode steps the TPOT forecast looks ahead
+    # Steps the memory forecast (predicted peak KV) looks ahead. Looking to every request's
+    # predicted end (32768) with deferral was tried and lost: see docs/results_sim.md.
+    memory_horizon_steps: int = 2048
     samples: int = 9  # sample points of the TPOT average over the horizon
     memory_target: float = 0.95  # the predicted peak may use this fraction of capacity
     balance_threshold: float = 0.10  # rebalance when (worst - best) TPOT > this * mean TPOT ...
@@ -60,6 +63,10 @@ class AresConfig:
     prior_remaining_tokens: float = 512.0  # for a request with no prediction yet
     candidates_per_replica: int = 8  # longest-remaining requests examined per source
     use_true_remaining: bool = False  # the oracle
+    # When no replica's predicted peak fits, hold the request and those behind it (first come,
+    # first served; offered again later) instead of over-committing a replica into a
+    # preemption storm. An idle replica always takes a request, so nothing waits forever.
+    defer_when_full: bool = False
 
 
 def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
@@ -106,7 +113,7 @@ def _base_forecast(
     rep = table.replica.astype(np.int64)
     times = sample_times(cfg.horizon_steps, cfg.samples)
     batch, memory = trajectories(kv, rem, rep, num_replicas, times)
-    peak, peak_at = peak_kv(kv, rem, rep, num_replicas, cfg.horizon_steps)
+    peak, peak_at = peak_kv(kv, rem, rep, num_replicas, cfg.memory_horizon_steps)
     return _BaseForecast(kv=kv, rem=rem, rep=rep, batch=batch, memory=memory, peak=peak,
                          peak_at=peak_at, tpot=weighted_tpot(cost, batch, memory))
 
@@ -121,9 +128,10 @@ class _Board:
         cfg: AresConfig,
     ) -> None:
         self.cost = cost
-        self.horizon = cfg.horizon_steps
+        self.horizon = cfg.memory_horizon_steps
         self.times = sample_times(cfg.horizon_steps, cfg.samples)
         self.n = snapshot.num_replicas
+        self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
         base = _base_forecast(snapshot.table(), self.n, cost, cfg)
         self.kv, self.rem, self.rep = base.kv, base.rem, base.rep.copy()
         self.batch, self.memory = base.batch.copy(), base.memory.copy()
@@ -151,6 +159,7 @@ class _Board:
         self.batch[pos] += d_batch
         self.memory[pos] += d_memory
         self.tpot[pos] = tpot
+        self.idle[pos] = False
         if peak > self.peak[pos]:
             self.peak[pos] = peak
             self.peak_at[pos] = min(rem, float(self.horizon))  # approximately where it moved
@@ -230,8 +239,12 @@ class AresPolicy:
             fits = overflow <= 0
             if fits.any():
                 pos = int(np.argmin(np.where(fits, tpot, np.inf)))
+            elif self.config.defer_when_full and not board.idle.any():
+                break  # held with all behind it (first come, first served), offered again later
             else:
-                pos = int(np.argmin(overflow))
+                pos = int(np.argmin(np.where(board.idle, overflow, np.inf)))
+                if not board.idle.any():
+                    pos = int(np.argmin(overflow))
             out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
             board.place(float(p.kv_tokens), rem, pos, tpot[pos], peak[pos])
         return Decisions(dispatches=tuple(out)), state
@@ -269,6 +282,8 @@ class AresPolicy:
         self, board: _Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
     ) -> None:
         overflow = board.peak - board.budget
+        if board.could_take(0.0).size == 0:
+            return  # no replica has headroom: nowhere to move anything
         for src in [int(i) for i in np.argsort(-overflow) if overflow[i] > 0]:
             while (
                 board.peak[src] > board.budget[src]

@@ -2,7 +2,9 @@
 
 Every policy is an immutable object whose two methods are pure functions of their inputs:
 
-* ``dispatch(snapshot, state) -> (Decisions, state)`` places ``snapshot.pending`` requests;
+* ``dispatch(snapshot, state) -> (Decisions, state)`` places ``snapshot.pending`` requests; a
+  policy may leave some unplaced (ARES holds requests no replica has memory for): the caller
+  keeps them and offers them again at its next call;
 * ``reschedule(snapshot, state) -> (Decisions, state)`` proposes migrations (called every period).
 
 Policy memory (the round-robin cursor) travels in :class:`PolicyState`; cool-downs come from the

@@ -60,7 +60,7 @@ class SimConfig:
     slo: SloConfig = SloConfig()
     ares: AresConfig = AresConfig()
     llumnix: LlumnixConfig = LlumnixConfig()
-    reschedule_period_s: float = 0.25
+    reschedule_period_s: float = 0.5
     # Dispatch reads replica state polled at most this often (Llumnix polls every 50 ms),
     # plus its own placements since; 0 polls on every dispatch.
     dispatch_poll_s: float = 0.05

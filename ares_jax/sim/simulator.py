@@ -135,6 +135,7 @@ class Simulator:
         self.state = PolicyState()
         self.active: dict[int, _Migration] = {}
         self.view: ClusterSnapshot | None = None  # the dispatcher's last poll
+        self.held: list[int] = []  # finished prefill, not yet placed by the policy
         self.counters = dict.fromkeys(
             ("oom_events", "preemptions", "migrations_started", "migrations_completed",
              "migrations_aborted", "migrations_rejected", "bytes_moved_completed",
@@ -179,8 +180,8 @@ class Simulator:
         start = time.perf_counter()
         n = len(self.arrival_list)
         self.counters["clipped_requests"] = self.clipped
-        if self.policy.migrates:
-            self._push(self.cfg.reschedule_period_s, _RESCHEDULE)
+        # Ticks also re-offer requests a policy held back.
+        self._push(self.cfg.reschedule_period_s, _RESCHEDULE)
         self._push(0.0, _SAMPLE)
         arrivals, heap, ai = self.arrival_list, self.heap, 0
         while self.finished < n:
@@ -252,7 +253,11 @@ class Simulator:
         self._start_prefill(p)
 
     # ----------------------------------------------------------------- policy calls
-    def _dispatch(self, reqs: list[int]) -> None:
+    def _dispatch(self, new: list[int]) -> None:
+        reqs = self.held + new  # held requests first: they are older
+        self.held = []
+        if not reqs:
+            return
         idx = np.array(reqs, dtype=np.int64)
         gen = np.array([self.gen_cur[r] for r in reqs], dtype=np.int64)
         pred = self.predictor.predict(idx, gen, self.output[idx], self.max_tokens[idx])
@@ -270,10 +275,13 @@ class Simulator:
         snap = self._dispatch_view().with_pending(pending)
         decisions, self.state = self.policy.dispatch(snap, self.state)
         placed = decisions.dispatch_map()
-        if sorted(placed) != sorted(reqs):
-            raise RuntimeError(f"policy {self.policy.name} did not place every pending request")
+        if len(placed) != len(decisions.dispatches) or not set(placed) <= set(reqs):
+            raise RuntimeError(f"policy {self.policy.name} placed an unknown request or twice")
+        self.held = [r for r in reqs if r not in placed]
         queued_kv, queued_count = snap.queued_kv_tokens.copy(), snap.queued_count.copy()
         for r in reqs:
+            if r not in placed:
+                continue
             rep = self.decode[placed[r]]
             rep.queue.append(r)
             rep.queued_kv += self.kv_cur[r]
@@ -292,10 +300,14 @@ class Simulator:
         return self.view
 
     def _reschedule(self) -> None:
-        self.view = self._snapshot((), with_table=True)
-        decisions, self.state = self.policy.reschedule(self.view, self.state)
-        for m in decisions.migrations:
-            self._start_migration(int(m.request_id), m.src, m.dst)
+        if self.held:
+            self.view = None  # re-poll: held requests deserve fresh state
+            self._dispatch([])
+        if self.policy.migrates:
+            self.view = self._snapshot((), with_table=True)
+            decisions, self.state = self.policy.reschedule(self.view, self.state)
+            for m in decisions.migrations:
+                self._start_migration(int(m.request_id), m.src, m.dst)
         self._push(self.now + self.cfg.reschedule_period_s, _RESCHEDULE)
 
     def _snapshot(

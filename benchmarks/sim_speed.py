@@ -1,0 +1,41 @@
+"""Simulator speed: 256 decode replicas, 100,000 ServeGen-R1 requests (issue 5 target: < 2 min).
+
+    .venv/bin/python benchmarks/sim_speed.py [--policy static,ares] [--requests 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ares_jax.sim import ClusterConfig, SimConfig, WorkloadConfig, load_workload, simulate
+from ares_jax.sim.metrics import summarize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--policy", default="static,ares")
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--decode-replicas", type=int, default=256)
+    parser.add_argument("--prefill-replicas", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=600.0)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    workload = load_workload(WorkloadConfig(name="servegen-r1", num_requests=args.requests,
+                                            rate=args.rate))
+    load_s = time.perf_counter() - start
+    cfg = SimConfig(cluster=ClusterConfig(decode_replicas=args.decode_replicas,
+                                          prefill_replicas=args.prefill_replicas))
+    for policy in args.policy.split(","):
+        t0 = time.perf_counter()
+        summary = summarize(simulate(workload, policy, cfg), cfg.slo)
+        wall = time.perf_counter() - t0
+        keys = ("policy", "requests", "rate_req_s", "sim_duration_s", "tpot_ms_p50",
+                "tpot_ms_p99", "ttft_s_p99", "slo_attainment", "preemptions", "migrations")
+        print(json.dumps({k: summary[k] for k in keys} | {"workload_load_s": round(load_s, 2),
+                                                         "wall_s": round(wall, 2)}))
+
+
+if __name__ == "__main__":
+    main()
