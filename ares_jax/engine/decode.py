@@ -24,7 +24,10 @@ from ares_jax.engine.kv_pool import (
     bucket,
     create_pool,
     pages_for,
+    read_page_run,
     read_pages,
+    run_start,
+    write_page_run,
     write_pages,
 )
 from ares_jax.engine.prefill import resolve_max_model_len
@@ -126,6 +129,11 @@ class DecodeEngine:
         """Write [L, n, S, KVH, K] arrays (n >= len(pages); the rest go to scratch)."""
         target = kv_pool_sharding(k.shape, self.model.mesh, self.model.rules)
         k, v = handoff(k, v, target)
+        first = run_start(pages) if len(pages) == k.shape[1] else None
+        if first is not None:
+            self.pool.k, self.pool.v = write_page_run(self.pool.k, self.pool.v,
+                                                      jnp.int32(first), k, v)
+            return
         ids = np.full(k.shape[1], SCRATCH_PAGE, np.int32)
         ids[: len(pages)] = pages
         self.pool.k, self.pool.v = write_pages(self.pool.k, self.pool.v, jnp.asarray(ids), k, v)
@@ -144,6 +152,9 @@ class DecodeEngine:
             raise IndexError(f"request {request_id}: page range [{start}, {end}) outside its "
                              f"{len(pages)} pages")
         n = end - start
+        first = run_start(pages[start:end]) if n == bucket(n) else None
+        if first is not None:
+            return read_page_run(self.pool.k, self.pool.v, jnp.int32(first), n)
         ids = np.full(bucket(max(n, 1)), SCRATCH_PAGE, np.int32)
         ids[:n] = pages[start:end]
         return read_pages(self.pool.k, self.pool.v, jnp.asarray(ids))

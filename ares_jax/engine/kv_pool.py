@@ -129,3 +129,29 @@ def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
 def padded_ids(ids: Iterable[int], size: int) -> jax.Array:
     ids = list(ids)
     return jnp.asarray(ids + [SCRATCH_PAGE] * (size - len(ids)), jnp.int32)
+
+
+# A fresh allocator hands out ascending pages, so a request's pages are usually one run; on
+# XLA:CPU a slice update is ~10x faster than the equivalent scatter (docs/BENCHMARKS.md).
+def run_start(ids: list[int]) -> int | None:
+    """The first page id if ``ids`` are consecutive, else None."""
+    if ids and ids[-1] - ids[0] == len(ids) - 1 and all(
+            b == a + 1 for a, b in zip(ids, ids[1:])):
+        return ids[0]
+    return None
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def write_page_run(k_pool: jax.Array, v_pool: jax.Array, first: jax.Array, k_new: jax.Array,
+                   v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``write_pages`` for the consecutive pages ``first, first + 1, ...`` (in place)."""
+    put = lambda pool, x: jax.lax.dynamic_update_slice_in_dim(pool, x, first, axis=1)  # noqa
+    return put(k_pool, k_new), put(v_pool, v_new)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def read_page_run(k_pool: jax.Array, v_pool: jax.Array, first: jax.Array,
+                  n: int) -> tuple[jax.Array, jax.Array]:
+    """``read_pages`` for ``n`` consecutive pages from ``first``."""
+    get = lambda pool: jax.lax.dynamic_slice_in_dim(pool, first, n, axis=1)  # noqa: E731
+    return get(k_pool), get(v_pool)
