@@ -1,5 +1,6 @@
 """The length predictor: data format, learning a planted signal, checkpoints, fused inference."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_head_learns_planted_signal_and_checkpoints_round_trip(tmp_path):
     train_rows, _, test_rows = fmt.split_by_request(ds.index, cfg.split_seed)
     train, test = ds.select_requests(train_rows), ds.select_requests(test_rows)
     head = load_head(tmp_path / "best")
-    pts = Points.from_dataset(test, "tap")
+    pts = Points.from_dataset(test)
     mae = np.abs(predict_points(head, pts) - pts.remaining).mean()
     median = np.abs(MedianBaseline.fit(train.remaining).predict(pts.t, pts.max_tokens)
                     - pts.remaining).mean()
@@ -175,3 +176,28 @@ def test_llm_refuses_a_head_for_another_hidden_size(tmp_path):
     save_head(tmp_path / "h", _random_head(32))
     with pytest.raises(ValueError, match="hidden size 32.*hidden size is 576"):
         LLM(predictor=tmp_path / "h", num_pages=64, max_model_len=256)
+
+
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_prompt_only_baseline_trains_and_round_trips(tiny_model, tmp_path, blocks):
+    from ares_jax.predictor.prompt_only import (
+        PromptOnlyConfig,
+        PromptOnlyPredictor,
+        t0_hidden,
+        train_prompt_only,
+    )
+
+    ds = _planted(num_requests=40, d=tiny_model.cfg.d_model)
+    rng = np.random.default_rng(1)
+    ds.prompt_ids = [rng.integers(4, 500, int(rng.integers(3, 20))) for _ in range(40)]
+    ds.prompt_len = np.array([p.size for p in ds.prompt_ids], np.int32)
+    cfg = PromptOnlyConfig(trainable_blocks=blocks, epochs=2, batch_size=8)
+    result = train_prompt_only(ds, cfg, tmp_path, progress=False, model=tiny_model)
+    weights = sum(int(x.size) for x in jax.tree.leaves(tiny_model.weights))
+    assert result["params"] == weights + tiny_model.cfg.d_model * 8 + 8  # the whole model
+    loaded = PromptOnlyPredictor.load(tmp_path / "best", model=tiny_model)
+    totals = loaded.predict_totals(ds.prompt_ids[:5])
+    assert totals.shape == (5,) and set(totals) <= set(loaded.bucket_values)
+    if blocks == 0:  # the recorded t = 0 states stand in for the prompt pass
+        np.testing.assert_array_equal(
+            loaded.predict_totals([], last_hidden=t0_hidden(ds)[:5]).shape, (5,))

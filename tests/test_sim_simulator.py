@@ -77,11 +77,14 @@ def test_conservation_with_internal_state_checks() -> None:
 
 def test_same_seed_same_run() -> None:
     w = synthetic(200)
-    a = simulate(w, "ares", config(), cost=COST)
-    b = simulate(w, "ares", config(), cost=COST)
+    # The seed moves the predictions; they decide placements when ARES's own score is used.
+    cfg = config()
+    cfg = dataclasses.replace(cfg, ares=dataclasses.replace(cfg.ares, dispatch_min_gain=0.0))
+    a = simulate(w, "ares", cfg, cost=COST)
+    b = simulate(w, "ares", cfg, cost=COST)
     np.testing.assert_array_equal(a.finish_s, b.finish_s)
     assert a.counters == b.counters
-    c = simulate(w, "ares", dataclasses.replace(config(), seed=7), cost=COST)
+    c = simulate(w, "ares", dataclasses.replace(cfg, seed=7), cost=COST)
     assert not np.array_equal(a.finish_s, c.finish_s) or a.counters != c.counters
 
 

@@ -8,8 +8,11 @@ shards of whole requests; a rerun skips requests already in a shard (resumable).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -72,6 +75,23 @@ class _RecordingPrefill(PrefillEngine):
             for r, h, ht in zip(fresh, hidden, tap):
                 self._collector.record(r.request.request_id, 0, h, ht)
         return results
+
+
+@contextlib.contextmanager
+def _interrupt_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into KeyboardInterrupt while collecting. A job started with
+    ``nohup ... &`` inherits an *ignored* SIGINT, so Python's default handler is not enough."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Collector:
@@ -169,21 +189,15 @@ class Collector:
         bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="collect",
                    unit="req", disable=not progress)
         try:
-            while self.loop.has_work:
-                for ev in self.loop.step():
-                    if not ev.finished:
-                        continue
-                    tracker = self.loop.finished.pop(ev.request_id)
-                    index, src = source[ev.request_id]
-                    points = sorted(self._points.pop(ev.request_id, []), key=lambda p: p[0])
-                    buffer.append(fmt.RequestRecord(
-                        index=index, source=src, prompt_ids=list(tracker.request.prompt_ids),
-                        output_ids=list(tracker.token_ids), finish_reason=tracker.finish_reason,
-                        max_tokens=self.cfg.max_tokens, t=[p[0] for p in points],
-                        hidden=[p[1] for p in points], hidden_tap=[p[2] for p in points]))
-                    bar.update(1)
-                    if len(buffer) >= self.cfg.requests_per_shard:
-                        flush()
+            with _interrupt_on_signals():
+                while self.loop.has_work:
+                    for ev in self.loop.step():
+                        if not ev.finished:
+                            continue
+                        buffer.append(self._finished_record(ev.request_id, *source[ev.request_id]))
+                        bar.update(1)
+                        if len(buffer) >= self.cfg.requests_per_shard:
+                            flush()
         except KeyboardInterrupt:
             # Stopping early (Ctrl-C / kill -INT) keeps every finished request; the ones still
             # running are redone by the next run.
@@ -192,6 +206,15 @@ class Collector:
             bar.close()
         flush()
         return manifest
+
+    def _finished_record(self, rid: str, index: int, source: str) -> fmt.RequestRecord:
+        tracker = self.loop.finished.pop(rid)
+        points = sorted(self._points.pop(rid, []), key=lambda p: p[0])
+        return fmt.RequestRecord(
+            index=index, source=source, prompt_ids=list(tracker.request.prompt_ids),
+            output_ids=list(tracker.token_ids), finish_reason=tracker.finish_reason,
+            max_tokens=self.cfg.max_tokens, t=[p[0] for p in points],
+            hidden=[p[1] for p in points], hidden_tap=[p[2] for p in points])
 
     def _manifest_header(self) -> dict:
         return {"format_version": fmt.FORMAT_VERSION, "config": to_dict(self.cfg),

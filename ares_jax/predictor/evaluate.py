@@ -20,7 +20,7 @@ from ares_jax.predictor.baselines import (
 from ares_jax.predictor.checkpoint import load_head
 from ares_jax.predictor.data import load_dataset, split_by_request
 from ares_jax.predictor.heads import count_params, remaining_bins
-from ares_jax.predictor.train import EVAL_BATCH, Points, predict_points
+from ares_jax.predictor.train import EVAL_BATCH, Points, padded_batch, predict_points
 
 # Buckets of tokens generated so far (upper bounds exclusive); t = 0 is the prefill prediction.
 T_BUCKETS = ((0, 1), (1, 128), (128, 256), (256, 384), (384, 1 << 30))
@@ -50,18 +50,15 @@ def _trail_predictions(head, train_pts: Points, train_ds, test_pts: Points, test
     from flax import nnx
 
     @nnx.jit
-    def probs_fn(h, x, t, m):
-        return h.bin_probs(x, x, t, m)
+    def probs_fn(head, h, ht, t, m):
+        return head.bin_probs(h, ht, t, m)
 
     n = len(test_pts)
     probs = np.empty((n, head.cfg.num_bins), np.float32)
     for s in range(0, n, EVAL_BATCH):
         e = min(s + EVAL_BATCH, n)
-        pad = EVAL_BATCH - (e - s)
-        probs[s:e] = np.asarray(probs_fn(
-            head, np.pad(test_pts.hidden[s:e], ((0, pad), (0, 0))),
-            np.pad(test_pts.t[s:e], (0, pad)),
-            np.pad(test_pts.max_tokens[s:e], (0, pad), constant_values=1)))[: e - s]
+        probs[s:e] = np.asarray(probs_fn(head, *padded_batch(test_pts, s, e, EVAL_BATCH)))[
+            : e - s]
     bins = np.asarray(remaining_bins(jnp.asarray(train_pts.remaining),
                                      jnp.asarray(train_pts.max_tokens), head.cfg.num_bins))
     trans = transition_matrix(bins, train_ds.sample_request, train_ds.t, head.cfg.num_bins)
@@ -92,12 +89,12 @@ def evaluate(data_dir: str | Path, heads: dict[str, str] | None = None,
     add("survival_table", table.predict(t, m), 0, table_entries=table.num_entries)
     for name, path in (heads or {}).items():
         head = load_head(Path(path))
-        test_pts = Points.from_dataset(test, head.cfg.layer)
+        test_pts = Points.from_dataset(test)
         info = {"checkpoint": str(path), "layer": head.cfg.layer, "kind": head.cfg.kind,
                 "loss": head.cfg.loss, "hidden_sizes": list(head.cfg.hidden_sizes)}
         if head.cfg.kind == "trail":
             refined, unrefined = _trail_predictions(
-                head, Points.from_dataset(train, head.cfg.layer), train, test_pts, test)
+                head, Points.from_dataset(train), train, test_pts, test)
             add(name, refined, count_params(head), **info, bayesian_refinement=True)
             add(f"{name}_unrefined", unrefined, count_params(head), **info,
                 bayesian_refinement=False)
@@ -154,10 +151,14 @@ def plot_mae(report: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in report["methods"].items():
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors  # more methods than the default 10-colour cycle
+    for i, (name, r) in enumerate(report["methods"].items()):
         xs = sorted(r["mae_curve"], key=int)
-        ax.plot([int(x) for x in xs], [r["mae_curve"][x] for x in xs], label=name, marker=".")
+        learned_ares = name.startswith("ares")
+        ax.plot([int(x) for x in xs], [r["mae_curve"][x] for x in xs], label=name,
+                color=colors[i % len(colors)], marker="." if learned_ares else None,
+                linestyle="-" if learned_ares else "--", linewidth=2.2 if name == "ares" else 1.2)
     ax.set_xlabel("tokens generated so far (t)")
     ax.set_ylabel("MAE of remaining length (tokens)")
     ax.set_title(f"Held-out MAE vs progress ({report['test_requests']} requests)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ares_jax.predictor.config import HeadConfig
@@ -20,7 +21,7 @@ from ares_jax.predictor.config import HeadConfig
 L1_OUTPUT_SCALE = 100.0
 NUM_EXTRA_FEATURES = 3
 KINDS = ("ares", "trail")
-LAYERS = ("last", "tap")
+LAYERS = ("last", "tap", "both")
 LOSSES = ("l1", "log_l1", "budget_l1")
 
 
@@ -39,6 +40,17 @@ def remaining_budget(t: jax.Array, max_tokens: jax.Array) -> jax.Array:
 
 def clip_remaining(pred: jax.Array, t: jax.Array, max_tokens: jax.Array) -> jax.Array:
     return jnp.clip(pred, 0.0, remaining_budget(t, max_tokens))
+
+
+def select_input(layer: str, hidden, hidden_tap):
+    """The head's input layer(s): "last", "tap", or "both" (concatenated). Works on numpy
+    arrays (for input statistics) and jax arrays alike."""
+    if layer == "last":
+        return hidden
+    if layer == "tap":
+        return hidden_tap
+    xp = jnp if isinstance(hidden, jax.Array) else np
+    return xp.concatenate([hidden, hidden_tap], axis=-1)
 
 
 def known_features(t: jax.Array, max_tokens: jax.Array) -> jax.Array:
@@ -67,9 +79,10 @@ class LengthHead(nnx.Module):
                              f"{cfg.loss!r}")
         self.cfg = cfg
         self.hidden_size = hidden_size
-        self.in_mean = InputStat(jnp.zeros(hidden_size, jnp.float32))
-        self.in_scale = InputStat(jnp.ones(hidden_size, jnp.float32))
-        sizes = [hidden_size + NUM_EXTRA_FEATURES, *cfg.hidden_sizes]
+        width = hidden_size * (2 if cfg.layer == "both" else 1)
+        self.in_mean = InputStat(jnp.zeros(width, jnp.float32))
+        self.in_scale = InputStat(jnp.ones(width, jnp.float32))
+        sizes = [width + NUM_EXTRA_FEATURES, *cfg.hidden_sizes]
         self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
         self.dropout = nnx.Dropout(cfg.dropout)
         n_out = cfg.num_bins if cfg.kind == "trail" else 1
@@ -81,8 +94,9 @@ class LengthHead(nnx.Module):
                  max_tokens: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Raw outputs: [B] regression value (head space) or [B, bins] logits. Dropout is on
         only when ``rngs`` is given (training)."""
-        x = hidden if self.cfg.layer == "last" else hidden_tap
-        x = (x.astype(jnp.float32) - self.in_mean.get_value()) * self.in_scale.get_value()
+        x = select_input(self.cfg.layer, hidden.astype(jnp.float32),
+                         hidden_tap.astype(jnp.float32))
+        x = (x - self.in_mean.get_value()) * self.in_scale.get_value()
         x = jnp.concatenate([x, known_features(t, max_tokens)], axis=-1)
         for layer in self.layers:
             x = nnx.gelu(layer(x))

@@ -21,7 +21,13 @@ from ares_jax.config import to_dict
 from ares_jax.predictor.checkpoint import save_head
 from ares_jax.predictor.config import TrainConfig
 from ares_jax.predictor.data import Dataset, split_by_request
-from ares_jax.predictor.heads import L1_OUTPUT_SCALE, LengthHead, count_params, remaining_bins
+from ares_jax.predictor.heads import (
+    L1_OUTPUT_SCALE,
+    LengthHead,
+    count_params,
+    remaining_bins,
+    select_input,
+)
 
 EVAL_BATCH = 4096
 
@@ -30,14 +36,15 @@ EVAL_BATCH = 4096
 class Points:
     """Prediction points as the heads consume them (hidden states stay float16 on the host)."""
 
-    hidden: np.ndarray  # [N, D] the head's input layer
+    hidden: np.ndarray  # [N, D] last layer
+    hidden_tap: np.ndarray  # [N, D] tap layer
     t: np.ndarray  # [N] int32
     max_tokens: np.ndarray  # [N] int32
     remaining: np.ndarray  # [N] float32 labels
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, layer: str) -> Points:
-        return cls(ds.hidden if layer == "last" else ds.hidden_tap, ds.t.astype(np.int32),
+    def from_dataset(cls, ds: Dataset) -> Points:
+        return cls(ds.hidden, ds.hidden_tap, ds.t.astype(np.int32),
                    ds.sample_max_tokens.astype(np.int32), ds.remaining)
 
     def __len__(self) -> int:
@@ -45,8 +52,8 @@ class Points:
 
 
 @nnx.jit
-def _predict_batch(head: LengthHead, x: jax.Array, t: jax.Array, m: jax.Array) -> jax.Array:
-    return head.predict(x, x, t, m)
+def _predict_batch(head: LengthHead, h, ht, t, m) -> jax.Array:
+    return head.predict(h, ht, t, m)
 
 
 def predict_points(head: LengthHead, points: Points) -> np.ndarray:
@@ -55,16 +62,22 @@ def predict_points(head: LengthHead, points: Points) -> np.ndarray:
     out = np.empty(n, np.float32)
     for s in range(0, n, EVAL_BATCH):
         e = min(s + EVAL_BATCH, n)
-        pad = EVAL_BATCH - (e - s)
-        x = np.pad(points.hidden[s:e], ((0, pad), (0, 0)))
-        t = np.pad(points.t[s:e], (0, pad))
-        m = np.pad(points.max_tokens[s:e], (0, pad), constant_values=1)
-        out[s:e] = np.asarray(_predict_batch(head, x, t, m))[: e - s]
+        h, ht, t, m = padded_batch(points, s, e, EVAL_BATCH)
+        out[s:e] = np.asarray(_predict_batch(head, h, ht, t, m))[: e - s]
     return out
 
 
-def _loss(head: LengthHead, x, t, m, y, rngs: nnx.Rngs) -> jax.Array:
-    raw = head(x, x, t, m, rngs=rngs)
+def padded_batch(points: Points, start: int, end: int, size: int):
+    """Points [start, end) padded to ``size`` rows (one compiled shape for every batch)."""
+    pad = size - (end - start)
+    return (np.pad(points.hidden[start:end], ((0, pad), (0, 0))),
+            np.pad(points.hidden_tap[start:end], ((0, pad), (0, 0))),
+            np.pad(points.t[start:end], (0, pad)),
+            np.pad(points.max_tokens[start:end], (0, pad), constant_values=1))
+
+
+def _loss(head: LengthHead, h, ht, t, m, y, rngs: nnx.Rngs) -> jax.Array:
+    raw = head(h, ht, t, m, rngs=rngs)
     if head.cfg.kind == "trail":
         labels = remaining_bins(y, m, head.cfg.num_bins)
         return optax.softmax_cross_entropy_with_integer_labels(raw, labels).mean()
@@ -74,8 +87,9 @@ def _loss(head: LengthHead, x, t, m, y, rngs: nnx.Rngs) -> jax.Array:
 
 
 @nnx.jit
-def _train_step(head: LengthHead, opt: nnx.Optimizer, x, t, m, y, rngs: nnx.Rngs) -> jax.Array:
-    loss, grads = nnx.value_and_grad(_loss)(head, x, t, m, y, rngs)
+def _train_step(head: LengthHead, opt: nnx.Optimizer, h, ht, t, m, y,
+                rngs: nnx.Rngs) -> jax.Array:
+    loss, grads = nnx.value_and_grad(_loss)(head, h, ht, t, m, y, rngs)
     opt.update(head, grads)
     return loss
 
@@ -83,7 +97,7 @@ def _train_step(head: LengthHead, opt: nnx.Optimizer, x, t, m, y, rngs: nnx.Rngs
 def init_head(cfg: TrainConfig, train: Points) -> LengthHead:
     """A fresh head with input statistics and output calibrated on the training points."""
     head = LengthHead(cfg.head, train.hidden.shape[1], rngs=nnx.Rngs(params=cfg.seed))
-    x = train.hidden.astype(np.float32)
+    x = select_input(cfg.head.layer, train.hidden, train.hidden_tap).astype(np.float32)
     head.in_mean.set_value(jnp.asarray(x.mean(0)))
     # A floor on the scale keeps near-constant dimensions from exploding after standardising.
     head.in_scale.set_value(jnp.asarray(1.0 / np.maximum(x.std(0), 1e-2)))
@@ -114,8 +128,8 @@ def train_head(ds: Dataset, cfg: TrainConfig, out_dir: str | Path, progress: boo
     """Train, early-stop and checkpoint a head. ``provenance`` (the data's model, layers and
     cap) is stored in the checkpoint so serving can refuse a head that does not fit."""
     train_rows, val_rows, _ = split_by_request(ds.index, cfg.split_seed)
-    train = Points.from_dataset(ds.select_requests(train_rows), cfg.head.layer)
-    val = Points.from_dataset(ds.select_requests(val_rows), cfg.head.layer)
+    train = Points.from_dataset(ds.select_requests(train_rows))
+    val = Points.from_dataset(ds.select_requests(val_rows))
     if len(train) < cfg.batch_size:
         raise ValueError(f"{len(train)} training points; need at least batch_size="
                          f"{cfg.batch_size}")
@@ -139,7 +153,8 @@ def train_head(ds: Dataset, cfg: TrainConfig, out_dir: str | Path, progress: boo
         losses = []
         for s in range(steps_per_epoch):
             idx = np.sort(order[s * cfg.batch_size:(s + 1) * cfg.batch_size])
-            losses.append(_train_step(head, opt, train.hidden[idx], train.t[idx],
+            losses.append(_train_step(head, opt, train.hidden[idx], train.hidden_tap[idx],
+                                      train.t[idx],
                                       train.max_tokens[idx], train.remaining[idx], rngs))
         val_mae = float(np.abs(predict_points(head, val) - val.remaining).mean())
         history.append({"epoch": epoch, "loss": float(np.mean(jax.device_get(losses))),

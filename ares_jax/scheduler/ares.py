@@ -22,6 +22,7 @@ Memory first, then step time:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -57,8 +58,27 @@ class AresConfig:
     memory_target: float = 0.95  # the predicted peak may use this fraction of capacity
     balance_threshold: float = 0.10  # rebalance when (worst - best) TPOT > this * mean TPOT ...
     balance_threshold_ms: float = 1.0  # ... and > this many ms
+    # A robust noise gate on the same gap (worst minus median): it must also exceed this many
+    # standard deviations of the replicas' predicted TPOT (1.4826 x MAD). Many replicas spread
+    # by chance: the max of 64 draws sits ~2.4 sigma above the median. 0 disables it. Only
+    # with at least ``balance_noise_min_replicas`` replicas (a MAD of 2-4 values says nothing).
+    balance_noise_z: float = 3.0
+    balance_noise_min_replicas: int = 4
     recoup_factor: float = 2.0  # a move must save this many times its transfer cost
+    # Gain of a move: True counts the cluster-wide change in token-time over the horizon
+    # (source, destination and the moved request); False (the first version) counts only the
+    # source's side and the moved request, ignoring what the destination's requests lose.
+    net_gain: bool = True
     max_migrations_per_round: int = 8
+    # Scale the per-round bound with the gap: ceil(max * (gap / threshold - 1)), capped at max.
+    scale_migrations_with_gap: bool = True
+    # Dispatch: fall back to a current-load policy's choice (if it fits the memory budget)
+    # unless ARES's choice predicts a TPOT lower by more than this fraction. 0 disables it.
+    dispatch_min_gain: float = 0.2
+    dispatch_fallback: str = "llumnix"  # or "least-load"
+    # ... only with at least this many replicas: the arg-min over many noisy predictions is
+    # biased towards the luckiest one (winner's curse); over 4 the bias is small.
+    dispatch_fallback_min_replicas: int = 8
     cooldown_s: float = 10.0
     prior_remaining_tokens: float = 512.0  # for a request with no prediction yet
     candidates_per_replica: int = 8  # longest-remaining requests examined per source
@@ -209,10 +229,45 @@ class _Board:
         m = (self.memory[pos] - d_memory)[None, :]
         return float(weighted_tpot(self.cost, b, m)[0])
 
+    def token_time_saved(self, row: int, dst: int, tpot_src: float, tpot_dst: float) -> float:
+        """Token-time (token x ms) the cluster saves over the horizon if ``row`` moves to
+        ``dst``, given the post-move TPOTs: the source's remaining tokens get faster, the
+        destination's existing and the moved request's tokens run at the destination's new
+        speed. Per sample, ``sum B * step = tpot * sum B``; samples are ``H / (S - 1)`` apart."""
+        src = int(self.rep[row])
+        d_batch, _ = self._added(self.kv[row], self.rem[row])
+        tokens_src, tokens_dst, moved = self.batch[src].sum(), self.batch[dst].sum(), d_batch.sum()
+        before = self.tpot[src] * tokens_src + self.tpot[dst] * tokens_dst
+        after = tpot_src * (tokens_src - moved) + tpot_dst * (tokens_dst + moved)
+        return float(before - after) * float(self.times[-1]) / max(len(self.times) - 1, 1)
+
     def move(self, row: int, dst: int) -> None:
         src = int(self.rep[row])
         self.rep[row] = dst
         self.refresh([src, dst])
+
+
+class _CurrentLoad:
+    """A current-load policy's dispatch score, kept up to date with one call's placements:
+    least-load's committed memory, or Llumnix's free blocks per running request."""
+
+    def __init__(self, snapshot: ClusterSnapshot, kind: str) -> None:
+        if kind not in ("least-load", "llumnix"):
+            raise ValueError(f"dispatch_fallback must be least-load or llumnix, not {kind!r}")
+        self.kind, self.page = kind, snapshot.page_size
+        self.committed = (snapshot.used_tokens + snapshot.queued_kv_tokens).astype(np.float64)
+        self.capacity = np.maximum(snapshot.kv_capacity_tokens, 1).astype(np.float64)
+        self.batch = snapshot.batch_size.astype(np.float64)
+
+    def choice(self) -> int:
+        if self.kind == "least-load":
+            return int(np.argmin(self.committed / self.capacity))
+        free = (self.capacity - self.committed) // self.page
+        return int(np.argmax(free / np.maximum(self.batch, 1.0)))
+
+    def place(self, pos: int, kv_tokens: int) -> None:
+        self.committed[pos] += -(-kv_tokens // self.page) * self.page
+        self.batch[pos] += 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,6 +286,10 @@ class AresPolicy:
             return Decisions(), state
         board = _Board(snapshot, self.cost, self.config)
         everyone = np.arange(board.n)
+        fallback = _CurrentLoad(snapshot, self.config.dispatch_fallback)
+        min_gain = self.config.dispatch_min_gain
+        if board.n < self.config.dispatch_fallback_min_replicas:
+            min_gain = 0.0
         out = []
         for p in snapshot.pending:
             rem = pending_remaining(p, self.config)
@@ -239,6 +298,10 @@ class AresPolicy:
             fits = overflow <= 0
             if fits.any():
                 pos = int(np.argmin(np.where(fits, tpot, np.inf)))
+                if min_gain > 0:
+                    least = fallback.choice()
+                    if fits[least] and tpot[pos] >= (1 - min_gain) * tpot[least]:
+                        pos = least  # the prediction gains nothing over current load
             elif self.config.defer_when_full and not board.idle.any():
                 break  # held with all behind it (first come, first served), offered again later
             else:
@@ -247,6 +310,7 @@ class AresPolicy:
                     pos = int(np.argmin(overflow))
             out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
             board.place(float(p.kv_tokens), rem, pos, tpot[pos], peak[pos])
+            fallback.place(pos, p.kv_tokens)
         return Decisions(dispatches=tuple(out)), state
 
     def reschedule(
@@ -315,14 +379,25 @@ class AresPolicy:
     ) -> None:
         cfg = self.config
         exhausted = np.zeros(board.n, dtype=bool)
-        while len(moves) < cfg.max_migrations_per_round:
+        limit = cfg.max_migrations_per_round
+        first = True
+        while len(moves) < limit:
             mean = float(board.tpot.mean())
             worst = int(np.argmax(np.where(exhausted, -np.inf, board.tpot)))
             best = int(np.argmin(board.tpot))
             gap = board.tpot[worst] - board.tpot[best]
-            if exhausted[worst] or gap <= max(cfg.balance_threshold_ms,
-                                              cfg.balance_threshold * mean):
+            threshold = max(cfg.balance_threshold_ms, cfg.balance_threshold * mean)
+            if exhausted[worst] or gap <= threshold:
                 return
+            if cfg.balance_noise_z > 0 and board.n >= cfg.balance_noise_min_replicas:
+                median = float(np.median(board.tpot))
+                sigma = 1.4826 * float(np.median(np.abs(board.tpot - median)))
+                if board.tpot[worst] - median <= cfg.balance_noise_z * sigma:
+                    return  # the worst replica is within chance spread of the rest
+            if first and cfg.scale_migrations_with_gap:
+                extra = math.ceil(cfg.max_migrations_per_round * (gap / threshold - 1.0))
+                limit = len(moves) + min(cfg.max_migrations_per_round, max(extra, 1))
+            first = False
             row = self._best_move(board, movable, worst, best)
             if row is None:
                 exhausted[worst] = True
@@ -348,7 +423,11 @@ class AresPolicy:
             if max(tpot_src, tpot_dst[0]) >= before:
                 continue  # the pair must improve
             own = min(board.rem[row], horizon)
-            saved_ms = (before - tpot_dst[0]) * own + (before - tpot_src) * (others_tokens - own)
+            if cfg.net_gain:
+                saved_ms = board.token_time_saved(int(row), best, tpot_src, tpot_dst[0])
+            else:
+                saved_ms = ((before - tpot_dst[0]) * own
+                            + (before - tpot_src) * (others_tokens - own))
             if saved_ms >= cfg.recoup_factor * self.transfer.migration_ms(board.kv[row]):
                 return int(row)
         return None

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -180,6 +181,14 @@ def _sweep(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown regime(s) {sorted(unknown)}; known: "
                              f"{', '.join(r.name for r in chosen)}")
         chosen = [r for r in chosen if r.name in wanted]
+    # --seed and --set apply to every regime (the other cluster flags are the regimes' own).
+    chosen = [
+        dataclasses.replace(
+            r, workload=dataclasses.replace(r.workload, seed=args.seed),
+            sim=with_overrides(dataclasses.replace(r.sim, seed=args.seed), args.set),
+        )
+        for r in chosen
+    ]
     policies = _policies(args)
     outputs, tables = [], []
     bar = tqdm(desc="sweep", file=sys.stderr, unit="sim")

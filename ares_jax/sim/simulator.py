@@ -13,12 +13,8 @@ arrived running request (recompute: it goes back to the front of a prefill queue
 length to recompute, keeps its generated tokens, and is dispatched again). Memory is never
 over-committed.
 
-Migration (Llumnix's staged protocol): the destination reserves pages; copy stages run while the
-request keeps decoding on the source; when the new KV since the last stage fits in
-``migration_last_stage_max_blocks`` pages, the request leaves the source at its next step
-boundary and is out of both batches for the final copy plus a fixed stall; it is abandoned after
-``migration_max_stages`` stages, when the destination runs out of pages, or when the request
-finishes or is preempted meanwhile.
+Migration (Llumnix's staged protocol) lives in ``migration.py``; the snapshots policies read,
+the load timeline and the result in ``observe.py``.
 
 Events are kept in a heap; arrivals are merged from the sorted workload. Policies are called on
 every prefill completion (dispatch) and every ``reschedule_period_s`` (migration).
@@ -30,11 +26,9 @@ import dataclasses
 import heapq
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ares_jax.scheduler.ares import estimate_remaining
 from ares_jax.scheduler.cost import (
     GPUS,
     MODELS,
@@ -43,45 +37,25 @@ from ares_jax.scheduler.cost import (
     build_cost_model,
     kv_capacity_tokens,
 )
-from ares_jax.scheduler.load import coefficient_of_variation, forecast
 from ares_jax.scheduler.policies import Policy
 from ares_jax.scheduler.registry import make_policy
-from ares_jax.scheduler.state import ClusterSnapshot, PendingDispatch, PolicyState, RequestTable
+from ares_jax.scheduler.state import ClusterSnapshot, PendingDispatch, PolicyState
 from ares_jax.sim.config import SimConfig
+from ares_jax.sim.migration import (
+    FINAL_DONE,
+    PREFILL_DONE,
+    RESCHEDULE,
+    SAMPLE,
+    STAGE_DONE,
+    STEP_DONE,
+    TRANSFER_DONE,
+    ActiveMigration,
+    MigrationMixin,
+)
+from ares_jax.sim.observe import ObserverMixin, SimResult
 from ares_jax.sim.predictions import ErrorModel
 from ares_jax.sim.replica import DecodeReplica, PrefillReplica, StepTimer, pages_for
 from ares_jax.sim.workloads import Workload
-
-_PREFILL_DONE, _STEP_DONE, _TRANSFER_DONE, _STAGE_DONE, _FINAL_DONE = range(5)
-_RESCHEDULE, _SAMPLE = 5, 6
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class Timeline:
-    times_s: np.ndarray  # [T]
-    kv_fraction: np.ndarray  # [T, D] used pages / capacity
-    predicted_tpot_ms: np.ndarray  # [T, D] the load model's TPOT per replica
-    tpot_cv: np.ndarray  # [T] coefficient of variation across replicas
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class SimResult:
-    policy: str
-    workload: str
-    num_decode_replicas: int
-    num_gpus: int
-    kv_capacity_tokens: int
-    arrival_s: np.ndarray
-    prompt_tokens: np.ndarray
-    output_tokens: np.ndarray
-    first_token_s: np.ndarray
-    finish_s: np.ndarray
-    finish_count: np.ndarray  # how many times each request finished (must be all ones)
-    preemptions_per_request: np.ndarray
-    migrations_per_request: np.ndarray
-    counters: dict[str, float]
-    timeline: Timeline
-    wall_s: float
 
 
 def cluster_transfer(cfg: SimConfig) -> TransferCost:
@@ -93,16 +67,7 @@ def cluster_transfer(cfg: SimConfig) -> TransferCost:
     )
 
 
-class _Migration:
-    __slots__ = ("req", "src", "dst", "stage", "copied", "reserved", "bytes")
-
-    def __init__(self, req: int, src: int, dst: int, copied: int, reserved: int) -> None:
-        self.req, self.src, self.dst = req, src, dst
-        self.stage, self.copied, self.reserved = 1, copied, reserved
-        self.bytes = 0
-
-
-class Simulator:
+class Simulator(MigrationMixin, ObserverMixin):
     def __init__(
         self,
         workload: Workload,
@@ -133,7 +98,7 @@ class Simulator:
         self.seq = 0
         self.now = 0.0
         self.state = PolicyState()
-        self.active: dict[int, _Migration] = {}
+        self.active: dict[int, ActiveMigration] = {}
         self.view: ClusterSnapshot | None = None  # the dispatcher's last poll
         self.held: list[int] = []  # finished prefill, not yet placed by the policy
         self.counters = dict.fromkeys(
@@ -181,8 +146,8 @@ class Simulator:
         n = len(self.arrival_list)
         self.counters["clipped_requests"] = self.clipped
         # Ticks also re-offer requests a policy held back.
-        self._push(self.cfg.reschedule_period_s, _RESCHEDULE)
-        self._push(0.0, _SAMPLE)
+        self._push(self.cfg.reschedule_period_s, RESCHEDULE)
+        self._push(0.0, SAMPLE)
         arrivals, heap, ai = self.arrival_list, self.heap, 0
         while self.finished < n:
             if ai < n and (not heap or arrivals[ai] <= heap[0][0]):
@@ -192,19 +157,19 @@ class Simulator:
                 continue
             t, _, kind, a, b = heapq.heappop(heap)
             self.now = t
-            if kind == _STEP_DONE:
+            if kind == STEP_DONE:
                 self._step_done(self.decode[a])
-            elif kind == _PREFILL_DONE:
+            elif kind == PREFILL_DONE:
                 self._prefill_done(self.prefill[a])
-            elif kind == _TRANSFER_DONE:
+            elif kind == TRANSFER_DONE:
                 self._joins(self.decode[a], b)
-            elif kind == _STAGE_DONE:
+            elif kind == STAGE_DONE:
                 self._stage_done(b)
-            elif kind == _FINAL_DONE:
+            elif kind == FINAL_DONE:
                 self._final_done(b)
-            elif kind == _RESCHEDULE:
+            elif kind == RESCHEDULE:
                 self._reschedule()
-            elif kind == _SAMPLE:
+            elif kind == SAMPLE:
                 self._sample()
         self._sample()
         return self._result(time.perf_counter() - start)
@@ -235,7 +200,7 @@ class Simulator:
             tokens += t
         p.queued_tokens -= tokens
         p.busy = True
-        self._push(self.now + float(self.cost.prefill_ms(tokens)) / 1e3, _PREFILL_DONE, p.pos)
+        self._push(self.now + float(self.cost.prefill_ms(tokens)) / 1e3, PREFILL_DONE, p.pos)
 
     def _prefill_done(self, p: PrefillReplica) -> None:
         batch, p.batch, p.busy = p.batch, [], False
@@ -308,45 +273,7 @@ class Simulator:
             decisions, self.state = self.policy.reschedule(self.view, self.state)
             for m in decisions.migrations:
                 self._start_migration(int(m.request_id), m.src, m.dst)
-        self._push(self.now + self.cfg.reschedule_period_s, _RESCHEDULE)
-
-    def _snapshot(
-        self, pending: tuple[PendingDispatch, ...], *, with_table: bool
-    ) -> ClusterSnapshot:
-        reps = self.decode
-        steps = np.fromiter((r.steps for r in reps), np.int64, len(reps))
-        table = None
-        if with_table:
-            rows = np.flatnonzero(self.rep_of >= 0)
-            rep = self.rep_of[rows]
-            at = steps[rep]
-            gen = self.gen_off[rows] + at
-            out = self.output[rows]
-            table = RequestTable(
-                request_ids=rows,
-                replica=rep,
-                generated_tokens=gen,
-                kv_tokens=self.kv_off[rows] + at,
-                max_tokens=self.max_tokens[rows],
-                predicted_remaining=self.predictor.predict(rows, gen, out, self.max_tokens[rows]),
-                true_remaining=(out - gen).astype(np.float64),
-                migrating=self.migrating[rows],
-                last_migrated_at=self.last_migrated[rows],
-            )
-        count = len(reps)
-        return ClusterSnapshot(
-            now=self.now,
-            replica_ids=np.arange(count, dtype=np.int64),
-            page_size=self.page,
-            kv_capacity_tokens=np.full(count, self.capacity_pages * self.page, np.int64),
-            used_tokens=np.fromiter((r.used_pages for r in reps), np.int64, count) * self.page,
-            running_kv_tokens=np.fromiter((r.running_kv() for r in reps), np.int64, count),
-            batch_size=np.fromiter((len(r.running) for r in reps), np.int64, count),
-            queued_kv_tokens=np.fromiter((r.queued_kv for r in reps), np.int64, count),
-            queued_count=np.fromiter((len(r.queue) for r in reps), np.int64, count),
-            requests=table,
-            pending=pending,
-        )
+        self._push(self.now + self.cfg.reschedule_period_s, RESCHEDULE)
 
     # ----------------------------------------------------------------- decode
     def _admit(self, rep: DecodeReplica) -> None:
@@ -360,7 +287,7 @@ class Simulator:
             rep.queue.popleft()
             rep.queued_kv -= kv
             rep.used_pages += need
-            self._push(self.now + self.transfer.copy_ms(kv) / 1e3, _TRANSFER_DONE, rep.pos, r)
+            self._push(self.now + self.transfer.copy_ms(kv) / 1e3, TRANSFER_DONE, rep.pos, r)
 
     def _joins(self, rep: DecodeReplica, r: int) -> None:
         rep.joining.append(r)
@@ -395,24 +322,29 @@ class Simulator:
         return kv
 
     def _start_step(self, rep: DecodeReplica) -> None:
-        for r in rep.joining:
-            self._join(rep, r)
-        rep.joining.clear()
-        need = rep.pages_needed_this_step()
-        if need > rep.free_pages:
+        # The hot path of the whole simulation (once per decode step per replica): attribute
+        # reads are inlined (pages_needed_this_step, free_pages, running_kv, _push).
+        if rep.joining:
+            for r in rep.joining:
+                self._join(rep, r)
+            rep.joining.clear()
+        need = rep.phase_counts[(-rep.steps) % rep.page_size]
+        if need > rep.capacity_pages - rep.used_pages:
             self.counters["oom_events"] += 1
             arrival = self.arrival_list
             while need > rep.free_pages and rep.running:
                 self._preempt(rep, max(rep.running, key=arrival.__getitem__))
                 need = rep.pages_needed_this_step()
+            if need > rep.free_pages:
+                raise RuntimeError("KV pool over-committed")  # cannot happen: we preempt first
         rep.used_pages += need
-        if rep.used_pages > rep.capacity_pages:
-            raise RuntimeError("KV pool over-committed")  # cannot happen: we preempt first
         n = len(rep.running)
         rep.step_batch = n
         rep.busy = n > 0
         if n:
-            self._push(self.now + self.timer(n, rep.running_kv()) / 1e3, _STEP_DONE, rep.pos)
+            self.seq += 1
+            t = self.now + self.timer(n, rep.kv_offset_sum + n * rep.steps) / 1e3
+            heapq.heappush(self.heap, (t, self.seq, STEP_DONE, rep.pos, 0))
 
     def _step_done(self, rep: DecodeReplica) -> None:
         rep.steps += 1
@@ -427,7 +359,8 @@ class Simulator:
                 self._complete(r)
         if rep.leaving:
             self._depart(rep)
-        self._admit(rep)
+        if rep.queue:
+            self._admit(rep)
         self._start_step(rep)
 
     def _preempt(self, rep: DecodeReplica, r: int) -> None:
@@ -443,141 +376,6 @@ class Simulator:
         self.finish_count[r] += 1
         self.finished += 1
 
-    # ----------------------------------------------------------------- migration
-    def _start_migration(self, r: int, src: int, dst: int) -> None:
-        ok = 0 <= dst < len(self.decode) and src != dst
-        if not ok or self.rep_of[r] != src or self.migrating[r]:
-            self.counters["migrations_rejected"] += 1
-            return
-        dest = self.decode[dst]
-        kv = int(self.kv_off[r]) + self.decode[src].steps
-        pages = pages_for(kv, self.page)
-        if pages > dest.free_pages - self.watermark_pages:
-            self.counters["migrations_rejected"] += 1
-            return
-        dest.used_pages += pages
-        dest.reserved_pages += pages
-        mig = self.active[r] = _Migration(r, src, dst, kv, pages)
-        mig.bytes = kv * self.kv_bytes
-        self.migrating[r] = True
-        self.counters["migrations_started"] += 1
-        self._push(self.now + self.transfer.copy_ms(kv) / 1e3, _STAGE_DONE, 0, r)
-
-    def _reserve(self, mig: _Migration, pages: int) -> bool:
-        dest = self.decode[mig.dst]
-        extra = pages - mig.reserved
-        if extra > dest.free_pages:
-            return False
-        if extra > 0:
-            dest.used_pages += extra
-            dest.reserved_pages += extra
-            mig.reserved = pages
-        return True
-
-    def _stage_done(self, r: int) -> None:
-        mig = self.active.get(r)
-        if mig is None:
-            return  # aborted meanwhile
-        src = self.decode[mig.src]
-        kv_now = int(self.kv_off[r]) + src.steps
-        delta = kv_now - mig.copied
-        c = self.cfg.cluster
-        if pages_for(delta, self.page) <= c.migration_last_stage_max_blocks:
-            # The step in progress may still add one token before the request leaves.
-            if not self._reserve(mig, pages_for(kv_now + 1, self.page)):
-                self._abort_migration(r)
-                return
-            src.leaving.append(r)
-        elif mig.stage >= c.migration_max_stages or not self._reserve(
-            mig, pages_for(kv_now, self.page)
-        ):
-            self._abort_migration(r)
-        else:
-            mig.stage += 1
-            mig.copied = kv_now
-            mig.bytes += delta * self.kv_bytes
-            self._push(self.now + self.transfer.copy_ms(delta) / 1e3, _STAGE_DONE, 0, r)
-
-    def _depart(self, src: DecodeReplica) -> None:
-        for r in src.leaving:
-            mig = self.active[r]
-            kv = self._leave(src, r)
-            delta = kv - mig.copied
-            mig.copied = kv
-            mig.bytes += delta * self.kv_bytes
-            stall_ms = self.transfer.copy_ms(delta) + self.transfer.stall_ms
-            self._push(self.now + stall_ms / 1e3, _FINAL_DONE, 0, r)
-        src.leaving.clear()
-
-    def _final_done(self, r: int) -> None:
-        mig = self.active.pop(r)
-        dest = self.decode[mig.dst]
-        need = pages_for(self.kv_cur[r], self.page)
-        dest.used_pages -= mig.reserved - need  # the reservation becomes the request's pages
-        dest.reserved_pages -= mig.reserved
-        self.migrating[r] = False
-        self.last_migrated[r] = self.now
-        self.req_migrations[r] += 1
-        self.counters["migrations_completed"] += 1
-        self.counters["bytes_moved_completed"] += mig.bytes
-        self.counters["migrated_kv_tokens"] += self.kv_cur[r]
-        self._joins(dest, r)
-
-    def _abort_migration(self, r: int) -> None:
-        mig = self.active.pop(r)
-        dest = self.decode[mig.dst]
-        dest.used_pages -= mig.reserved
-        dest.reserved_pages -= mig.reserved
-        self.migrating[r] = False
-        self.counters["migrations_aborted"] += 1
-        self.counters["bytes_moved_aborted"] += mig.bytes
-        src = self.decode[mig.src]
-        if r in src.leaving:
-            src.leaving.remove(r)
-        self._admit(dest)
-
-    # ----------------------------------------------------------------- observation
-    def _sample(self) -> None:
-        snap = self._snapshot((), with_table=True)
-        table = snap.table()
-        ares = self.cfg.ares
-        fc = forecast(
-            table.kv_tokens, estimate_remaining(table, ares), table.replica, snap.num_replicas,
-            self.cost, horizon_steps=ares.horizon_steps, samples=ares.samples,
-        )
-        kv_fraction = snap.used_tokens / np.maximum(snap.kv_capacity_tokens, 1)
-        self.samples.append((self.now, kv_fraction, fc.tpot_ms))
-        if self.finished < len(self.arrival_list):
-            self._push(self.now + self.cfg.sample_period_s, _SAMPLE)
-
-    def _result(self, wall_s: float) -> SimResult:
-        d = len(self.decode)
-        tpot = np.array([s[2] for s in self.samples]).reshape(len(self.samples), d)
-        timeline = Timeline(
-            times_s=np.array([s[0] for s in self.samples]),
-            kv_fraction=np.array([s[1] for s in self.samples]).reshape(len(self.samples), d),
-            predicted_tpot_ms=tpot,
-            tpot_cv=np.array([coefficient_of_variation(row) for row in tpot]),
-        )
-        c = self.cfg.cluster
-        return SimResult(
-            policy=self.policy.name,
-            workload=self.workload.name,
-            num_decode_replicas=d,
-            num_gpus=(c.prefill_replicas + c.decode_replicas) * c.tp,
-            kv_capacity_tokens=self.capacity_pages * self.page,
-            arrival_s=self.arrival,
-            prompt_tokens=self.prompt,
-            output_tokens=self.output,
-            first_token_s=self.first_token,
-            finish_s=self.finish,
-            finish_count=self.finish_count,
-            preemptions_per_request=self.req_preemptions,
-            migrations_per_request=self.req_migrations,
-            counters=dict(self.counters),
-            timeline=timeline,
-            wall_s=wall_s,
-        )
 
 
 def simulate(
