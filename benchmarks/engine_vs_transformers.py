@@ -92,7 +92,7 @@ def fixed_length_prompts(tokenizer: Any, count: int, length: int) -> list[list[i
     to a fixed synthetic text when the package is missing."""
     prompts: list[list[int]] = []
     try:
-        from ares_jax.predictor.prompts import sharegpt_first_turns
+        from ares_jax.datasets import sharegpt_first_turns
 
         for text in sharegpt_first_turns():
             ids = tokenizer.encode(text)

