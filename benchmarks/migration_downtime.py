@@ -158,10 +158,17 @@ def place_request(engine: DecodeEngine, rid: str, length: int, kv: tuple[np.ndar
 
 
 def padded_copy_bytes(engine: DecodeEngine, stage_pages: list[int]) -> int:
-    """Bytes that ``export_pages``/``import_pages`` really move: each block is padded to a power
-    of two of pages."""
+    """Bytes that ``export_pages``/``import_pages`` really move. ``copy_pages`` sends each stage
+    in power-of-two chunks and each block is padded to ``bucket(chunk)``, so this equals the
+    unpadded bytes (before that chunking, a 257-page stage moved 512 pages)."""
     page_bytes = engine.pool.k.nbytes // engine.pool.k.shape[1]
-    return sum(2 * page_bytes * bucket(max(n, 1)) for n in stage_pages if n > 0)
+    total = 0
+    for n in stage_pages:
+        while n > 0:
+            chunk = 1 << (n.bit_length() - 1)
+            total += 2 * page_bytes * bucket(chunk)
+            n -= chunk
+    return total
 
 
 class CountingCopy:

@@ -15,8 +15,11 @@ Measured, for every size:
   A (devices 0-1) to mesh B (devices 2-3), until ready.
 - ``copy_path``: what one migration stage does, ``read_pages`` (gather the request's pages out of
   a source pool) + ``handoff`` + ``write_pages`` (scatter into the destination pool, donated), the
-  kernels of ``DecodeEngine.export_pages``/``import_pages``. Page ids are padded to a power of two
-  exactly as ``export_pages`` does.
+  kernels of ``DecodeEngine.export_pages``/``import_pages`` for scattered page ids. Page ids
+  are padded to a power of two exactly as ``export_pages`` does.
+- ``copy_path_runs``: the same for a contiguous page run, as a fresh allocator hands them out
+  and as ``ares_jax.transfer.migration.copy_pages`` sends it: power-of-two chunks, each a
+  ``read_page_run`` slice + ``handoff`` + ``write_page_run`` slice update (donated).
 - ``remote_pull``: ``KVTransferServer.pull`` in this process of a block offered with
   ``KVTransferServer.offer`` by a spawned source process (``benchmarks/kv_transfer_source.py``)
   over localhost, pulled with the source's sharding onto 2 local devices. Each pull includes the
@@ -69,7 +72,14 @@ except ImportError:  # run as a script: put the repository root on the path
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ares_jax.engine.kv_pool import SCRATCH_PAGE, bucket, read_pages, write_pages  # noqa: E402
+from ares_jax.engine.kv_pool import (  # noqa: E402
+    SCRATCH_PAGE,
+    bucket,
+    read_page_run,
+    read_pages,
+    write_page_run,
+    write_pages,
+)
 from ares_jax.model.sharding import kv_pool_sharding, make_mesh  # noqa: E402
 from ares_jax.transfer.local import handoff  # noqa: E402
 from ares_jax.transfer.remote import KVTransferServer, PageTicket  # noqa: E402
@@ -166,6 +176,24 @@ def in_process(pages: int, repeats: int, memcpy_gbs: float, with_copy_path: bool
         out["copy_path"]["padded_pages"] = padded
         got = np.asarray(pools["dst"][0][:, 1:pages + 1])
         assert np.array_equal(got, np.asarray(k)), "the copy path changed the data"
+        chunks = []  # (first page, pages): 11 pages = 8 + 2 + 1
+        pos = 1
+        while pos < pages + 1:
+            n = 1 << ((pages + 1 - pos).bit_length() - 1)
+            chunks.append((pos, n))
+            pos += n
+        pools["dst"] = [jnp.zeros_like(x) for x in pools["dst"]]
+
+        def copy_path_runs() -> jax.Array:
+            for first, n in chunks:
+                ek, ev = read_page_run(*pools["src"], jnp.int32(first), n)
+                hk, hv = handoff(ek, ev, kv_pool_sharding(block_shape(n), mesh_b))
+                pools["dst"] = list(write_page_run(*pools["dst"], jnp.int32(first), hk, hv))
+            return pools["dst"][0]
+
+        out["copy_path_runs"] = rate(payload, timed(copy_path_runs, repeats), memcpy_gbs)
+        got = np.asarray(pools["dst"][0][:, 1:pages + 1])
+        assert np.array_equal(got, np.asarray(k)), "the run copy path changed the data"
         del pools
     return out
 
@@ -264,7 +292,7 @@ def run(opts: Options) -> dict[str, Any]:
                                                   opts.pull_timeout_s)
             rows.append(row)
             parts = [f"{k} {row[k]['gbs_best']:.2f} GB/s"
-                     for k in ("handoff", "copy_path", "remote_pull") if k in row]
+                     for k in ("handoff", "copy_path", "copy_path_runs", "remote_pull") if k in row]
             log(f"{payload / 1e6:7.1f} MB ({pages} pages): " + " | ".join(parts) +
                 f" [{time.perf_counter() - t0:.0f} s]")
     finally:
