@@ -12,6 +12,7 @@ from ares_jax.sim.workloads import (
     azure_conv_path,
     load_workload,
     long_reasoning_outputs,
+    scaled_reasoning_outputs,
     servegen_dir,
 )
 
@@ -38,6 +39,34 @@ def test_long_reasoning_mapping_keeps_order_and_range() -> None:
     mapped = long_reasoning_outputs(out)
     assert mapped.min() >= 8192 and mapped.max() <= 32768
     assert np.all(np.diff(mapped[np.argsort(out, kind="stable")]) >= 0)
+
+
+def test_scaled_reasoning_keeps_ratios_below_the_cap() -> None:
+    out = np.array([100, 200, 300, 400, 4000])
+    scaled = scaled_reasoning_outputs(out, median=8192, high=32768)
+    assert scaled.tolist() == [2731, 5461, 8192, 10923, 32768]  # x 8192/300, last one capped
+
+
+@needs_servegen
+def test_long_reasoning_scaled_keeps_the_data_shape() -> None:
+    cfg = WorkloadConfig(name="servegen-r1", num_requests=1000, seed=0)
+    raw = load_workload(cfg).output_tokens
+    w = load_workload(WorkloadConfig(name="long-reasoning-scaled", num_requests=1000, seed=0))
+    out = w.output_tokens
+    assert out.max() == 32768 and out.min() >= 1  # capped at the context, and some hit it
+    assert abs(np.median(out) - 8192) <= 1
+    free = out < 32768
+    assert 0 < np.sum(~free) < 0.15 * out.size
+    # same order as the data, and the data's ratios up to rounding below the cap
+    assert np.all(np.diff(out[np.argsort(raw, kind="stable")]) >= 0)
+    scale = 8192 / np.median(raw)
+    np.testing.assert_allclose(out[free], raw[free] * scale, atol=0.5 + 1e-9)
+    i, j = np.flatnonzero(free)[:50], np.flatnonzero(free)[50:100]
+    np.testing.assert_allclose(out[i] / out[j], raw[i] / raw[j], rtol=2.0 / scale)
+    # the skew the rank mapping of 'long-reasoning' removes
+    rank = load_workload(WorkloadConfig(name="long-reasoning", num_requests=1000, seed=0))
+    cv = lambda x: x.std() / x.mean()  # noqa: E731
+    assert cv(out) > 1.5 * cv(rank.output_tokens)
 
 
 @needs_servegen

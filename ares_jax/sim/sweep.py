@@ -73,6 +73,19 @@ def regimes(size: str = "quick") -> list[Regime]:
                workload=wl("long-reasoning", 4000), sim=_cluster(16, 4)),
         Regime(name="32b-tp2-long-reasoning-d4", search_goodput=False, fixed_rate=0.25,
                workload=wl("long-reasoning", 1000), sim=_cluster(4, 1, **tp2)),
+        # Skew-preserving long reasoning (outputs x one constant, median 8k, capped at 32k):
+        # lifetimes are ~10k tokens, short enough at these sizes for a goodput search. The
+        # reference rate is static's 90% goodput itself: at 1.2x every policy has collapsed.
+        Regime(name="8b-long-reasoning-scaled-d4-mem25", load_factor=1.0,
+               workload=wl("long-reasoning-scaled", 1000),
+               sim=_cluster(4, 1, kv_capacity_scale=0.25)),
+        Regime(name="8b-long-reasoning-scaled-d4", load_factor=1.0,
+               workload=wl("long-reasoning-scaled", 1000), sim=_cluster(4, 1)),
+        Regime(name="32b-tp2-long-reasoning-scaled-d4", load_factor=1.0,
+               workload=wl("long-reasoning-scaled", 1000), sim=_cluster(4, 1, **tp2)),
+        Regime(name="8b-long-reasoning-scaled-d16-mem25", search_goodput=False, fixed_rate=1.6,
+               workload=wl("long-reasoning-scaled", 4000),
+               sim=_cluster(16, 4, kv_capacity_scale=0.25)),
         Regime(name="8b-servegen-r1-d64", search_goodput=False, fixed_rate=440.0,
                workload=wl("servegen-r1", 60000), sim=_cluster(64, 64)),
         Regime(name="8b-servegen-r1-d256", search_goodput=False, fixed_rate=600.0,

