@@ -27,7 +27,7 @@ train() { local name=$1; shift; "$ARES" predictor train --data "$DATA" "${SNAP[@
             --out "$OUT/$name" --no-progress "$@" > "$OUT/$name.train.json"; }
 mkdir -p "$OUT"
 VARIANTS=(ares_tap_budget ares_tap_log ares_tap_l1 ares_last_budget ares_last_l1
-          ares_paper_last_l1 ares_both_budget)
+          ares_paper_last_l1 ares_both_budget ares_both_small)
 train ares_tap_budget  --set head.layer=tap  --set head.loss=budget_l1
 train ares_tap_log     --set head.layer=tap  --set head.loss=log_l1
 train ares_tap_l1      --set head.layer=tap  --set head.loss=l1
@@ -36,6 +36,11 @@ train ares_last_l1     --set head.layer=last --set head.loss=l1
 train ares_paper_last_l1 --set head.layer=last --set head.loss=l1 \
       --set 'head.hidden_sizes=[2048,512,64]' --set head.dropout=0.0
 train ares_both_budget --set head.layer=both --set head.loss=budget_l1
+# A smaller, more regularised trunk: with 3,000 requests the 512-128 heads peak within 1-3
+# epochs (over-fitting); one 256 layer with dropout 0.3 was the best of eight settings tried on
+# validation (docs/results_predictor.md).
+train ares_both_small  --set head.layer=both --set head.loss=budget_l1 \
+      --set 'head.hidden_sizes=[256]' --set head.dropout=0.3
 # 3. Baselines: TRAIL-style (tap layer, 2-layer MLP over 10 bins; Bayesian refinement at eval)
 #    and the TetriInfer-style prompt-only classifier (separate SmolLM2 copy).
 train trail --set head.kind=trail --set head.layer=tap --set 'head.hidden_sizes=[512]'
