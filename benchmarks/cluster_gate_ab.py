@@ -18,8 +18,7 @@ import json  # noqa: E402
 
 from ares_jax import LLM  # noqa: E402
 from ares_jax.cluster import ClusterConfig  # noqa: E402
-from ares_jax.cluster.build import build_cluster  # noqa: E402
-from ares_jax.cluster.stream import StreamConfig, replay, sharegpt_stream  # noqa: E402
+from ares_jax.cluster.stream import StreamConfig, compare_configs, sharegpt_stream  # noqa: E402
 from ares_jax.engine.types import EngineConfig  # noqa: E402
 
 METRICS = ("replica_tpot_ms_p50", "replica_tpot_ms_p99", "wall_tpot_ms_p99", "throughput_tok_s",
@@ -37,27 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     gated = dataclasses.replace(
         base, link_gbytes_per_s=1.0,
         ares=dataclasses.replace(base.ares, balance_noise_min_replicas=3))
+    variants = [("static", dataclasses.replace(base, policy="static")), ("ares", base),
+                ("ares-gated3", gated)]
     engine = EngineConfig(max_num_seqs=16, num_pages=48, max_model_len=1024)
-    stream = StreamConfig(num_requests=16, max_tokens=128, mean_arrival_iters=1.0)
-    arrivals = sharegpt_stream(llm.model, stream)
-    specs = [("static", dataclasses.replace(base, policy="static")), ("ares", base),
-             ("ares-gated3", gated)]
-
-    def run(cfg: ClusterConfig, desc: str) -> tuple[dict, dict]:
-        loop = build_cluster(llm.model, cfg, engine, head=llm.head, prefill_head=llm.head)
-        result = replay(loop, arrivals, desc=desc)
-        return result, {rid: t.token_ids for rid, t in loop.finished.items()}
-
-    run(base, "warm-up")
-    reference = None
-    for round_ in range(args.rounds):
-        for name, cfg in specs:
-            result, tokens = run(cfg, name)
-            reference = reference or tokens
-            if tokens != reference:
-                raise AssertionError(f"{name} produced different tokens")
-            print(json.dumps({"round": round_, "policy": name,
-                              **{k: result[k] for k in METRICS}}), flush=True)
+    arrivals = sharegpt_stream(
+        llm.model, StreamConfig(num_requests=16, max_tokens=128, mean_arrival_iters=1.0))
+    results = compare_configs(llm.model, variants * args.rounds, engine, arrivals,
+                              make_head=lambda: llm.head)
+    for i, result in enumerate(results):
+        print(json.dumps({"round": i // len(variants), "policy": variants[i % len(variants)][0],
+                          **{k: result[k] for k in METRICS}}))
     return 0
 
 

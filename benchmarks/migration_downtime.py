@@ -85,6 +85,7 @@ from ares_jax.engine.types import EngineConfig, Request  # noqa: E402
 from ares_jax.model.loader import load_model, on_mesh  # noqa: E402
 from ares_jax.model.sharding import make_mesh  # noqa: E402
 from ares_jax.transfer import MigrationConfig, MigrationManager, MigrationOutcome  # noqa: E402
+from ares_jax.transfer.migration import pow2_chunks  # noqa: E402
 
 TARGET_DOWNTIME_STEPS = 2.0  # Llumnix: downtime within 2 decode steps at every length
 MODES: dict[str, MigrationConfig] = {
@@ -162,13 +163,8 @@ def padded_copy_bytes(engine: DecodeEngine, stage_pages: list[int]) -> int:
     in power-of-two chunks and each block is padded to ``bucket(chunk)``, so this equals the
     unpadded bytes (before that chunking, a 257-page stage moved 512 pages)."""
     page_bytes = engine.pool.k.nbytes // engine.pool.k.shape[1]
-    total = 0
-    for n in stage_pages:
-        while n > 0:
-            chunk = 1 << (n.bit_length() - 1)
-            total += 2 * page_bytes * bucket(chunk)
-            n -= chunk
-    return total
+    return sum(2 * page_bytes * bucket(chunk)
+               for n in stage_pages for _, chunk in pow2_chunks(0, n))
 
 
 class CountingCopy:

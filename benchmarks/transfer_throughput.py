@@ -82,6 +82,7 @@ from ares_jax.engine.kv_pool import (  # noqa: E402
 )
 from ares_jax.model.sharding import kv_pool_sharding, make_mesh  # noqa: E402
 from ares_jax.transfer.local import handoff  # noqa: E402
+from ares_jax.transfer.migration import pow2_chunks  # noqa: E402
 from ares_jax.transfer.remote import KVTransferServer, PageTicket  # noqa: E402
 
 # SmolLM2-135M's page geometry: layers, page size, KV heads, head dim.
@@ -176,12 +177,7 @@ def in_process(pages: int, repeats: int, memcpy_gbs: float, with_copy_path: bool
         out["copy_path"]["padded_pages"] = padded
         got = np.asarray(pools["dst"][0][:, 1:pages + 1])
         assert np.array_equal(got, np.asarray(k)), "the copy path changed the data"
-        chunks = []  # (first page, pages): 11 pages = 8 + 2 + 1
-        pos = 1
-        while pos < pages + 1:
-            n = 1 << ((pages + 1 - pos).bit_length() - 1)
-            chunks.append((pos, n))
-            pos += n
+        chunks = pow2_chunks(1, pages + 1)  # (first page, pages): 11 pages = 8 + 2 + 1
         pools["dst"] = [jnp.zeros_like(x) for x in pools["dst"]]
 
         def copy_path_runs() -> jax.Array:

@@ -134,20 +134,30 @@ def compare(model: LoadedModel, cluster: ClusterConfig, engine: EngineConfig,
             make_head: Callable[[], tuple | None] = lambda: None,
             warmup: bool = True) -> list[dict]:
     """Replay one stream under each ``(policy, dispatch_policy)``; the same tokens come out."""
-    arrivals = sharegpt_stream(model, stream)
-    if warmup:  # compile every bucket the stream reaches, so no policy pays for compilation
-        policy, dispatch = policies[0]
+    variants = [(f"{policy}/{dispatch or policy}",
+                 dataclasses.replace(cluster, policy=policy, dispatch_policy=dispatch))
+                for policy, dispatch in policies]
+    return compare_configs(model, variants, engine, sharegpt_stream(model, stream), make_head,
+                           warmup)
+
+
+def compare_configs(model: LoadedModel, variants: Sequence[tuple[str, ClusterConfig]],
+                    engine: EngineConfig, arrivals: Sequence[Arrival],
+                    make_head: Callable[[], tuple | None] = lambda: None,
+                    warmup: bool = True) -> list[dict]:
+    """Replay ``arrivals`` on a fresh cluster per ``(label, config)``, in order, after an
+    optional warm-up replay (compiling every bucket the stream reaches, so no variant pays for
+    compilation). Every variant must produce the same tokens."""
+    if warmup:
         head = make_head()
-        cfg = dataclasses.replace(cluster, policy=policy, dispatch_policy=dispatch)
-        replay(build_cluster(model, cfg, engine, head=head, prefill_head=head), arrivals,
-               desc="warm-up")
+        replay(build_cluster(model, variants[0][1], engine, head=head, prefill_head=head),
+               arrivals, desc="warm-up")
     results = []
     outputs: list[dict[str, list[int]]] = []
-    for policy, dispatch in policies:
-        cfg = dataclasses.replace(cluster, policy=policy, dispatch_policy=dispatch)
+    for label, cfg in variants:
         head = make_head()
         loop = build_cluster(model, cfg, engine, head=head, prefill_head=head)
-        results.append(replay(loop, arrivals, desc=f"{policy}/{dispatch or policy}"))
+        results.append(replay(loop, arrivals, desc=label))
         outputs.append({rid: t.token_ids for rid, t in loop.finished.items()})
     for a, b in itertools.pairwise(outputs):
         if a != b:

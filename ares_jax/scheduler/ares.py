@@ -37,6 +37,7 @@ from ares_jax.scheduler.load import (
     trajectories,
     weighted_tpot,
 )
+from ares_jax.scheduler.policies import DISPATCH_SCORES
 from ares_jax.scheduler.state import (
     ClusterSnapshot,
     Decisions,
@@ -247,29 +248,6 @@ class _Board:
         self.refresh([src, dst])
 
 
-class _CurrentLoad:
-    """A current-load policy's dispatch score, kept up to date with one call's placements:
-    least-load's committed memory, or Llumnix's free blocks per running request."""
-
-    def __init__(self, snapshot: ClusterSnapshot, kind: str) -> None:
-        if kind not in ("least-load", "llumnix"):
-            raise ValueError(f"dispatch_fallback must be least-load or llumnix, not {kind!r}")
-        self.kind, self.page = kind, snapshot.page_size
-        self.committed = (snapshot.used_tokens + snapshot.queued_kv_tokens).astype(np.float64)
-        self.capacity = np.maximum(snapshot.kv_capacity_tokens, 1).astype(np.float64)
-        self.batch = snapshot.batch_size.astype(np.float64)
-
-    def choice(self) -> int:
-        if self.kind == "least-load":
-            return int(np.argmin(self.committed / self.capacity))
-        free = (self.capacity - self.committed) // self.page
-        return int(np.argmax(free / np.maximum(self.batch, 1.0)))
-
-    def place(self, pos: int, kv_tokens: int) -> None:
-        self.committed[pos] += -(-kv_tokens // self.page) * self.page
-        self.batch[pos] += 1
-
-
 @dataclass(frozen=True, eq=False)
 class AresPolicy:
     cost: StepCostModel
@@ -286,7 +264,10 @@ class AresPolicy:
             return Decisions(), state
         board = _Board(snapshot, self.cost, self.config)
         everyone = np.arange(board.n)
-        fallback = _CurrentLoad(snapshot, self.config.dispatch_fallback)
+        if self.config.dispatch_fallback not in DISPATCH_SCORES:
+            raise ValueError(f"dispatch_fallback must be one of {sorted(DISPATCH_SCORES)}, not "
+                             f"{self.config.dispatch_fallback!r}")
+        fallback = DISPATCH_SCORES[self.config.dispatch_fallback](snapshot)
         min_gain = self.config.dispatch_min_gain
         if board.n < self.config.dispatch_fallback_min_replicas:
             min_gain = 0.0
@@ -422,10 +403,10 @@ class AresPolicy:
             tpot_src = board.tpot_without(int(row))
             if max(tpot_src, tpot_dst[0]) >= before:
                 continue  # the pair must improve
-            own = min(board.rem[row], horizon)
             if cfg.net_gain:
                 saved_ms = board.token_time_saved(int(row), best, tpot_src, tpot_dst[0])
             else:
+                own = min(board.rem[row], horizon)
                 saved_ms = ((before - tpot_dst[0]) * own
                             + (before - tpot_src) * (others_tokens - own))
             if saved_ms >= cfg.recoup_factor * self.transfer.migration_ms(board.kv[row]):

@@ -51,6 +51,72 @@ def pages_as_tokens(kv_tokens: int | np.ndarray, page_size: int) -> int | np.nda
     return -(-kv_tokens // page_size) * page_size
 
 
+class DispatchScore(Protocol):
+    """A current-load dispatch rule over one call's placements: ``choice()`` is the replica
+    position the rule picks now, ``place`` records a request put there."""
+
+    def choice(self) -> int: ...
+
+    def place(self, pos: int, kv_tokens: int) -> None: ...
+
+
+class LeastLoadScore:
+    """Least committed KV memory (allocated + queued) as a fraction of capacity."""
+
+    def __init__(self, snapshot: ClusterSnapshot) -> None:
+        self.page = snapshot.page_size
+        self.committed = (snapshot.used_tokens + snapshot.queued_kv_tokens).astype(np.float64)
+        self.capacity = np.maximum(snapshot.kv_capacity_tokens, 1).astype(np.float64)
+
+    def choice(self) -> int:
+        return int(np.argmin(self.committed / self.capacity))
+
+    def place(self, pos: int, kv_tokens: int) -> None:
+        self.committed[pos] += pages_as_tokens(kv_tokens, self.page)
+
+
+def llumnix_free_blocks_and_batch(snapshot: ClusterSnapshot) -> tuple[np.ndarray, np.ndarray]:
+    """Llumnix's free blocks ("virtual usage": the queue's blocks count as used) and batch."""
+    page = snapshot.page_size
+    queued_blocks = np.ceil(snapshot.queued_kv_tokens / page)
+    free = (snapshot.kv_capacity_tokens - snapshot.used_tokens) // page - queued_blocks
+    return free.astype(np.float64), snapshot.batch_size.astype(np.float64)
+
+
+def llumnix_freeness(free_blocks: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    return free_blocks / np.maximum(batch, 1.0)
+
+
+class LlumnixScore:
+    """Most free blocks per running request (Llumnix's freeness)."""
+
+    def __init__(self, snapshot: ClusterSnapshot) -> None:
+        self.page = snapshot.page_size
+        self.free, self.batch = llumnix_free_blocks_and_batch(snapshot)
+
+    def choice(self) -> int:
+        return int(np.argmax(llumnix_freeness(self.free, self.batch)))
+
+    def place(self, pos: int, kv_tokens: int) -> None:
+        self.free[pos] -= -(-kv_tokens // self.page)
+        self.batch[pos] += 1
+
+
+DISPATCH_SCORES: dict[str, type[LeastLoadScore] | type[LlumnixScore]] = {
+    "least-load": LeastLoadScore, "llumnix": LlumnixScore,
+}
+
+
+def dispatch_by_score(snapshot: ClusterSnapshot, score: DispatchScore) -> Decisions:
+    """Place every pending request where ``score`` points, updating it after each."""
+    out = []
+    for p in snapshot.pending:
+        pos = score.choice()
+        out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
+        score.place(pos, p.kv_tokens)
+    return Decisions(dispatches=tuple(out))
+
+
 @dataclass(frozen=True)
 class StaticPolicy:
     """Round-robin dispatch and no migration, as in vLLM's PD proxy."""
@@ -93,14 +159,7 @@ class LeastLoadPolicy:
     def dispatch(
         self, snapshot: ClusterSnapshot, state: PolicyState
     ) -> tuple[Decisions, PolicyState]:
-        committed = (snapshot.used_tokens + snapshot.queued_kv_tokens).astype(np.float64)
-        capacity = np.maximum(snapshot.kv_capacity_tokens, 1).astype(np.float64)
-        out = []
-        for p in snapshot.pending:
-            pos = int(np.argmin(committed / capacity))
-            out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
-            committed[pos] += pages_as_tokens(p.kv_tokens, snapshot.page_size)
-        return Decisions(dispatches=tuple(out)), state
+        return dispatch_by_score(snapshot, LeastLoadScore(snapshot)), state
 
     def reschedule(
         self, snapshot: ClusterSnapshot, state: PolicyState
@@ -131,35 +190,17 @@ class LlumnixPolicy:
     needs_request_table: ClassVar[bool] = False
     migrates: ClassVar[bool] = True
 
-    @staticmethod
-    def _free_blocks_and_batch(snapshot: ClusterSnapshot) -> tuple[np.ndarray, np.ndarray]:
-        page = snapshot.page_size
-        queued_blocks = np.ceil(snapshot.queued_kv_tokens / page)
-        free = (snapshot.kv_capacity_tokens - snapshot.used_tokens) // page - queued_blocks
-        return free.astype(np.float64), snapshot.batch_size.astype(np.float64)
-
-    @staticmethod
-    def freeness(free_blocks: np.ndarray, batch: np.ndarray) -> np.ndarray:
-        return free_blocks / np.maximum(batch, 1.0)
-
     def dispatch(
         self, snapshot: ClusterSnapshot, state: PolicyState
     ) -> tuple[Decisions, PolicyState]:
-        free, batch = self._free_blocks_and_batch(snapshot)
-        out = []
-        for p in snapshot.pending:
-            pos = int(np.argmax(self.freeness(free, batch)))
-            out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
-            free[pos] -= -(-p.kv_tokens // snapshot.page_size)
-            batch[pos] += 1
-        return Decisions(dispatches=tuple(out)), state
+        return dispatch_by_score(snapshot, LlumnixScore(snapshot)), state
 
     def reschedule(
         self, snapshot: ClusterSnapshot, state: PolicyState
     ) -> tuple[Decisions, PolicyState]:
         table = snapshot.table()
-        free, batch = self._free_blocks_and_batch(snapshot)
-        f = self.freeness(free, batch)
+        free, batch = llumnix_free_blocks_and_batch(snapshot)
+        f = llumnix_freeness(free, batch)
         threshold = self.config.migrate_out_threshold
         sources = [int(i) for i in np.argsort(f, kind="stable") if f[i] < threshold]
         dests = [int(i) for i in np.argsort(-f, kind="stable") if f[i] >= threshold]

@@ -322,14 +322,12 @@ class Simulator(MigrationMixin, ObserverMixin):
         return kv
 
     def _start_step(self, rep: DecodeReplica) -> None:
-        # The hot path of the whole simulation (once per decode step per replica): attribute
-        # reads are inlined (pages_needed_this_step, free_pages, running_kv, _push).
         if rep.joining:
             for r in rep.joining:
                 self._join(rep, r)
             rep.joining.clear()
-        need = rep.phase_counts[(-rep.steps) % rep.page_size]
-        if need > rep.capacity_pages - rep.used_pages:
+        need = rep.pages_needed_this_step()
+        if need > rep.free_pages:
             self.counters["oom_events"] += 1
             arrival = self.arrival_list
             while need > rep.free_pages and rep.running:
@@ -342,9 +340,7 @@ class Simulator(MigrationMixin, ObserverMixin):
         rep.step_batch = n
         rep.busy = n > 0
         if n:
-            self.seq += 1
-            t = self.now + self.timer(n, rep.kv_offset_sum + n * rep.steps) / 1e3
-            heapq.heappush(self.heap, (t, self.seq, STEP_DONE, rep.pos, 0))
+            self._push(self.now + self.timer(n, rep.running_kv()) / 1e3, STEP_DONE, rep.pos)
 
     def _step_done(self, rep: DecodeReplica) -> None:
         rep.steps += 1

@@ -77,20 +77,26 @@ class MigrationRecord:
 CopyFn = Callable[["DecodeEngine", "DecodeEngine", str, int, int], int]
 
 
-def copy_pages(src: DecodeEngine, dst: DecodeEngine, rid: str, start: int, end: int) -> int:
-    """Copy pages [start, end) of ``rid`` from ``src`` to the same page indices at ``dst``.
-
-    The range goes in power-of-two chunks (257 pages = 256 + 1), which are exactly the shapes
-    ``export_pages`` buckets to: no padding crosses the link, and few shapes are compiled.
-    Returns the bytes moved."""
-    moved = 0
-    pos = start
+def pow2_chunks(start: int, end: int) -> list[tuple[int, int]]:
+    """[start, end) as (first, count) runs of power-of-two length, largest first
+    (257 pages = 256 + 1): exactly the shapes ``export_pages`` buckets to."""
+    chunks, pos = [], start
     while pos < end:
         n = 1 << ((end - pos).bit_length() - 1)
+        chunks.append((pos, n))
+        pos += n
+    return chunks
+
+
+def copy_pages(src: DecodeEngine, dst: DecodeEngine, rid: str, start: int, end: int) -> int:
+    """Copy pages [start, end) of ``rid`` from ``src`` to the same page indices at ``dst``, in
+    power-of-two chunks: no padding crosses the link, and few shapes are compiled. Returns the
+    bytes moved."""
+    moved = 0
+    for pos, n in pow2_chunks(start, end):
         k, v = src.export_pages(rid, pos, pos + n)
         dst.import_pages(rid, pos, k, v, n)
         moved += k.nbytes + v.nbytes
-        pos += n
     return moved
 
 
