@@ -27,7 +27,7 @@ train() { local name=$1; shift; "$ARES" predictor train --data "$DATA" "${SNAP[@
             --out "$OUT/$name" --no-progress "$@" > "$OUT/$name.train.json"; }
 mkdir -p "$OUT"
 VARIANTS=(ares_tap_budget ares_tap_log ares_tap_l1 ares_last_budget ares_last_l1
-          ares_paper_last_l1 ares_both_budget ares_both_small)
+          ares_paper_last_l1 ares_both_budget ares_both_small ares_both_ens5)
 train ares_tap_budget  --set head.layer=tap  --set head.loss=budget_l1
 train ares_tap_log     --set head.layer=tap  --set head.loss=log_l1
 train ares_tap_l1      --set head.layer=tap  --set head.loss=l1
@@ -41,6 +41,10 @@ train ares_both_budget --set head.layer=both --set head.loss=budget_l1
 # validation (docs/results_predictor.md).
 train ares_both_small  --set head.layer=both --set head.loss=budget_l1 \
       --set 'head.hidden_sizes=[256]' --set head.dropout=0.3
+# The same head as a deep ensemble: 5 members from different initialisations, each on its own
+# batch order, each keeping its own best epoch, predictions averaged (1.5M parameters, 5.9 MB).
+train ares_both_ens5   --set head.layer=both --set head.loss=budget_l1 \
+      --set 'head.hidden_sizes=[256]' --set head.dropout=0.3 --set head.members=5
 # 3. Baselines: TRAIL-style (tap layer, 2-layer MLP over 10 bins; Bayesian refinement at eval)
 #    and the TetriInfer-style prompt-only classifier (separate SmolLM2 copy).
 train trail --set head.kind=trail --set head.layer=tap --set 'head.hidden_sizes=[512]'

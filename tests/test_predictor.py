@@ -8,10 +8,10 @@ from flax import nnx
 
 from ares_jax.predictor import data as fmt
 from ares_jax.predictor.baselines import MedianBaseline, SurvivalTable
-from ares_jax.predictor.checkpoint import load_head, save_head
+from ares_jax.predictor.checkpoint import load_head, read_meta, save_head
 from ares_jax.predictor.config import HeadConfig, TrainConfig
 from ares_jax.predictor.heads import LengthHead
-from ares_jax.predictor.train import Points, predict_points, train_head
+from ares_jax.predictor.train import Points, member_predictions, predict_points, train_head
 
 
 def _record(index, out_len, cap, d, rng, finish="stop"):
@@ -71,12 +71,13 @@ def _planted(num_requests=300, d=16, cap=256, seed=0):
         t=np.asarray(ts, np.int32), hidden=hid, hidden_tap=hid)
 
 
-def test_head_learns_planted_signal_and_checkpoints_round_trip(tmp_path):
+@pytest.mark.parametrize("members", [1, 3])
+def test_head_learns_planted_signal_and_checkpoints_round_trip(tmp_path, members):
     ds = _planted()
-    cfg = TrainConfig(head=HeadConfig(hidden_sizes=(32,), dropout=0.0), batch_size=64,
-                      max_epochs=12, learning_rate=3e-3, warmup_steps=10)
+    cfg = TrainConfig(head=HeadConfig(hidden_sizes=(32,), dropout=0.0, members=members),
+                      batch_size=64, max_epochs=12, learning_rate=3e-3, warmup_steps=10)
     result = train_head(ds, cfg, tmp_path, progress=False)
-    train_rows, _, test_rows = fmt.split_by_request(ds.index, cfg.split_seed)
+    train_rows, val_rows, test_rows = fmt.split_by_request(ds.index, cfg.split_seed)
     train, test = ds.select_requests(train_rows), ds.select_requests(test_rows)
     head = load_head(tmp_path / "best")
     pts = Points.from_dataset(test)
@@ -93,19 +94,31 @@ def test_head_learns_planted_signal_and_checkpoints_round_trip(tmp_path):
     again = load_head(tmp_path / "copy")
     assert again.cfg == head.cfg
     np.testing.assert_array_equal(predict_points(again, pts), predict_points(head, pts))
+    # The best checkpoint stacks each member's own best epoch; its recorded validation MAE is
+    # the members' mean prediction, which is what predict() serves.
+    meta = read_meta(tmp_path / "best")
+    assert len(meta["member_epochs"]) == members == head.layers[0].kernel.shape[1]
+    val = Points.from_dataset(ds.select_requests(val_rows))
+    per_member = member_predictions(head, val)
+    np.testing.assert_allclose(predict_points(head, val), per_member.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(np.abs(per_member.mean(0) - val.remaining).mean(),
+                               meta["val_mae"], rtol=1e-4)
+    if members > 1:  # independently initialised: the members disagree
+        assert np.abs(per_member[0] - per_member[1]).mean() > 0.1
 
 
-def _random_head(d, layer="tap", loss="log_l1", seed=0):
-    head = LengthHead(HeadConfig(hidden_sizes=(16,), layer=layer, loss=loss), d,
+def _random_head(d, layer="tap", loss="log_l1", seed=0, members=1):
+    head = LengthHead(HeadConfig(hidden_sizes=(16,), layer=layer, loss=loss, members=members), d,
                       rngs=nnx.Rngs(seed))
     head.in_mean.set_value(jnp.full(d, 0.1))
-    head.out.bias.set_value(jnp.full((1,), 3.0))  # ~20 tokens, inside the clip range
+    head.in_scale.set_value(jnp.full(d, 0.05))  # the state moves the estimate, the bias sets it
+    head.out.bias.set_value(jnp.full((1, members, 1), 3.0))  # ~20 tokens, inside the clip range
     return head
 
 
 def test_predictions_are_clipped_to_budget():
     head = _random_head(8, loss="l1")
-    head.out.bias.set_value(jnp.full((1,), 50.0))  # 5,000 tokens before clipping
+    head.out.bias.set_value(jnp.full((1, 1, 1), 50.0))  # 5,000 tokens before clipping
     x = jnp.ones((3, 8))
     pred = head.predict(x, x, jnp.array([0, 10, 70]), jnp.array([64, 64, 64]))
     np.testing.assert_allclose(np.asarray(pred), [64, 54, 0])
@@ -118,7 +131,7 @@ def test_fused_head_in_prefill_and_decode_matches_standalone(tiny_model):
     from ares_jax.engine.types import EngineConfig, Request
     from ares_jax.predictor.serving import engine_head
 
-    head = _random_head(tiny_model.cfg.d_model)
+    head = _random_head(tiny_model.cfg.d_model, members=2)  # an ensemble, as shipped
     fused = engine_head(head, tiny_model.mesh)
     ecfg = EngineConfig(num_pages=64, max_num_seqs=4, max_model_len=256)
     pre = PrefillEngine(tiny_model, ecfg, head=fused)
@@ -127,6 +140,7 @@ def test_fused_head_in_prefill_and_decode_matches_standalone(tiny_model):
     reqs = [Request(request_id=f"r{i}", prompt_ids=list(range(5, 12 + 3 * i)), params=params)
             for i in range(3)]
     for res in pre.prefill(reqs):
+        assert 5 < res.predicted_remaining < 30, res.predicted_remaining
         z = jnp.zeros(1, jnp.int32)
         alone = head.predict(res.hidden[None], res.hidden_tap[None], z, z + 30)
         np.testing.assert_allclose(res.predicted_remaining, float(alone[0]), rtol=1e-5)

@@ -41,6 +41,9 @@ class HeadConfig:
     # prediction a sigmoid fraction of the remaining budget max_tokens - t (see heads.py).
     loss: str = "budget_l1"
     num_bins: int = 10  # trail only
+    # Independently initialised copies trained side by side and averaged (a deep ensemble);
+    # each keeps the weights of its own best validation epoch.
+    members: int = 1
 
 
 @config

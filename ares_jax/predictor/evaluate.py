@@ -20,7 +20,13 @@ from ares_jax.predictor.baselines import (
 from ares_jax.predictor.checkpoint import load_head
 from ares_jax.predictor.data import load_dataset, split_by_request
 from ares_jax.predictor.heads import count_params, remaining_bins
-from ares_jax.predictor.train import EVAL_BATCH, Points, padded_batch, predict_points
+from ares_jax.predictor.train import (
+    EVAL_BATCH,
+    Points,
+    member_predictions,
+    padded_batch,
+    predict_points,
+)
 
 # Buckets of tokens generated so far (upper bounds exclusive); t = 0 is the prefill prediction.
 T_BUCKETS = ((0, 1), (1, 128), (128, 256), (256, 384), (384, 1 << 30))
@@ -91,7 +97,8 @@ def evaluate(data_dir: str | Path, heads: dict[str, str] | None = None,
         head = load_head(Path(path))
         test_pts = Points.from_dataset(test)
         info = {"checkpoint": str(path), "layer": head.cfg.layer, "kind": head.cfg.kind,
-                "loss": head.cfg.loss, "hidden_sizes": list(head.cfg.hidden_sizes)}
+                "loss": head.cfg.loss, "hidden_sizes": list(head.cfg.hidden_sizes),
+                "members": head.cfg.members}
         if head.cfg.kind == "trail":
             refined, unrefined = _trail_predictions(
                 head, Points.from_dataset(train), train, test_pts, test)
@@ -99,7 +106,10 @@ def evaluate(data_dir: str | Path, heads: dict[str, str] | None = None,
             add(f"{name}_unrefined", unrefined, count_params(head), **info,
                 bayesian_refinement=False)
         else:
-            add(name, predict_points(head, test_pts), count_params(head), **info)
+            members = member_predictions(head, test_pts)
+            if head.cfg.members > 1:  # what each member alone would score, to show the gain
+                info["member_mae"] = [float(x) for x in np.abs(members - y).mean(axis=1)]
+            add(name, members.mean(axis=0), count_params(head), **info)
     if prompt_only:
         from ares_jax.predictor.prompt_only import PromptOnlyPredictor, t0_hidden
 
