@@ -175,3 +175,20 @@ def test_stop_token_ids_min_tokens_and_logprobs(tiny_model):
                                                       min_tokens=15)) for i in range(8)])
     for ids in out.values():
         assert 3 not in ids[:14] and len(ids) >= 15
+
+
+def test_first_argmax_matches_argmax_including_ties():
+    import jax.numpy as jnp
+
+    from ares_jax.engine.sampling import first_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(33, 1000)).astype(np.float32)
+    x[3, [10, 500, 999]] = 9.0  # a tie: the first maximum wins, as in argmax
+    x[4, :] = -np.inf
+    x[5, [0, 7]] = [-np.inf, 50.0]
+    got = np.asarray(first_argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got[3] == 10 and got.dtype == np.int32
+    x[6, 20] = np.nan  # no maximum to match: the id stays in range
+    assert 0 <= int(first_argmax(jnp.asarray(x))[6]) < 1000

@@ -106,6 +106,18 @@ def request_key(seed: int | None, request_index: int, step: int) -> np.ndarray:
     return np.array([mixed >> 32, mixed & 0xFFFFFFFF], np.uint32)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, -1)`` (the first maximum) as a max-reduce plus a min-reduce over the
+    indices that reach it. XLA:CPU lowers argmax's variadic (value, index) reduce to slow scalar
+    code: 3.4 vs 0.7 ms for [32, 49152] logits, about 4% of a batch-32 decode step. A row with a
+    NaN has no index equal to its (NaN) maximum; it gets the last id rather than argmax's first
+    NaN position, so the token id stays in range either way."""
+    vocab = x.shape[-1]
+    top = x.max(axis=-1, keepdims=True)
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    return jnp.minimum(jnp.min(jnp.where(x == top, ids, vocab), axis=-1), vocab - 1)
+
+
 def sample(
     logits: jax.Array,
     s: SamplerInputs,
@@ -127,7 +139,7 @@ def sample(
         logits_used = jnp.where(s.ban_eos[:, None] & eos[None, :], -jnp.inf, logits)
     else:
         logits_used = logits
-    greedy_tokens = jnp.argmax(logits_used, axis=-1).astype(jnp.int32)
+    greedy_tokens = first_argmax(logits_used)
     if greedy_only:
         tokens = greedy_tokens
     else:
