@@ -48,6 +48,10 @@ train ares_both_ens5   --set head.layer=both --set head.loss=budget_l1 \
 # 3. Baselines: TRAIL-style (tap layer, 2-layer MLP over 10 bins; Bayesian refinement at eval)
 #    and the TetriInfer-style prompt-only classifier (separate SmolLM2 copy).
 train trail --set head.kind=trail --set head.layer=tap --set 'head.hidden_sizes=[512]'
+# The TRAIL-style head as a 5-member ensemble too, so that the ARES ensemble is compared with
+# a baseline given the same treatment.
+train trail_ens5 --set head.kind=trail --set head.layer=tap --set 'head.hidden_sizes=[512]' \
+      --set head.members=5
 "$ARES" predictor train-prompt-only --data "$DATA" "${SNAP[@]}" --out "$OUT/prompt_only" \
     --set trainable_blocks="${PROMPT_ONLY_BLOCKS:-0}" --no-progress > "$OUT/prompt_only.train.json"
 
@@ -69,10 +73,11 @@ for n in "${VARIANTS[@]}"; do
   HEADS+=(--head "$n=$OUT/$n/best")
 done
 "$ARES" predictor eval --data "$DATA" "${SNAP[@]}" --head "ares=$OUT/$WINNER/best" "${HEADS[@]}" \
-    --head "trail=$OUT/trail/best" --prompt-only "$OUT/prompt_only/best" \
-    --plot "$OUT/mae_vs_progress.png" --json > "$OUT/eval.json"
+    --head "trail=$OUT/trail/best" --head "trail_ens5=$OUT/trail_ens5/best" \
+    --prompt-only "$OUT/prompt_only/best" --plot "$OUT/mae_vs_progress.png" --json > "$OUT/eval.json"
 "$ARES" predictor eval --data "$DATA" "${SNAP[@]}" --head "ares=$OUT/$WINNER/best" "${HEADS[@]}" \
-    --head "trail=$OUT/trail/best" --prompt-only "$OUT/prompt_only/best"
+    --head "trail=$OUT/trail/best" --head "trail_ens5=$OUT/trail_ens5/best" \
+    --prompt-only "$OUT/prompt_only/best"
 
 # 6. Ship the winner with the package, then measure the fused head's decode-step overhead.
 rm -rf ares_jax/assets/length_head
