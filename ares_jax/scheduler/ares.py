@@ -89,6 +89,11 @@ class AresConfig:
     # preemption storm. An idle replica always takes a request, so nothing waits forever.
     defer_when_full: bool = False
 
+    def __post_init__(self) -> None:
+        if self.dispatch_fallback not in DISPATCH_SCORES:
+            raise ValueError(f"AresConfig.dispatch_fallback must be one of "
+                             f"{sorted(DISPATCH_SCORES)}, not {self.dispatch_fallback!r}")
+
 
 def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
     """Remaining tokens per row: prediction (or truth for the oracle), prior when unknown,
@@ -264,9 +269,6 @@ class AresPolicy:
             return Decisions(), state
         board = _Board(snapshot, self.cost, self.config)
         everyone = np.arange(board.n)
-        if self.config.dispatch_fallback not in DISPATCH_SCORES:
-            raise ValueError(f"dispatch_fallback must be one of {sorted(DISPATCH_SCORES)}, not "
-                             f"{self.config.dispatch_fallback!r}")
         fallback = DISPATCH_SCORES[self.config.dispatch_fallback](snapshot)
         min_gain = self.config.dispatch_min_gain
         if board.n < self.config.dispatch_fallback_min_replicas:
