@@ -81,6 +81,11 @@ class Options:
     num_pages: int | None = None  # None: the engine's default pool
     torch_threads: tuple[int, ...] = (1, 2)  # the fastest on a short trial is used per batch
     interleave: bool = True  # alternate ares and transformers decode steps (same load on both)
+    # Steps each side runs before the other takes over. 1 alternates every step; more steps
+    # per turn let each library's worker threads settle (torch's OpenMP threads spin for a
+    # while after a step, on the cores XLA's next step needs).
+    interleave_block: int = 1
+    dtype: str = "float32"  # both sides: float32 (the issue's reference) or bfloat16
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -188,14 +193,15 @@ class DecodeRun:
         }
 
 
-def drive(*generators: Iterator[None]) -> None:
-    """Advance the runners' step generators round-robin, one decode step each, so that
-    side-by-side runs see the same background load (the machine is shared)."""
+def drive(*generators: Iterator[None], block: int = 1) -> None:
+    """Advance the runners' step generators round-robin, ``block`` decode steps each turn, so
+    that side-by-side runs see the same background load (the machine is shared)."""
     active = list(generators)
     while active:
         for gen in list(active):
             try:
-                next(gen)
+                for _ in range(block):
+                    next(gen)
             except StopIteration:
                 active.remove(gen)
 
@@ -207,7 +213,7 @@ class AresRunner:
         from ares_jax.engine.types import EngineConfig
         from ares_jax.model.loader import load_model
 
-        self.model = load_model(opts.model, dtype="float32")
+        self.model = load_model(opts.model, dtype=opts.dtype)
         ecfg = EngineConfig(max_num_seqs=max(opts.batches), num_pages=opts.num_pages)
         self.prefill_engine = PrefillEngine(self.model, ecfg)
         self.decode_engine = DecodeEngine(self.model, ecfg)
@@ -273,13 +279,13 @@ class AresRunner:
 
 
 class HFRunner:
-    def __init__(self, gguf_path: Path) -> None:
+    def __init__(self, gguf_path: Path, dtype: str = "float32") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32,
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=getattr(torch, dtype),
             attn_implementation="sdpa")
         self.model.eval()
 
@@ -480,17 +486,17 @@ def run(opts: Options) -> dict[str, Any]:
     machine["matmul_gflops"] = gflops
     log(f"  copy {bandwidth:.1f} GB/s (read+write), matmul {gflops}")
 
-    log(f"loading ares-jax ({gguf_path.name}, f32) ...")
+    log(f"loading ares-jax ({gguf_path.name}, {opts.dtype}) ...")
     ares = AresRunner(opts) if opts.run_ares else None
-    model = ares.model if ares else load_model(opts.model, dtype="float32")
+    model = ares.model if ares else load_model(opts.model, dtype=opts.dtype)
     costs = model_costs(model.cfg, model.weights)
     hf = None
     if opts.run_hf:
         import transformers
 
         machine["transformers"] = transformers.__version__
-        log("loading transformers (same GGUF, f32, sdpa) ...")
-        hf = HFRunner(gguf_path)
+        log(f"loading transformers (same GGUF, {opts.dtype}, sdpa) ...")
+        hf = HFRunner(gguf_path, opts.dtype)
     prompts_all = fixed_length_prompts(model.tokenizer, max(opts.batches), opts.prompt_len)
 
     rows = []
@@ -512,10 +518,11 @@ def run(opts: Options) -> dict[str, Any]:
         if ares:
             gens.insert(0, ares.steps(prompts, opts.new_tokens, ares_run))
         sides = " and ".join(n for n, r in (("ares-jax", ares), ("transformers", hf)) if r)
-        mode = "interleaved step by step" if opts.interleave else "one after the other"
+        mode = (f"interleaved, {opts.interleave_block} step(s) a turn" if opts.interleave
+                else "one after the other")
         log(f"batch {b}: {sides}, {mode} ...")
         if opts.interleave:
-            drive(*gens)
+            drive(*gens, block=opts.interleave_block)
         else:
             for gen in gens:
                 drive(gen)
@@ -538,7 +545,7 @@ def run(opts: Options) -> dict[str, Any]:
         "benchmark": "engine_vs_transformers",
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
         "options": dataclasses.asdict(opts),
-        "model": {"gguf": gguf_path.name, "dtype": "float32",
+        "model": {"gguf": gguf_path.name, "dtype": opts.dtype,
                   "weight_mb": costs.weight_bytes / 1e6,
                   "kv_bytes_per_token": costs.kv_bytes_per_token},
         "machine": machine,
@@ -618,6 +625,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--profile-batches", type=_ints, default=(1, 8, 32))
     p.add_argument("--sequential", action="store_true",
                    help="run ares-jax then transformers per batch, not step by step interleaved")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations on both sides (float32)")
+    p.add_argument("--interleave-block", type=int, default=1,
+                   help="decode steps per side per turn when interleaving (1)")
     p.add_argument("--num-pages", type=int, default=None, help="KV pool pages")
     p.add_argument("--torch-threads", type=_ints, default=Options.torch_threads,
                    help="torch thread counts to try per batch; the fastest is used (1,2)")
@@ -628,9 +639,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         new_tokens=a.new_tokens or (quick[1] if a.quick else Options.new_tokens),
         prompt_len=a.prompt_len, model=a.model, run_ares=not a.skip_ares,
         run_hf=not a.skip_hf, profile=a.profile, profile_batches=a.profile_batches,
-        num_pages=a.num_pages, torch_threads=a.torch_threads, interleave=not a.sequential)
+        num_pages=a.num_pages, torch_threads=a.torch_threads, interleave=not a.sequential,
+        interleave_block=a.interleave_block, dtype=a.dtype)
     if opts.new_tokens < 3:
         p.error("--new-tokens must be >= 3")
+    if opts.interleave_block < 1:
+        p.error("--interleave-block must be >= 1")
     return opts
 
 

@@ -22,7 +22,8 @@ ONE_MS_STALL = TransferCost(kv_bytes_per_token=1, link_gbytes_per_s=1e3, stall_m
 # Every gate off (the first version), so that each test turns on the one it checks.
 UNGATED = AresConfig(memory_target=1.0, horizon_steps=8192, memory_horizon_steps=8192,
                      net_gain=False, balance_noise_z=0.0, scale_migrations_with_gap=False,
-                     dispatch_min_gain=0.0, dispatch_fallback_min_replicas=2)
+                     dispatch_min_gain=0.0, dispatch_fallback_min_replicas=2,
+                     oom_delay_steps=0)
 
 
 def ares(**overrides: object) -> object:
@@ -96,3 +97,33 @@ def test_dispatch_falls_back_to_least_load_when_prediction_gains_nothing() -> No
     assert few.dispatch(snap, PolicyState())[0].dispatch_map() == {"new": 0}
     with pytest.raises(ValueError, match="dispatch_fallback"):
         ares(dispatch_min_gain=0.02, dispatch_fallback="static").dispatch(snap, PolicyState())
+
+
+def test_overflow_delay_moves_out_of_the_replica_that_fills_first() -> None:
+    # Both replicas' predicted peaks pass capacity (10,000), so the OOM guard has nowhere to
+    # move anything. Replica 0 (8,000 + 2t) fills at step 1,000, replica 1 (2,500 + t) at
+    # 7,500. Moving A gives 0: 4,000 + t (never full before B finishes at 5,000) and
+    # 1: 6,500 + 2t (full at 1,750): the first OOM moves from step 1,000 to 1,750.
+    snap = ClusterSnapshot.from_views(
+        0.0,
+        [replica(0, (req("A", 4000, 5000.0), req("B", 4000, 5000.0))),
+         replica(1, (req("C", 2500, 8000.0),))],
+    )
+    quiet = {"balance_threshold_ms": 1e12}
+    moves = ares(**quiet, oom_delay_steps=2000).reschedule(snap, PolicyState())[0].migrations
+    assert [(m.request_id, m.src, m.dst) for m in moves] == [("A", 0, 1)]
+    # Off, or the fill is further away than the setting: nothing moves.
+    assert ares(**quiet, oom_delay_steps=0).reschedule(snap, PolicyState())[0].migrations == ()
+    assert ares(**quiet, oom_delay_steps=900).reschedule(snap, PolicyState())[0].migrations == ()
+
+
+def test_overflow_delay_never_brings_the_first_oom_forward() -> None:
+    # Replica 1 (5,100 + t) fills at 4,900; taking A or B (4,000 + t more) it would fill at
+    # 450, before replica 0's 1,000: no move.
+    snap = ClusterSnapshot.from_views(
+        0.0,
+        [replica(0, (req("A", 4000, 5000.0), req("B", 4000, 5000.0))),
+         replica(1, (req("C", 5100, 5000.0),))],
+    )
+    policy = ares(balance_threshold_ms=1e12, oom_delay_steps=2000)
+    assert policy.reschedule(snap, PolicyState())[0].migrations == ()

@@ -14,7 +14,7 @@ from ares_jax.scheduler.cost import (
     grid_step_cost,
     kv_capacity_tokens,
 )
-from ares_jax.scheduler.load import forecast, peak_kv, trajectories
+from ares_jax.scheduler.load import forecast, peak_kv, steps_to_overflow, trajectories
 
 
 def test_trajectories_by_hand() -> None:
@@ -35,6 +35,39 @@ def test_peak_is_just_before_a_finish() -> None:
     assert peak[0] == 320 and at[0] == 10
     peak, at = peak_kv(kv, rem, np.array([0, 0]), 1, horizon_steps=5)
     assert peak[0] == 310 and at[0] == 5  # the horizon cuts the growth
+
+
+def test_steps_to_overflow_by_hand() -> None:
+    kv = np.array([100.0, 10.0, 50.0])
+    rem = np.array([10.0, 500.0, 5.0])
+    rep = np.array([0, 0, 1])
+    # Replica 0: 110 + 2t until step 10 (130), then 10 + t. Replica 1: 50 + t for 5 steps.
+    for budget, want in (([200.0, 60.0], [190.0, np.inf]),  # in the second segment
+                         ([120.0, 40.0], [5.0, 0.0]),  # in the first; already over now
+                         ([100.0, 55.0], [0.0, np.inf])):  # 55 is reached, not passed
+        got = steps_to_overflow(kv, rem, rep, 2, np.array(budget), 1000)
+        np.testing.assert_array_equal(got, want)
+    # The horizon cuts it: 10 + t passes 200 at 190, beyond a 100-step horizon.
+    assert steps_to_overflow(kv, rem, rep, 2, np.array([200.0, 60.0]), 100)[0] == np.inf
+
+
+def test_steps_to_overflow_matches_dense_evaluation() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n, replicas, horizon = int(rng.integers(0, 15)), 3, 40
+        kv = rng.integers(1, 50, n).astype(float)
+        rem = rng.integers(0, 60, n).astype(float)
+        rep = rng.integers(0, replicas, n)
+        budget = rng.integers(-5, 300, replicas).astype(float)
+        got = steps_to_overflow(kv, rem, rep, replicas, budget, horizon)
+        t = np.arange(0.0, horizon + 1e-9, 0.125)
+        alive = np.minimum(rem, horizon)[:, None] >= t[None, :]
+        memory = np.stack([((kv[:, None] + t) * alive * (rep == r)[:, None]).sum(axis=0)
+                           for r in range(replicas)])
+        over = memory > budget[:, None]
+        want = np.where(over.any(axis=1), t[np.argmax(over, axis=1)], np.inf)
+        assert np.all((np.isinf(got) & np.isinf(want)) | (np.abs(got - want) <= 0.125)), (
+            got, want)
 
 
 def test_peak_matches_dense_evaluation() -> None:

@@ -150,3 +150,46 @@ def test_summary_fields() -> None:
     single = np.isnan(tpot_ms(result))
     assert np.array_equal(single, result.output_tokens == 1)
     assert result.timeline.kv_fraction.shape[1] == 4
+
+
+class RecordingSimulator(Simulator):
+    """Records the KV of every preemption victim and every prefill batch's tokens."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.victim_kv: list[int] = []
+        self.prefilled: list[int] = []
+
+    def _preempt(self, rep, r: int) -> None:  # noqa: ANN001
+        self.victim_kv.append(int(self.kv_off[r]) + rep.steps)
+        super()._preempt(rep, r)
+
+    def _start_prefill(self, p) -> None:  # noqa: ANN001
+        before = list(p.batch)
+        super()._start_prefill(p)
+        self.prefilled.extend(r for r in p.batch if r not in before)
+
+
+@pytest.mark.parametrize("policy", [StaticPolicy(), ShuffleEverything()], ids=["static", "shuffle"])
+def test_local_preemption_recomputes_on_the_decode_replica(policy) -> None:  # noqa: ANN001
+    w = synthetic(long=True)
+    cfg = dataclasses.replace(config(scale=0.02, preemption="local"), reschedule_period_s=0.2)
+    sim = RecordingSimulator(w, policy, cfg, cost=COST)
+    sim.result = sim.run()
+    c = sim.result.counters
+    assert c["preemptions"] > 0 and len(sim.victim_kv) == c["preemptions"]
+    # Every victim's KV was recomputed where it ran, none of it on a prefill replica.
+    assert c["recomputed_tokens_local"] == sum(sim.victim_kv)
+    assert sorted(sim.prefilled) == list(range(len(w)))
+    assert_conserved(sim)
+    # Same run with prefill-side recompute: victims go back through a prefill replica.
+    back = RecordingSimulator(w, policy, dataclasses.replace(
+        cfg, cluster=dataclasses.replace(cfg.cluster, preemption="prefill")), cost=COST)
+    back.result = back.run()
+    assert back.result.counters["recomputed_tokens_local"] == 0
+    assert len(back.prefilled) == len(w) + back.result.counters["preemptions"]
+
+
+def test_unknown_preemption_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="cluster.preemption"):
+        ClusterConfig(preemption="swap")

@@ -34,6 +34,7 @@ from ares_jax.scheduler.load import (
     kv_alive_at,
     peak_kv,
     sample_times,
+    steps_to_overflow,
     trajectories,
     weighted_tpot,
 )
@@ -88,6 +89,13 @@ class AresConfig:
     # first served; offered again later) instead of over-committing a replica into a
     # preemption storm. An idle replica always takes a request, so nothing waits forever.
     defer_when_full: bool = False
+    # Delay the first OOM: when a replica's forecast crosses its budget within this many steps
+    # and the guard above found no replica with room, move out a request alive at the crossing
+    # to the replica where the pair's earliest predicted crossing comes latest. Current load
+    # cannot see this: how soon a pool fills depends on who finishes first. 0 disables it.
+    oom_delay_steps: int = 256
+    oom_delay_destinations: int = 4  # replicas with the latest crossing tried as destinations
+    oom_delay_min_gain_steps: int = 64  # a move must put the pair's first crossing this much later
 
     def __post_init__(self) -> None:
         if self.dispatch_fallback not in DISPATCH_SCORES:
@@ -247,6 +255,19 @@ class _Board:
         after = tpot_src * (tokens_src - moved) + tpot_dst * (tokens_dst + moved)
         return float(before - after) * float(self.times[-1]) / max(len(self.times) - 1, 1)
 
+    def overflow_steps(self) -> np.ndarray:
+        """Predicted steps until each replica's running KV passes its budget (inf: never)."""
+        return steps_to_overflow(self.kv, self.rem, self.rep, self.n, self.budget, self.horizon)
+
+    def overflow_step_if(self, pos: int, row: int, *, joins: bool) -> float:
+        """``overflow_steps()[pos]`` if ``row`` joined (or left) ``pos``."""
+        rows = self.rep == pos
+        rows[row] = joins
+        kv, rem = self.kv[rows], self.rem[rows]
+        zero = np.zeros(kv.shape[0], dtype=np.int64)
+        return float(steps_to_overflow(kv, rem, zero, 1, self.budget[pos:pos + 1],
+                                       self.horizon)[0])
+
     def move(self, row: int, dst: int) -> None:
         src = int(self.rep[row])
         self.rep[row] = dst
@@ -307,6 +328,7 @@ class AresPolicy:
         movable = ~table.migrating & (snapshot.now - table.last_migrated_at >= cfg.cooldown_s)
         moves: list[tuple[int, int, int]] = []  # (row, src, dst)
         self._guard_memory(board, movable, moves)
+        self._delay_overflow(board, movable, moves)
         self._balance(board, movable, moves)
         ids = snapshot.replica_ids
         return (
@@ -356,6 +378,39 @@ class AresPolicy:
                 moves.append((row, src, dst))
                 movable[row] = False
                 board.move(row, dst)
+
+    def _delay_overflow(
+        self, board: _Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
+    ) -> None:
+        cfg = self.config
+        if cfg.oom_delay_steps <= 0:
+            return
+        crossing = board.overflow_steps()
+        done = np.zeros(board.n, dtype=bool)
+        while len(moves) < cfg.max_migrations_per_round:
+            src = int(np.argmin(np.where(done, np.inf, crossing)))
+            if done[src] or crossing[src] >= cfg.oom_delay_steps:
+                return
+            done[src] = True
+            rows = self._candidates(board, movable, src)
+            rows = rows[board.rem[rows] > crossing[src]]  # only these are there when it fills
+            dests = [int(d) for d in np.argsort(-crossing, kind="stable") if d != src]
+            best: tuple[float, int, int] | None = None
+            for row in rows:
+                src_after = board.overflow_step_if(src, int(row), joins=False)
+                for dst in dests[: cfg.oom_delay_destinations]:
+                    later = min(src_after, board.overflow_step_if(dst, int(row), joins=True))
+                    gain = later - crossing[src]
+                    if gain >= cfg.oom_delay_min_gain_steps and (best is None or later > best[0]):
+                        best = (later, int(row), dst)
+            if best is None:
+                continue
+            _, row, dst = best
+            moves.append((row, src, dst))
+            movable[row] = False
+            board.move(row, dst)
+            crossing = board.overflow_steps()
+            done[src] = False  # it may still fill too soon
 
     def _balance(
         self, board: _Board, movable: np.ndarray, moves: list[tuple[int, int, int]]

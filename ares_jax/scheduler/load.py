@@ -81,6 +81,44 @@ def peak_kv(
     return peak, peak_at
 
 
+def steps_to_overflow(
+    kv: np.ndarray,
+    remaining: np.ndarray,
+    replica: np.ndarray,
+    num_replicas: int,
+    budget: np.ndarray,
+    horizon_steps: int,
+) -> np.ndarray:
+    """Exact first step ``t in [0, H]`` with ``M(t) > budget`` per replica (``inf``: never).
+
+    Sorted latest finisher first, rank ``k`` of a replica is alive with ranks ``0..k`` on
+    ``(t_{k+1}, t_k]``, where ``M(t) = sum(kv_0..k) + (k + 1) t`` rises; ``M`` only drops at a
+    finish, so a segment can cross the budget inside it (or already be over it at ``t = 0``).
+    """
+    out = np.full(num_replicas, np.inf)
+    budget = np.broadcast_to(np.asarray(budget, dtype=np.float64), (num_replicas,))
+    out[budget < 0] = 0.0
+    n = kv.shape[0]
+    if n == 0:
+        return out
+    t = np.clip(remaining, 0.0, float(horizon_steps))
+    order = np.lexsort((-t, replica))
+    rep, kv_s, t_s = replica[order], kv[order].astype(np.float64), t[order]
+    starts = np.flatnonzero(np.r_[True, rep[1:] != rep[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    cum = np.cumsum(kv_s)
+    alive_kv = cum - np.repeat(cum[starts] - kv_s[starts], lengths)
+    rank = np.arange(n) - np.repeat(starts, lengths)
+    last = np.r_[starts[1:] - 1, n - 1]
+    seg_start = np.r_[t_s[1:], 0.0]
+    seg_start[last] = 0.0
+    at_budget = (budget[rep] - alive_kv) / (rank + 1)  # M = budget here; over it just after
+    cross = np.where(at_budget < t_s, np.maximum(at_budget, seg_start), np.inf)
+    first = np.minimum.reduceat(cross, starts)
+    out[rep[starts]] = np.minimum(out[rep[starts]], first)
+    return out
+
+
 def kv_alive_at(
     kv: np.ndarray,
     remaining: np.ndarray,

@@ -25,6 +25,16 @@ class ClusterConfig:
     migration_last_stage_max_blocks: int = 16  # Llumnix: stop-and-copy when this few remain
     prefill_token_budget: int = 8192  # prompt tokens batched into one prefill
     admission_watermark: float = 0.01  # vLLM: keep this fraction of pages free at admission
+    # Where a preempted request recomputes its KV: "prefill" sends it back to the front of a
+    # prefill queue (vllm-ascend's RecomputeScheduler); "local" keeps it at the front of its
+    # decode replica's queue and recomputes there once pages free up, stalling that replica's
+    # batch for the recompute (vLLM's decode instance with a KV connector).
+    preemption: str = "prefill"
+
+    def __post_init__(self) -> None:
+        if self.preemption not in ("prefill", "local"):
+            raise ValueError(f"cluster.preemption must be 'prefill' or 'local', "
+                             f"not {self.preemption!r}")
 
 
 @config

@@ -67,6 +67,7 @@ def summarize(result: SimResult, slo: SloConfig) -> dict[str, Any]:
         "oom_events": int(c["oom_events"]),
         "preemptions": int(c["preemptions"]),
         "preempted_requests": int(np.sum(result.preemptions_per_request > 0)),
+        "recomputed_tokens_local": int(c["recomputed_tokens_local"]),
         "migrations": int(c["migrations_completed"]),
         "migrations_started": int(c["migrations_started"]),
         "migrations_aborted": int(c["migrations_aborted"]),

@@ -51,7 +51,7 @@ class DecodeReplica:
     __slots__ = (
         "pos", "capacity_pages", "page_size", "steps", "running", "kv_offset_sum",
         "phase_counts", "used_pages", "reserved_pages", "finish_heap", "queue", "queued_kv",
-        "joining", "leaving", "busy", "step_batch",
+        "joining", "leaving", "busy", "step_batch", "recompute_tokens",
     )
 
     def __init__(self, pos: int, capacity_pages: int, page_size: int) -> None:
@@ -71,6 +71,7 @@ class DecodeReplica:
         self.leaving: list[int] = []  # migrating out; leave at the next step boundary
         self.busy = False  # a step is in progress
         self.step_batch = 0  # batch size of the step in progress
+        self.recompute_tokens = 0  # KV of preempted requests recomputed in the next step
 
     @property
     def free_pages(self) -> int:

@@ -9,9 +9,10 @@ joins the decode batch at the next step boundary -> one token per step until its
 Decode: each replica steps its whole running batch together; a step's time is the cost model of
 (batch size, total KV tokens). Before a step the pages for the tokens it writes are allocated; if
 the pool cannot supply them the replica records an OOM event and preempts the most recently
-arrived running request (recompute: it goes back to the front of a prefill queue with its KV
-length to recompute, keeps its generated tokens, and is dispatched again). Memory is never
-over-committed.
+arrived running request (recompute: it keeps its generated tokens and recomputes its KV, either
+on a prefill replica, from the front of a prefill queue, then dispatched again; or, with
+``cluster.preemption = "local"``, on the same decode replica from the front of its queue, the
+recompute stalling the step it joins in). Memory is never over-committed.
 
 Migration (Llumnix's staged protocol) lives in ``migration.py``; the snapshots policies read,
 the load timeline and the result in ``observe.py``.
@@ -104,9 +105,11 @@ class Simulator(MigrationMixin, ObserverMixin):
         self.counters = dict.fromkeys(
             ("oom_events", "preemptions", "migrations_started", "migrations_completed",
              "migrations_aborted", "migrations_rejected", "bytes_moved_completed",
-             "bytes_moved_aborted", "migrated_kv_tokens", "decode_tokens", "clipped_requests"),
+             "bytes_moved_aborted", "migrated_kv_tokens", "decode_tokens", "clipped_requests",
+             "recomputed_tokens_local"),
             0,
         )
+        self.local_recompute = c.preemption == "local"
         self.finished = 0
         self.samples: list[tuple[float, np.ndarray, np.ndarray]] = []
 
@@ -135,6 +138,7 @@ class Simulator(MigrationMixin, ObserverMixin):
         self.finish_count = np.zeros(n, dtype=np.int64)
         self.req_preemptions = np.zeros(n, dtype=np.int64)
         self.req_migrations = np.zeros(n, dtype=np.int64)
+        self.recompute_here = np.zeros(n, dtype=bool)  # queued on a decode replica to recompute
 
     # ----------------------------------------------------------------- event plumbing
     def _push(self, t: float, kind: int, a: int = 0, b: int = 0) -> None:
@@ -287,7 +291,12 @@ class Simulator(MigrationMixin, ObserverMixin):
             rep.queue.popleft()
             rep.queued_kv -= kv
             rep.used_pages += need
-            self._push(self.now + self.transfer.copy_ms(kv) / 1e3, TRANSFER_DONE, rep.pos, r)
+            if self.recompute_here[r]:
+                self.recompute_here[r] = False
+                rep.recompute_tokens += kv
+                self._joins(rep, r)
+            else:
+                self._push(self.now + self.transfer.copy_ms(kv) / 1e3, TRANSFER_DONE, rep.pos, r)
 
     def _joins(self, rep: DecodeReplica, r: int) -> None:
         rep.joining.append(r)
@@ -340,7 +349,14 @@ class Simulator(MigrationMixin, ObserverMixin):
         rep.step_batch = n
         rep.busy = n > 0
         if n:
-            self._push(self.now + self.timer(n, rep.running_kv()) / 1e3, STEP_DONE, rep.pos)
+            step_ms = self.timer(n, rep.running_kv())
+            if rep.recompute_tokens:
+                # The recompute runs in this step (chunked into it, as vLLM mixes prefill
+                # chunks into decode steps): every request of the batch waits for it.
+                step_ms += float(self.cost.prefill_ms(rep.recompute_tokens))
+                self.counters["recomputed_tokens_local"] += rep.recompute_tokens
+                rep.recompute_tokens = 0
+            self._push(self.now + step_ms / 1e3, STEP_DONE, rep.pos)
 
     def _step_done(self, rep: DecodeReplica) -> None:
         rep.steps += 1
@@ -362,10 +378,16 @@ class Simulator(MigrationMixin, ObserverMixin):
     def _preempt(self, rep: DecodeReplica, r: int) -> None:
         if self.migrating[r]:
             self._abort_migration(r)
-        self._leave(rep, r)
+        kv = self._leave(rep, r)
         self.counters["preemptions"] += 1
         self.req_preemptions[r] += 1
-        self._to_prefill(r, front=True)
+        if self.local_recompute:
+            # Admitted again from the front of this replica's queue when pages free up.
+            self.recompute_here[r] = True
+            rep.queue.appendleft(r)
+            rep.queued_kv += kv
+        else:
+            self._to_prefill(r, front=True)
 
     def _complete(self, r: int) -> None:
         self.finish[r] = self.now

@@ -83,6 +83,17 @@ def regimes(size: str = "quick") -> list[Regime]:
                workload=wl("long-reasoning-scaled", 1000), sim=_cluster(4, 1)),
         Regime(name="32b-tp2-long-reasoning-scaled-d4", load_factor=1.0,
                workload=wl("long-reasoning-scaled", 1000), sim=_cluster(4, 1, **tp2)),
+        # The same three with vLLM's decode-side recompute: a preempted request recomputes its
+        # KV on its decode replica, stalling that replica's batch (cluster.preemption).
+        Regime(name="8b-long-reasoning-scaled-d4-mem25-local", load_factor=1.0,
+               workload=wl("long-reasoning-scaled", 1000),
+               sim=_cluster(4, 1, kv_capacity_scale=0.25, preemption="local")),
+        Regime(name="8b-long-reasoning-scaled-d4-local", load_factor=1.0,
+               workload=wl("long-reasoning-scaled", 1000),
+               sim=_cluster(4, 1, preemption="local")),
+        Regime(name="32b-tp2-long-reasoning-scaled-d4-local", load_factor=1.0,
+               workload=wl("long-reasoning-scaled", 1000),
+               sim=_cluster(4, 1, preemption="local", **tp2)),
         Regime(name="8b-long-reasoning-scaled-d16-mem25", search_goodput=False, fixed_rate=1.6,
                workload=wl("long-reasoning-scaled", 4000),
                sim=_cluster(16, 4, kv_capacity_scale=0.25)),
