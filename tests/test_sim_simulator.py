@@ -17,7 +17,7 @@ from ares_jax.scheduler import (
     StaticPolicy,
 )
 from ares_jax.sim.config import ClusterConfig, SimConfig
-from ares_jax.sim.metrics import summarize, tpot_ms
+from ares_jax.sim.metrics import compare_to_baselines, summarize, tpot_ms
 from ares_jax.sim.simulator import Simulator, simulate
 from ares_jax.sim.workloads import Workload
 
@@ -193,3 +193,16 @@ def test_local_preemption_recomputes_on_the_decode_replica(policy) -> None:  # n
 def test_unknown_preemption_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="cluster.preemption"):
         ClusterConfig(preemption="swap")
+
+
+def test_compare_to_baselines_by_hand() -> None:
+    rows = [{"case": c, "variant": v, "p99": x} for c, v, x in (
+        ("a", "ll", 10.0), ("a", "lx", 20.0), ("a", "new", 5.0),
+        ("b", "ll", 40.0), ("b", "lx", 30.0), ("b", "new", 60.0),
+        ("c", "ll", 1.0))]  # case c lacks a baseline: skipped
+    out = compare_to_baselines(rows, ["ll", "lx", "new"], ["ll", "lx"], metric="p99")
+    # new: 5/10 and 60/30 -> sqrt(0.5 * 2) = 1; ll: 10/10, 40/30; lx: 20/10, 30/30.
+    assert out["new"] == {"geomean_ratio": pytest.approx(1.0), "cases_below_1": 1, "cases": 2}
+    assert out["ll"]["geomean_ratio"] == pytest.approx((4 / 3) ** 0.5)
+    assert out["lx"]["geomean_ratio"] == pytest.approx(2 ** 0.5)
+    assert out["ll"]["cases_below_1"] == out["lx"]["cases_below_1"] == 0

@@ -80,3 +80,29 @@ def summarize(result: SimResult, slo: SloConfig) -> dict[str, Any]:
         "clipped_requests": int(c["clipped_requests"]),
         "wall_s": result.wall_s,
     }
+
+
+def compare_to_baselines(
+    rows: list[dict[str, Any]],
+    variants: list[str],
+    baselines: list[str],
+    metric: str = "tpot_ms_p99",
+) -> dict[str, dict[str, float]]:
+    """Each variant's ``metric`` over the better (lowest) baseline's, per case.
+
+    ``rows`` carry ``variant``, ``case`` (e.g. point and seed) and ``metric``. Returns, per
+    variant, the geometric mean of the ratios, how many cases are below 1 and how many cases
+    there were. Note: the minimum of several noisy baselines is biased low, so a variant equal
+    to them scores above 1 on average; compare the baselines' own scores.
+    """
+    by_case: dict[Any, dict[str, float]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["variant"]] = float(r[metric])
+    out = {}
+    for v in variants:
+        ratios = [d[v] / min(d[b] for b in baselines) for d in by_case.values()
+                  if v in d and all(b in d for b in baselines)]
+        logs = np.log(ratios) if ratios else np.array([np.nan])
+        out[v] = {"geomean_ratio": float(np.exp(np.mean(logs))),
+                  "cases_below_1": int(sum(x < 1 for x in ratios)), "cases": len(ratios)}
+    return out
