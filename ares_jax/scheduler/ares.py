@@ -63,9 +63,10 @@ class AresConfig:
     # A robust noise gate on the same gap (worst minus median): it must also exceed this many
     # standard deviations of the replicas' predicted TPOT (1.4826 x MAD). Many replicas spread
     # by chance: the max of 64 draws sits ~2.4 sigma above the median. 0 disables it. Only
-    # with at least ``balance_noise_min_replicas`` replicas (a MAD of 2-4 values says nothing).
+    # with at least ``balance_noise_min_replicas`` replicas: the MAD of a handful of values says
+    # nothing, and on 4 replicas the gate cost P99 TPOT over 4 trace seeds (results_sim.md).
     balance_noise_z: float = 3.0
-    balance_noise_min_replicas: int = 4
+    balance_noise_min_replicas: int = 8
     recoup_factor: float = 2.0  # a move must save this many times its transfer cost
     # Gain of a move: True counts the cluster-wide change in token-time over the horizon
     # (source, destination and the moved request); False (the first version) counts only the
@@ -78,9 +79,10 @@ class AresConfig:
     # unless ARES's choice predicts a TPOT lower by more than this fraction. 0 disables it.
     dispatch_min_gain: float = 0.2
     dispatch_fallback: str = "llumnix"  # or "least-load"
-    # ... only with at least this many replicas: the arg-min over many noisy predictions is
-    # biased towards the luckiest one (winner's curse); over 4 the bias is small.
-    dispatch_fallback_min_replicas: int = 8
+    # ... only with at least this many replicas. The arg-min over many noisy predictions is
+    # biased towards the luckiest one (winner's curse); on 4 replicas the fallback also helped
+    # P99 TPOT over 4 trace seeds (results_sim.md), so it is on whenever there is a choice.
+    dispatch_fallback_min_replicas: int = 2
     cooldown_s: float = 10.0
     prior_remaining_tokens: float = 512.0  # for a request with no prediction yet
     candidates_per_replica: int = 8  # longest-remaining requests examined per source
