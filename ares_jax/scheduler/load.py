@@ -51,6 +51,36 @@ def trajectories(
             memory.reshape(num_replicas, s).astype(np.float64))
 
 
+@dataclass(frozen=True, eq=False)
+class _Segments:
+    """Requests grouped by replica, latest finisher first. Rank ``k`` of a replica finishes at
+    ``finish[k]``; on ``(finish[k+1], finish[k]]`` ranks ``0..k`` are alive and
+    ``M(t) = alive_kv[k] + (k + 1) t`` rises (``M`` only drops at a finish)."""
+
+    replica: np.ndarray  # replica of each row, sorted
+    finish: np.ndarray  # remaining steps clipped to the horizon, descending per replica
+    alive_kv: np.ndarray  # KV now of ranks 0..k
+    rank: np.ndarray
+    starts: np.ndarray  # first row of each replica's group
+    lengths: np.ndarray
+
+
+def _segments(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
+              horizon_steps: int) -> _Segments:
+    n = kv.shape[0]
+    t = np.clip(remaining, 0.0, float(horizon_steps))
+    order = np.lexsort((-t, replica))
+    rep, kv_s = replica[order], kv[order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, rep[1:] != rep[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    cum = np.cumsum(kv_s)
+    return _Segments(
+        replica=rep, finish=t[order],
+        alive_kv=cum - np.repeat(cum[starts] - kv_s[starts], lengths),
+        rank=np.arange(n) - np.repeat(starts, lengths), starts=starts, lengths=lengths,
+    )
+
+
 def peak_kv(
     kv: np.ndarray,
     remaining: np.ndarray,
@@ -61,23 +91,15 @@ def peak_kv(
     """Exact ``max over t in [0, H] of M(t)`` per replica, and the step where it is reached."""
     peak = np.zeros(num_replicas)
     peak_at = np.zeros(num_replicas)
-    n = kv.shape[0]
-    if n == 0:
+    if kv.shape[0] == 0:
         return peak, peak_at
-    t = np.clip(remaining, 0.0, float(horizon_steps))
-    order = np.lexsort((-t, replica))  # by replica, then latest finisher first
-    rep, kv_s, t_s = replica[order], kv[order].astype(np.float64), t[order]
-    starts = np.flatnonzero(np.r_[True, rep[1:] != rep[:-1]])
-    lengths = np.diff(np.r_[starts, n])
-    cum = np.cumsum(kv_s)
-    before_group = np.repeat(cum[starts] - kv_s[starts], lengths)
-    rank = np.arange(n) - np.repeat(starts, lengths)
-    # Just before t_s finishes, every request ranked at or above it is still alive.
-    m = cum - before_group + (rank + 1) * t_s
-    group_peak = np.maximum.reduceat(m, starts)
-    at_peak = np.where(m == np.repeat(group_peak, lengths), t_s, -1.0)
-    peak[rep[starts]] = group_peak
-    peak_at[rep[starts]] = np.maximum.reduceat(at_peak, starts)
+    g = _segments(kv, remaining, replica, horizon_steps)
+    # Just before a request finishes, every request ranked at or above it is still alive.
+    m = g.alive_kv + (g.rank + 1) * g.finish
+    group_peak = np.maximum.reduceat(m, g.starts)
+    at_peak = np.where(m == np.repeat(group_peak, g.lengths), g.finish, -1.0)
+    peak[g.replica[g.starts]] = group_peak
+    peak_at[g.replica[g.starts]] = np.maximum.reduceat(at_peak, g.starts)
     return peak, peak_at
 
 
@@ -89,33 +111,20 @@ def steps_to_overflow(
     budget: np.ndarray,
     horizon_steps: int,
 ) -> np.ndarray:
-    """Exact first step ``t in [0, H]`` with ``M(t) > budget`` per replica (``inf``: never).
-
-    Sorted latest finisher first, rank ``k`` of a replica is alive with ranks ``0..k`` on
-    ``(t_{k+1}, t_k]``, where ``M(t) = sum(kv_0..k) + (k + 1) t`` rises; ``M`` only drops at a
-    finish, so a segment can cross the budget inside it (or already be over it at ``t = 0``).
-    """
+    """Exact first step ``t in [0, H]`` with ``M(t) > budget`` per replica (``inf``: never):
+    a rising segment of ``M`` crosses the budget inside it, or is already over it at ``t = 0``."""
     out = np.full(num_replicas, np.inf)
     budget = np.broadcast_to(np.asarray(budget, dtype=np.float64), (num_replicas,))
     out[budget < 0] = 0.0
-    n = kv.shape[0]
-    if n == 0:
+    if kv.shape[0] == 0:
         return out
-    t = np.clip(remaining, 0.0, float(horizon_steps))
-    order = np.lexsort((-t, replica))
-    rep, kv_s, t_s = replica[order], kv[order].astype(np.float64), t[order]
-    starts = np.flatnonzero(np.r_[True, rep[1:] != rep[:-1]])
-    lengths = np.diff(np.r_[starts, n])
-    cum = np.cumsum(kv_s)
-    alive_kv = cum - np.repeat(cum[starts] - kv_s[starts], lengths)
-    rank = np.arange(n) - np.repeat(starts, lengths)
-    last = np.r_[starts[1:] - 1, n - 1]
-    seg_start = np.r_[t_s[1:], 0.0]
-    seg_start[last] = 0.0
-    at_budget = (budget[rep] - alive_kv) / (rank + 1)  # M = budget here; over it just after
-    cross = np.where(at_budget < t_s, np.maximum(at_budget, seg_start), np.inf)
-    first = np.minimum.reduceat(cross, starts)
-    out[rep[starts]] = np.minimum(out[rep[starts]], first)
+    g = _segments(kv, remaining, replica, horizon_steps)
+    seg_start = np.r_[g.finish[1:], 0.0]
+    seg_start[g.starts + g.lengths - 1] = 0.0  # a replica's last rank is alive from t = 0
+    at_budget = (budget[g.replica] - g.alive_kv) / (g.rank + 1)  # over the budget just after
+    cross = np.where(at_budget < g.finish, np.maximum(at_budget, seg_start), np.inf)
+    first = np.minimum.reduceat(cross, g.starts)
+    out[g.replica[g.starts]] = np.minimum(out[g.replica[g.starts]], first)
     return out
 
 
