@@ -128,23 +128,3 @@ def test_overflow_delay_never_brings_the_first_oom_forward() -> None:
     policy = ares(balance_threshold_ms=1e12, oom_delay_steps=2000)
     assert policy.reschedule(snap, PolicyState())[0].migrations == ()
 
-
-def test_dispatch_when_full_by_crossing() -> None:
-    # No replica's peak fits 10,000. Replica 0 (9,000 + t, done at 2,000) overflows least
-    # (peak 11,000) but fills at step 1,000; replica 1 (6,000 + 2t) overflows by far more but
-    # fills at 2,000. With the new request (500 KV, 500 steps) replica 0 fills at 250, before
-    # the request ends (it would be the newest there: the one preempted), replica 1 at 1,167.
-    snap = ClusterSnapshot.from_views(
-        0.0,
-        [replica(0, (req("D", 9000, 2000.0),), capacity=10_000),
-         replica(1, (req("E", 3000, 9000.0), req("F", 3000, 9000.0)), capacity=10_000)],
-        pending=(pending("x", 500, 500.0),),
-    )
-    assert ares().dispatch(snap, PolicyState())[0].dispatch_map() == {"x": 0}
-    crossing = ares(dispatch_when_full="crossing")
-    assert crossing.dispatch(snap, PolicyState())[0].dispatch_map() == {"x": 1}
-
-
-def test_dispatch_when_full_is_checked() -> None:
-    with pytest.raises(ValueError, match="dispatch_when_full"):
-        AresConfig(dispatch_when_full="random")

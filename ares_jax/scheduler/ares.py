@@ -98,16 +98,8 @@ class AresConfig:
     oom_delay_steps: int = 256
     oom_delay_destinations: int = 4  # replicas with the latest crossing tried as destinations
     oom_delay_min_gain_steps: int = 64  # a move must put the pair's first crossing this much later
-    # Dispatch when no replica's predicted peak fits: "overflow" picks the smallest predicted
-    # overflow; "crossing" picks, among replicas predicted to fill only after the request's
-    # predicted end, the lowest predicted TPOT, else the replica that fills last (the newest
-    # request is the one a full replica preempts).
-    dispatch_when_full: str = "overflow"
 
     def __post_init__(self) -> None:
-        if self.dispatch_when_full not in ("overflow", "crossing"):
-            raise ValueError(f"AresConfig.dispatch_when_full must be 'overflow' or 'crossing', "
-                             f"not {self.dispatch_when_full!r}")
         if self.dispatch_fallback not in DISPATCH_SCORES:
             raise ValueError(f"AresConfig.dispatch_fallback must be one of "
                              f"{sorted(DISPATCH_SCORES)}, not {self.dispatch_fallback!r}")
@@ -269,12 +261,6 @@ class _Board:
         """Predicted steps until each replica's running KV passes its budget (inf: never)."""
         return steps_to_overflow(self.kv, self.rem, self.rep, self.n, self.budget, self.horizon)
 
-    def overflow_steps_with(self, kv: float, rem: float) -> np.ndarray:
-        """``overflow_steps()`` of every replica if a new request joined it (each on its own)."""
-        n = self.n
-        return steps_to_overflow(np.r_[self.kv, np.full(n, kv)], np.r_[self.rem, np.full(n, rem)],
-                                 np.r_[self.rep, np.arange(n)], n, self.budget, self.horizon)
-
     def overflow_step_if(self, pos: int, row: int, *, joins: bool) -> float:
         """``overflow_steps()[pos]`` if ``row`` joined (or left) ``pos``."""
         rows = self.rep == pos
@@ -326,11 +312,6 @@ class AresPolicy:
                 break  # held with all behind it (first come, first served), offered again later
             elif board.idle.any():
                 pos = int(np.argmin(np.where(board.idle, overflow, np.inf)))
-            elif self.config.dispatch_when_full == "crossing":
-                crossing = board.overflow_steps_with(float(p.kv_tokens), rem)
-                safe = crossing >= min(rem, float(board.horizon))
-                pos = int(np.argmin(np.where(safe, tpot, np.inf)) if safe.any()
-                          else np.argmax(crossing))
             else:
                 pos = int(np.argmin(overflow))
             out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
