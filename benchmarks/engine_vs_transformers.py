@@ -86,6 +86,7 @@ class Options:
     # while after a step, on the cores XLA's next step needs).
     interleave_block: int = 1
     dtype: str = "float32"  # both sides: float32 (the reference) or bfloat16
+    attention: str = "auto"  # ares-jax decode attention (EngineConfig.attention)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -214,7 +215,8 @@ class AresRunner:
         from ares_jax.model.loader import load_model
 
         self.model = load_model(opts.model, dtype=opts.dtype)
-        ecfg = EngineConfig(max_num_seqs=max(opts.batches), num_pages=opts.num_pages)
+        ecfg = EngineConfig(max_num_seqs=max(opts.batches), num_pages=opts.num_pages,
+                            attention=opts.attention)
         self.prefill_engine = PrefillEngine(self.model, ecfg)
         self.decode_engine = DecodeEngine(self.model, ecfg)
         self._runs = 0
@@ -547,7 +549,8 @@ def run(opts: Options) -> dict[str, Any]:
         "options": dataclasses.asdict(opts),
         "model": {"gguf": gguf_path.name, "dtype": opts.dtype,
                   "weight_mb": costs.weight_bytes / 1e6,
-                  "kv_bytes_per_token": costs.kv_bytes_per_token},
+                  "kv_bytes_per_token": costs.kv_bytes_per_token,
+                  "ares_attention": ares.decode_engine.attention if ares else None},
         "machine": machine,
         "results": rows,
         "targets": _targets(rows),
@@ -630,6 +633,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--interleave-block", type=int, default=1,
                    help="decode steps per side per turn when interleaving (1)")
     p.add_argument("--num-pages", type=int, default=None, help="KV pool pages")
+    p.add_argument("--attention", choices=("auto", "xla", "cpu_kernel"), default="auto",
+                   help="ares-jax decode attention (auto: the CPU kernel where it builds)")
     p.add_argument("--torch-threads", type=_ints, default=Options.torch_threads,
                    help="torch thread counts to try per batch; the fastest is used (1,2)")
     a = p.parse_args(argv)
@@ -640,7 +645,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         prompt_len=a.prompt_len, model=a.model, run_ares=not a.skip_ares,
         run_hf=not a.skip_hf, profile=a.profile, profile_batches=a.profile_batches,
         num_pages=a.num_pages, torch_threads=a.torch_threads, interleave=not a.sequential,
-        interleave_block=a.interleave_block, dtype=a.dtype)
+        interleave_block=a.interleave_block, dtype=a.dtype, attention=a.attention)
     if opts.new_tokens < 3:
         p.error("--new-tokens must be >= 3")
     if opts.interleave_block < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ares_jax.kernels import paged_attention as paged_attention_kernel
 from ares_jax.model import decode_step, forward, load_model, make_mesh, prefill
 from ares_jax.model.errors import (
     CorruptFileError,
@@ -111,7 +113,10 @@ def test_prefill_taps_match_transformers_hidden_states(checkpoints):
     np.testing.assert_allclose(out["hidden"], hs[-1][:, -1].numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_prefill_and_paged_decode_agree_with_forward(checkpoints):
+@pytest.mark.parametrize("attention", ["xla", "cpu_kernel"])
+def test_prefill_and_paged_decode_agree_with_forward(checkpoints, attention):
+    if attention == "cpu_kernel" and not paged_attention_kernel.available():
+        pytest.skip("no C++ compiler for the CPU attention kernel")
     loaded = load_model(checkpoints["llama3_sharded"][0], dtype="float32")
     w, cfg = loaded.weights, loaded.cfg
     lengths = np.array([13, 21], np.int32)
@@ -142,7 +147,7 @@ def test_prefill_and_paged_decode_agree_with_forward(checkpoints):
         for t in range(n):
             write(b, t, np.asarray(pre["k"][:, b, t]), np.asarray(pre["v"][:, b, t]))
 
-    step = jax.jit(decode_step, static_argnums=1)
+    step = jax.jit(functools.partial(decode_step, attention=attention), static_argnums=1)
     positions = lengths.copy()
     for _ in range(n_decode):
         tokens = full[[0, 1], positions]

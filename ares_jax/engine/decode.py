@@ -58,6 +58,7 @@ class DecodeEngine:
         self.model = model
         self.cfg = model.cfg
         self.config = config
+        self.attention = resolve_attention(config.attention, model)
         self.max_model_len = resolve_max_model_len(model, config)
         self.page_size = config.page_size
         self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
@@ -237,8 +238,8 @@ class DecodeEngine:
         inputs = jax.device_put((tokens, positions, table, s, (generated, max_tokens)), rep)
         self.pool.k, self.pool.v, picked, hidden, tap, pred = _decode_jit(
             self.model.weights, self.pool.k, self.pool.v, *inputs[:4], head_params, inputs[4],
-            cfg=self.cfg, ecfg=self.config, head_fn=head_fn, greedy_only=greedy_only,
-            num_logprobs=num_logprobs)
+            cfg=self.cfg, ecfg=self.config, attention=self.attention, head_fn=head_fn,
+            greedy_only=greedy_only, num_logprobs=num_logprobs)
         host = jax.device_get(picked)
         infos = sampling.to_token_infos(host, params)
         for st, info in zip(states, infos):
@@ -250,11 +251,31 @@ class DecodeEngine:
 
 
 
+def resolve_attention(requested: str, model: LoadedModel) -> str:
+    """The decode attention implementation for ``EngineConfig.attention`` on this model."""
+    from ares_jax.kernels import paged_attention as kernel
+
+    devices = list(model.mesh.devices.flat)
+    one_cpu = len(devices) == 1 and devices[0].platform == "cpu"
+    f32 = model.cfg.jnp_dtype == jnp.float32
+    if requested == "auto":
+        return "cpu_kernel" if one_cpu and f32 and kernel.available() else "xla"
+    if requested == "cpu_kernel":
+        if not one_cpu:
+            raise ValueError("EngineConfig.attention='cpu_kernel' needs a one-device CPU mesh; "
+                             f"this model is on {len(devices)} {devices[0].platform} device(s)")
+        if not f32:
+            raise ValueError("EngineConfig.attention='cpu_kernel' supports float32 only; this "
+                             f"model is {model.cfg.jnp_dtype}")
+        kernel.require()
+    return requested
+
+
 def _decode(weights, k_pool, v_pool, tokens, positions, page_table, s, head_params, head_inputs,
-            *, cfg, ecfg: EngineConfig, head_fn, greedy_only, num_logprobs):
+            *, cfg, ecfg: EngineConfig, attention: str, head_fn, greedy_only, num_logprobs):
     """Model step + in-place KV write + sampling (+ the fused predictor head), one jitted call."""
     out = llama.decode_step(weights, cfg, k_pool, v_pool, tokens, positions, page_table,
-                            ecfg.tap_layer)
+                            ecfg.tap_layer, attention)
     page_size = k_pool.shape[2]
     page = jnp.take_along_axis(page_table, (positions // page_size)[:, None], 1)[:, 0]
     slot = positions % page_size
@@ -272,7 +293,8 @@ def _decode(weights, k_pool, v_pool, tokens, positions, page_table, s, head_para
 
 # Module-level so that every engine with the same model config shares compiled steps.
 _decode_jit = jax.jit(_decode, donate_argnums=(1, 2),
-                      static_argnames=("cfg", "ecfg", "head_fn", "greedy_only", "num_logprobs"))
+                      static_argnames=("cfg", "ecfg", "attention", "head_fn", "greedy_only",
+                                       "num_logprobs"))
 
 
 def compiled_step_count() -> int:

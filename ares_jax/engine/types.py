@@ -10,6 +10,8 @@ import numpy as np
 from ares_jax.config import config
 from ares_jax.engine.sampling import SamplingParams
 
+ATTENTION_CHOICES = ("auto", "xla", "cpu_kernel")
+
 
 @config
 class EngineConfig:
@@ -25,8 +27,14 @@ class EngineConfig:
     # Output of this transformer block feeds the intermediate-layer hidden tap; None: middle.
     tap_layer: int | None = None
     sampling_candidates: int = 1024
+    # Decode attention: "xla" (any platform), "cpu_kernel" (a C++ kernel for XLA:CPU, f32, one
+    # device; built on first use) or "auto" (the kernel where it applies and builds, else xla).
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"EngineConfig.attention must be one of {ATTENTION_CHOICES}, "
+                             f"got {self.attention!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"EngineConfig.page_size must be a power of two, got {self.page_size}")
         if self.max_num_seqs < 1:

@@ -313,6 +313,37 @@ def _stack(w: Weights, cfg: Config, tokens: jax.Array, lengths: jax.Array):
 # ----------------------------------------------------------------------------- paged decode
 
 
+ATTENTION_IMPLS = ("xla", "cpu_kernel")
+
+
+def paged_attention_xla(
+    qg: jax.Array,
+    k_self: jax.Array,
+    v_self: jax.Array,
+    kp: jax.Array,
+    vp: jax.Array,
+    page_table: jax.Array,
+    positions: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """Decode attention for one layer: gather the pages, then two batched matmuls.
+
+    qg: [B, KVH, G, K]; k_self/v_self: [B, KVH, K]; kp/vp: this layer's pool [P, S, KVH, K];
+    page_table: [B, W]; positions: [B] cached tokens. Returns [B, KVH, G, K].
+    """
+    b, width = page_table.shape
+    ctx = width * kp.shape[1]
+    cached = jnp.arange(ctx, dtype=jnp.int32)[None, :] < positions[:, None]  # [B, C]
+    kc = kp[page_table].reshape(b, ctx, *kp.shape[2:])
+    vc = vp[page_table].reshape(b, ctx, *vp.shape[2:])
+    s_cache = jnp.einsum("bhgk,bchk->bhgc", qg, kc, preferred_element_type=jnp.float32)
+    s_self = jnp.einsum("bhgk,bhk->bhg", qg, k_self, preferred_element_type=jnp.float32)
+    s_cache = jnp.where(cached[:, None, None], s_cache * scale, -1e30)
+    s = jnp.concatenate([s_cache, (s_self * scale)[..., None]], axis=-1)
+    p = jax.nn.softmax(s, axis=-1).astype(vc.dtype)
+    return jnp.einsum("bhgc,bchk->bhgk", p[..., :-1], vc) + p[..., -1:] * v_self[:, :, None]
+
+
 def decode_step(
     w: Weights,
     cfg: Config,
@@ -322,6 +353,7 @@ def decode_step(
     positions: jax.Array,
     page_table: jax.Array,
     tap_layer: int | None = None,
+    attention: str = "xla",
 ) -> dict[str, jax.Array]:
     """One token per sequence against a paged KV pool (read-only here).
 
@@ -330,35 +362,45 @@ def decode_step(
     The new token attends to its cached prefix plus itself. Returns ``logits`` [B, V],
     ``hidden`` [B, D], ``hidden_tap`` [B, D] and the new token's ``k``/``v`` [L, B, KVH, K],
     which the caller scatters into the pool at (page_table[b, pos // S], pos % S).
+    ``attention``: "xla" (any platform) or "cpu_kernel" (``ares_jax.kernels.paged_attention``:
+    XLA:CPU, float32, one device), which reads the pages in place.
     """
     tap = check_tap_layer(cfg, tap_layer)
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
     b = tokens.shape[0]
-    page_size = k_pages.shape[2]
-    ctx = page_table.shape[1] * page_size
     inv_freq = rope_inv_freq(cfg)
-    cached = jnp.arange(ctx, dtype=jnp.int32)[None, :] < positions[:, None]  # [B, C]
     scale = 1.0 / math.sqrt(cfg.head_dim)
 
+    if attention == "cpu_kernel":
+        from ares_jax.kernels import paged_attention as kernel
+
+        # The kernel takes the whole pool and a layer index: slicing one layer out of the
+        # scanned pool would copy it.
+        per_layer = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+
+        def attend(qg, k, v, layer_index):
+            return kernel.paged_attention(qg, k, v, k_pages, v_pages, layer_index, page_table,
+                                          positions, scale=scale)
+    else:
+        per_layer = (k_pages, v_pages)
+
+        def attend(qg, k, v, layer_pages):
+            return paged_attention_xla(qg, k, v, *layer_pages, page_table, positions, scale)
+
     def layer(h, xs):
-        lw, kp, vp = xs
+        lw, layer_kv = xs
         x = rms_norm(h, lw.attn_norm, cfg.rms_eps)
         q, k, v = _qkv(lw, x, positions[:, None], cfg, inv_freq)  # [B, 1, heads, K]
         qg = _grouped(q, cfg.n_kv_heads)[:, 0]  # [B, KVH, G, K]
-        kc = kp[page_table].reshape(b, ctx, cfg.n_kv_heads, cfg.head_dim)
-        vc = vp[page_table].reshape(b, ctx, cfg.n_kv_heads, cfg.head_dim)
-        s_cache = jnp.einsum("bhgk,bchk->bhgc", qg, kc, preferred_element_type=jnp.float32)
-        s_self = jnp.einsum("bhgk,bhk->bhg", qg, k[:, 0], preferred_element_type=jnp.float32)
-        s_cache = jnp.where(cached[:, None, None], s_cache * scale, -1e30)
-        s = jnp.concatenate([s_cache, (s_self * scale)[..., None]], axis=-1)
-        p = jax.nn.softmax(s, axis=-1).astype(vc.dtype)
-        o = jnp.einsum("bhgc,bchk->bhgk", p[..., :-1], vc) + p[..., -1:] * v[:, 0, :, None]
+        o = attend(qg, k[:, 0], v[:, 0], layer_kv)
         o = o.reshape(b, 1, cfg.n_heads, cfg.head_dim)
         h = h + jnp.einsum("bthk,hkd->btd", o, lw.wo)
         h = h + _mlp(lw, rms_norm(h, lw.mlp_norm, cfg.rms_eps))
         return h, (k[:, 0], v[:, 0], h[:, 0])
 
     h0 = w.embed[tokens][:, None].astype(cfg.jnp_dtype)
-    h, (k_new, v_new, taps) = jax.lax.scan(layer, h0, (w.layers, k_pages, v_pages))
+    h, (k_new, v_new, taps) = jax.lax.scan(layer, h0, (w.layers, per_layer))
     hidden = rms_norm(h[:, 0], w.final_norm, cfg.rms_eps)
     return {
         "logits": _logits(w, hidden),

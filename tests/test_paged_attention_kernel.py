@@ -1,0 +1,94 @@
+"""The CPU paged-attention kernel against the XLA formulation, its errors, and engine selection."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ares_jax.engine.decode import DecodeEngine, resolve_attention
+from ares_jax.engine.types import EngineConfig
+from ares_jax.kernels import paged_attention as kernel
+from ares_jax.model import make_mesh
+from ares_jax.model.model import paged_attention_xla
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason="no C++ compiler on this machine")
+
+
+def random_case(seed: int, *, batch: int, kv_heads: int, group: int, head_dim: int,
+                page_size: int = 4, width: int = 5, layers: int = 3, pages: int = 41):
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    q = f(batch, kv_heads, group, head_dim)
+    k_self, v_self = f(batch, kv_heads, head_dim), f(batch, kv_heads, head_dim)
+    pool = (layers, pages, page_size, kv_heads, head_dim)
+    k_pool, v_pool = f(*pool), f(*pool)
+    # Scrambled page ids, so the page table is really followed; unused slots hold page 0.
+    table = rng.permutation(pages)[: batch * width].reshape(batch, width).astype(np.int32)
+    # Nothing cached, part of one page, a page boundary, part-way, and the whole table.
+    choices = [0, 1, page_size, page_size * width // 2 + 1, page_size * width]
+    positions = np.array([choices[i % len(choices)] for i in range(batch)], np.int32)
+    for b, n in enumerate(positions):
+        table[b, -(-n // page_size):] = 0
+    return q, k_self, v_self, k_pool, v_pool, table, positions
+
+
+@pytest.mark.parametrize("head_dim,group", [(16, 1), (64, 3), (24, 2)])  # 24: the scalar path
+@pytest.mark.parametrize("layer", [0, 2])
+def test_kernel_matches_xla_formulation(head_dim, group, layer):
+    q, ks, vs, kp, vp, table, pos = random_case(head_dim + layer, batch=7, kv_heads=2,
+                                                group=group, head_dim=head_dim)
+    scale = 1 / math.sqrt(head_dim)
+    want = paged_attention_xla(q, ks, vs, kp[layer], vp[layer], table, pos, scale)
+    got = jax.jit(kernel.paged_attention, static_argnames="scale")(
+        q, ks, vs, kp, vp, jnp.int32(layer), table, pos, scale=scale)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    # A sequence with nothing cached attends only to itself: its output is its own value.
+    np.testing.assert_allclose(got[0], np.broadcast_to(vs[0][:, None], got[0].shape), atol=1e-6)
+
+
+def test_kernel_refuses_bad_page_ids_and_layers():
+    q, ks, vs, kp, vp, table, pos = random_case(0, batch=2, kv_heads=1, group=1, head_dim=16)
+    table[1, 0] = kp.shape[1]
+    with pytest.raises(Exception, match="page id out of range"):
+        kernel.paged_attention(q, ks, vs, kp, vp, jnp.int32(0), table, pos, scale=1.0)
+    table[1, 0] = 0
+    with pytest.raises(Exception, match="layer index out of range"):
+        kernel.paged_attention(q, ks, vs, kp, vp, jnp.int32(kp.shape[0]), table, pos, scale=1.0)
+    with pytest.raises(TypeError, match="float32"):
+        kernel.paged_attention(q.astype(jnp.bfloat16), ks, vs, kp, vp, jnp.int32(0), table, pos,
+                               scale=1.0)
+
+
+def test_build_without_a_compiler_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARES_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(kernel.KernelUnavailable, match="no-such-compiler"):
+        kernel.build()
+    assert not list(tmp_path.glob("*.so*"))  # no partial library left behind
+
+
+def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARES_JAX_CACHE_DIR", str(tmp_path))
+    first = kernel.build()
+    stamp = first.stat().st_mtime_ns
+    assert kernel.build() == first and first.stat().st_mtime_ns == stamp
+    assert first.parent == tmp_path
+
+
+def test_engine_picks_and_validates_the_attention_implementation(tiny_model):
+    assert resolve_attention("auto", tiny_model) == "cpu_kernel"
+    assert resolve_attention("xla", tiny_model) == "xla"
+    with pytest.raises(ValueError, match="EngineConfig.attention"):
+        EngineConfig(attention="flash")
+    two = dataclasses.replace(tiny_model, mesh=make_mesh(jax.devices()[:2]))
+    assert resolve_attention("auto", two) == "xla"
+    with pytest.raises(ValueError, match="one-device CPU mesh"):
+        DecodeEngine(two, EngineConfig(attention="cpu_kernel", num_pages=16))
+    bf16 = dataclasses.replace(tiny_model, cfg=dataclasses.replace(tiny_model.cfg,
+                                                                   dtype="bfloat16"))
+    assert resolve_attention("auto", bf16) == "xla"
+    with pytest.raises(ValueError, match="float32 only"):
+        resolve_attention("cpu_kernel", bf16)
