@@ -208,13 +208,13 @@ def drive(*generators: Iterator[None], block: int = 1) -> None:
 
 
 class AresRunner:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, model: Any = None) -> None:
         from ares_jax.engine.decode import DecodeEngine
         from ares_jax.engine.prefill import PrefillEngine
         from ares_jax.engine.types import EngineConfig
         from ares_jax.model.loader import load_model
 
-        self.model = load_model(opts.model, dtype=opts.dtype)
+        self.model = model if model is not None else load_model(opts.model, dtype=opts.dtype)
         ecfg = EngineConfig(max_num_seqs=max(opts.batches), num_pages=opts.num_pages,
                             attention=opts.attention)
         self.prefill_engine = PrefillEngine(self.model, ecfg)
