@@ -87,6 +87,10 @@ class Options:
     interleave_block: int = 1
     dtype: str = "float32"  # both sides: float32 (the issue's reference) or bfloat16
     attention: str = "auto"  # ares-jax decode attention (EngineConfig.attention)
+    # libgomp's spin-wait after each torch step, in iterations (GOMP_SPINCOUNT); None leaves
+    # libgomp's default (300,000, several ms of a spinning worker thread on a core that the
+    # interleaved ares-jax step needs). An explicit GOMP_SPINCOUNT in the environment wins.
+    gomp_spincount: int | None = 10_000
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -463,7 +467,24 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
     return {"rows_identical": exact / len(a), "mean_common_prefix": float(np.mean(prefix))}
 
 
+def limit_openmp_spin(opts: Options) -> str | None:
+    """Set GOMP_SPINCOUNT before torch loads libgomp; returns the value in effect.
+
+    Interleaved step by step, each library's idle worker threads spin on the cores the other
+    needs next. With libgomp's default, torch's worker spins for several ms after every step:
+    both sides then run slower than alone (results_engine.md). 10,000 iterations still covers
+    the gaps between ops inside a torch step, so torch itself is not slowed.
+    """
+    if opts.gomp_spincount is not None and "GOMP_SPINCOUNT" not in os.environ:
+        if "torch" in sys.modules:
+            log("warning: torch is already imported; GOMP_SPINCOUNT is not applied")
+        else:
+            os.environ["GOMP_SPINCOUNT"] = str(opts.gomp_spincount)
+    return os.environ.get("GOMP_SPINCOUNT")
+
+
 def run(opts: Options) -> dict[str, Any]:
+    spincount = limit_openmp_spin(opts)
     import jax
     import torch
 
@@ -480,6 +501,7 @@ def run(opts: Options) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_avg_start": load_average(),
+        "gomp_spincount": spincount,
     }
     log("measuring copy bandwidth and matmul throughput ...")
     bandwidth = copy_bandwidth_gbs()
@@ -633,6 +655,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--interleave-block", type=int, default=1,
                    help="decode steps per side per turn when interleaving (1)")
     p.add_argument("--num-pages", type=int, default=None, help="KV pool pages")
+    p.add_argument("--gomp-spincount", type=int, default=Options.gomp_spincount,
+                   help="libgomp spin iterations after a torch step (10000; 0: libgomp's "
+                        "default); an explicit GOMP_SPINCOUNT in the environment wins")
     p.add_argument("--attention", choices=("auto", "xla", "cpu_kernel"), default="auto",
                    help="ares-jax decode attention (auto: the CPU kernel where it builds)")
     p.add_argument("--torch-threads", type=_ints, default=Options.torch_threads,
@@ -645,7 +670,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         prompt_len=a.prompt_len, model=a.model, run_ares=not a.skip_ares,
         run_hf=not a.skip_hf, profile=a.profile, profile_batches=a.profile_batches,
         num_pages=a.num_pages, torch_threads=a.torch_threads, interleave=not a.sequential,
-        interleave_block=a.interleave_block, dtype=a.dtype, attention=a.attention)
+        interleave_block=a.interleave_block, dtype=a.dtype, attention=a.attention,
+        gomp_spincount=a.gomp_spincount or None)
     if opts.new_tokens < 3:
         p.error("--new-tokens must be >= 3")
     if opts.interleave_block < 1:
