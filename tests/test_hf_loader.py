@@ -16,7 +16,7 @@ import torch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ares_jax.kernels import paged_attention as paged_attention_kernel
+from ares_jax.kernels import build as cpu_kernels
 from ares_jax.model import decode_step, forward, load_model, make_mesh, prefill
 from ares_jax.model.errors import (
     CorruptFileError,
@@ -115,7 +115,7 @@ def test_prefill_taps_match_transformers_hidden_states(checkpoints):
 
 @pytest.mark.parametrize("attention", ["xla", "cpu_kernel"])
 def test_prefill_and_paged_decode_agree_with_forward(checkpoints, attention):
-    if attention == "cpu_kernel" and not paged_attention_kernel.available():
+    if attention == "cpu_kernel" and not cpu_kernels.available():
         pytest.skip("no C++ compiler for the CPU attention kernel")
     loaded = load_model(checkpoints["llama3_sharded"][0], dtype="float32")
     w, cfg = loaded.weights, loaded.cfg

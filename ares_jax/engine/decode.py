@@ -253,7 +253,7 @@ class DecodeEngine:
 
 def resolve_attention(requested: str, model: LoadedModel) -> str:
     """The decode attention implementation for ``EngineConfig.attention`` on this model."""
-    from ares_jax.kernels import paged_attention as kernel
+    from ares_jax.kernels import build as kernel
 
     devices = list(model.mesh.devices.flat)
     one_cpu = len(devices) == 1 and devices[0].platform == "cpu"

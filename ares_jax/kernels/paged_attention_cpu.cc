@@ -4,30 +4,23 @@
 // plus its own new K/V. XLA's gather-then-einsum formulation writes a transposed copy of every
 // sequence's cached K/V and reads it back; this reads each cached row once. Work is split over
 // (sequence, kv head) pairs on XLA's intra-op thread pool.
-//
-// Plain GCC/Clang vector extensions, no intrinsics: the compiler maps a 16-float vector to one
-// AVX-512 register, two AVX2 registers or four NEON registers.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
+using ares_cpu::kLanes;
+using ares_cpu::Load;
+using ares_cpu::Splat;
+using ares_cpu::Store;
+using ares_cpu::v16;
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4), may_alias));
-constexpr int64_t kLanes = 16;
-
-inline v16 Load(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline void Store(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
-inline v16 Splat(float x) { return v16{} + x; }
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
@@ -181,11 +174,6 @@ void AttendTask(const Args& a, int64_t task, std::vector<float>& s) {
   }
 }
 
-struct Progress {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
 ffi::Error PagedAttentionCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                              ffi::Buffer<ffi::F32> k_self, ffi::Buffer<ffi::F32> v_self,
                              ffi::Buffer<ffi::F32> k_pool, ffi::Buffer<ffi::F32> v_pool,
@@ -217,27 +205,11 @@ ffi::Error PagedAttentionCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                   v_self.typed_data(),   k_pool.typed_data() + l * layer_size,
                   v_pool.typed_data() + l * layer_size, pt,
                   positions.typed_data(), W, S, KVH, G, K, scale, out->typed_data()};
-  const int64_t tasks = B * KVH;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
-  if (helpers <= 0) {
-    std::vector<float> s;
-    for (int64_t i = 0; i < tasks; ++i) AttendTask(args, i, s);
-    return ffi::Error::Success();
-  }
-  // Tasks are claimed from a shared counter, so the caller finishes the work alone if the pool
-  // is busy; a helper that starts late finds nothing left and only touches `progress`.
-  auto progress = std::make_shared<Progress>();
-  auto drain = [progress, args, tasks] {
-    std::vector<float> s;
-    for (int64_t i; (i = progress->next.fetch_add(1)) < tasks;) {
-      AttendTask(args, i, s);
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([drain] { drain(); });
-  drain();
-  // A helper that claimed a task may have been descheduled: give it the core.
-  while (progress->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+  // Scratch per thread: tasks run on XLA's pool threads as well as the caller.
+  ares_cpu::ParallelFor(pool, B * KVH, [args](int64_t task) {
+    thread_local std::vector<float> scratch;
+    AttendTask(args, task, scratch);
+  });
   return ffi::Error::Success();
 }
 

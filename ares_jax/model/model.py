@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -222,16 +223,30 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
-def _qkv(lw: LayerWeights, x: jax.Array, positions: jax.Array, cfg: Config, inv_freq: jax.Array):
-    q = jnp.einsum("btd,dhk->bthk", x, lw.wq)
-    k = jnp.einsum("btd,dhk->bthk", x, lw.wk)
-    v = jnp.einsum("btd,dhk->bthk", x, lw.wv)
+# (weight name, x [..., Din]) -> x @ that layer weight, flattened to [..., Dout]: lets the CPU
+# decode path swap in its own matmul kernel.
+Project = Callable[[str, jax.Array], jax.Array]
+
+
+def _qkv(lw: LayerWeights, x: jax.Array, positions: jax.Array, cfg: Config, inv_freq: jax.Array,
+         project: Project | None = None):
+    if project is None:
+        q = jnp.einsum("btd,dhk->bthk", x, lw.wq)
+        k = jnp.einsum("btd,dhk->bthk", x, lw.wk)
+        v = jnp.einsum("btd,dhk->bthk", x, lw.wv)
+    else:
+        lead = x.shape[:-1]
+        q = project("wq", x).reshape(*lead, cfg.n_heads, cfg.head_dim)
+        k = project("wk", x).reshape(*lead, cfg.n_kv_heads, cfg.head_dim)
+        v = project("wv", x).reshape(*lead, cfg.n_kv_heads, cfg.head_dim)
     if lw.bq is not None:
         q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 
-def _mlp(lw: LayerWeights, x: jax.Array) -> jax.Array:
+def _mlp(lw: LayerWeights, x: jax.Array, project: Project | None = None) -> jax.Array:
+    if project is not None:
+        return project("w_down", jax.nn.silu(project("w_gate", x)) * project("w_up", x))
     gate = jnp.einsum("btd,df->btf", x, lw.w_gate)
     up = jnp.einsum("btd,df->btf", x, lw.w_up)
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lw.w_down)
@@ -314,6 +329,15 @@ def _stack(w: Weights, cfg: Config, tokens: jax.Array, lengths: jax.Array):
 
 
 ATTENTION_IMPLS = ("xla", "cpu_kernel")
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def _flat_stack(name: str, w: jax.Array) -> jax.Array:
+    """A stacked projection as [L, Din, Dout]: [L, D, H, K] -> [L, D, H*K] and wo [L, H, K, D]
+    -> [L, H*K, D] (contiguous reshapes, no copies)."""
+    if name == "wo":
+        return w.reshape(w.shape[0], -1, w.shape[-1])
+    return w.reshape(w.shape[0], w.shape[1], -1)
 
 
 def paged_attention_xla(
@@ -362,8 +386,9 @@ def decode_step(
     The new token attends to its cached prefix plus itself. Returns ``logits`` [B, V],
     ``hidden`` [B, D], ``hidden_tap`` [B, D] and the new token's ``k``/``v`` [L, B, KVH, K],
     which the caller scatters into the pool at (page_table[b, pos // S], pos % S).
-    ``attention``: "xla" (any platform) or "cpu_kernel" (``ares_jax.kernels.paged_attention``:
-    XLA:CPU, float32, one device), which reads the pages in place.
+    ``attention``: "xla" (any platform) or "cpu_kernel" (XLA:CPU, float32, one device): the
+    attention reads the pages in place (``ares_jax.kernels.paged_attention``) and the layer
+    projections run as small-batch matmul kernels (``ares_jax.kernels.matmul``).
     """
     tap = check_tap_layer(cfg, tap_layer)
     if attention not in ATTENTION_IMPLS:
@@ -373,34 +398,52 @@ def decode_step(
     scale = 1.0 / math.sqrt(cfg.head_dim)
 
     if attention == "cpu_kernel":
-        from ares_jax.kernels import paged_attention as kernel
+        from ares_jax.kernels import matmul, paged_attention
 
-        # The kernel takes the whole pool and a layer index: slicing one layer out of the
-        # scanned pool would copy it.
-        per_layer = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        # The kernels take whole stacked arrays plus a layer index: a custom call on one
+        # scanned layer's slice would copy it.
+        def attend(qg, k, v, lw, li):
+            return paged_attention.paged_attention(qg, k, v, k_pages, v_pages, li, page_table,
+                                                   positions, scale=scale)
 
-        def attend(qg, k, v, layer_index):
-            return kernel.paged_attention(qg, k, v, k_pages, v_pages, layer_index, page_table,
-                                          positions, scale=scale)
+        stacked = {name: _flat_stack(name, getattr(w.layers, name)) for name in PROJECTIONS}
+
+        def projector(lw, li) -> Project:
+            def project(name, x):
+                wst = stacked[name]
+                if not matmul.supports(wst):
+                    return x @ wst[li]
+                return matmul.layer_matmul(x.reshape(-1, x.shape[-1]), wst, li).reshape(
+                    *x.shape[:-1], wst.shape[-1])
+            return project
+
+        per_layer = (w.layers, jnp.arange(cfg.n_layers, dtype=jnp.int32))
     else:
-        per_layer = (k_pages, v_pages)
-
-        def attend(qg, k, v, layer_pages):
+        def attend(qg, k, v, lw, layer_pages):
             return paged_attention_xla(qg, k, v, *layer_pages, page_table, positions, scale)
 
+        def projector(lw, layer_pages) -> Project | None:
+            return None
+
+        per_layer = (w.layers, (k_pages, v_pages))
+
     def layer(h, xs):
-        lw, layer_kv = xs
+        lw, layer_extra = xs
+        project = projector(lw, layer_extra)
         x = rms_norm(h, lw.attn_norm, cfg.rms_eps)
-        q, k, v = _qkv(lw, x, positions[:, None], cfg, inv_freq)  # [B, 1, heads, K]
+        q, k, v = _qkv(lw, x, positions[:, None], cfg, inv_freq, project)  # [B, 1, heads, K]
         qg = _grouped(q, cfg.n_kv_heads)[:, 0]  # [B, KVH, G, K]
-        o = attend(qg, k[:, 0], v[:, 0], layer_kv)
-        o = o.reshape(b, 1, cfg.n_heads, cfg.head_dim)
-        h = h + jnp.einsum("bthk,hkd->btd", o, lw.wo)
-        h = h + _mlp(lw, rms_norm(h, lw.mlp_norm, cfg.rms_eps))
+        o = attend(qg, k[:, 0], v[:, 0], lw, layer_extra)
+        if project is None:
+            h = h + jnp.einsum("bthk,hkd->btd", o.reshape(b, 1, cfg.n_heads, cfg.head_dim),
+                               lw.wo)
+        else:
+            h = h + project("wo", o.reshape(b, 1, cfg.n_heads * cfg.head_dim))
+        h = h + _mlp(lw, rms_norm(h, lw.mlp_norm, cfg.rms_eps), project)
         return h, (k[:, 0], v[:, 0], h[:, 0])
 
     h0 = w.embed[tokens][:, None].astype(cfg.jnp_dtype)
-    h, (k_new, v_new, taps) = jax.lax.scan(layer, h0, (w.layers, per_layer))
+    h, (k_new, v_new, taps) = jax.lax.scan(layer, h0, per_layer)
     hidden = rms_norm(h[:, 0], w.final_norm, cfg.rms_eps)
     return {
         "logits": _logits(w, hidden),

@@ -1,4 +1,5 @@
-"""The CPU paged-attention kernel against the XLA formulation, its errors, and engine selection."""
+"""The XLA:CPU kernels (paged attention, layer matmul) against XLA, their errors, and engine
+selection."""
 
 import dataclasses
 import math
@@ -10,11 +11,12 @@ import pytest
 
 from ares_jax.engine.decode import DecodeEngine, resolve_attention
 from ares_jax.engine.types import EngineConfig
+from ares_jax.kernels import build, matmul
 from ares_jax.kernels import paged_attention as kernel
-from ares_jax.model import make_mesh
-from ares_jax.model.model import paged_attention_xla
+from ares_jax.model import Config, decode_step, make_mesh
+from ares_jax.model.model import init_random_weights, paged_attention_xla
 
-pytestmark = pytest.mark.skipif(not kernel.available(), reason="no C++ compiler on this machine")
+pytestmark = pytest.mark.skipif(not build.available(), reason="no C++ compiler on this machine")
 
 
 def random_case(seed: int, *, batch: int, kv_heads: int, group: int, head_dim: int,
@@ -65,16 +67,16 @@ def test_kernel_refuses_bad_page_ids_and_layers():
 def test_build_without_a_compiler_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("ARES_JAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with pytest.raises(kernel.KernelUnavailable, match="no-such-compiler"):
-        kernel.build()
+    with pytest.raises(build.KernelUnavailable, match="no-such-compiler"):
+        build.build()
     assert not list(tmp_path.glob("*.so*"))  # no partial library left behind
 
 
 def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("ARES_JAX_CACHE_DIR", str(tmp_path))
-    first = kernel.build()
+    first = build.build()
     stamp = first.stat().st_mtime_ns
-    assert kernel.build() == first and first.stat().st_mtime_ns == stamp
+    assert build.build() == first and first.stat().st_mtime_ns == stamp
     assert first.parent == tmp_path
 
 
@@ -92,3 +94,40 @@ def test_engine_picks_and_validates_the_attention_implementation(tiny_model):
     assert resolve_attention("auto", bf16) == "xla"
     with pytest.raises(ValueError, match="float32 only"):
         resolve_attention("cpu_kernel", bf16)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 20])
+@pytest.mark.parametrize("cols", [16, 80, 192])  # 80: one 64-column strip plus a 16-wide tail
+def test_layer_matmul_matches_numpy(rows, cols):
+    rng = np.random.default_rng(rows * cols)
+    x = rng.standard_normal((rows, 24), dtype=np.float32)
+    w = rng.standard_normal((3, 24, cols), dtype=np.float32)
+    got = jax.jit(matmul.layer_matmul)(x, w, jnp.int32(2))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w[2], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_matmul_refuses_what_it_cannot_do():
+    x, w = np.ones((2, 8), np.float32), np.ones((2, 8, 24), np.float32)
+    assert not matmul.supports(w)
+    with pytest.raises(TypeError, match="N % 16"):
+        matmul.layer_matmul(x, w, jnp.int32(0))
+    with pytest.raises(Exception, match="layer index out of range"):
+        matmul.layer_matmul(x, np.ones((2, 8, 32), np.float32), jnp.int32(2))
+
+
+def test_decode_step_kernels_match_xla_with_odd_sizes():
+    """Projections whose width is not a multiple of 16 (d_model 40) fall back to XLA's dot,
+    the others (ffn 48) run as kernels; head_dim 20 takes the scalar attention path."""
+    cfg = Config(vocab_size=64, d_model=40, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=20,
+                 ffn_dim=48, dtype="float32")
+    w = init_random_weights(cfg, jax.random.key(1), scale=0.3)
+    q, ks, vs, kp, vp, table, pos = random_case(3, batch=5, kv_heads=1, group=2, head_dim=20,
+                                                layers=2)
+    tokens = jnp.arange(5, dtype=jnp.int32) + 7
+    step = jax.jit(decode_step, static_argnames=("cfg", "attention"))
+    want = step(w, cfg=cfg, k_pages=kp, v_pages=vp, tokens=tokens, positions=pos,
+                page_table=table, attention="xla")
+    got = step(w, cfg=cfg, k_pages=kp, v_pages=vp, tokens=tokens, positions=pos,
+               page_table=table, attention="cpu_kernel")
+    for name in ("logits", "hidden", "hidden_tap", "k", "v"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4, err_msg=name)

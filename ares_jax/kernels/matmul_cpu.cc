@@ -1,0 +1,93 @@
+// Small-batch matmul for XLA:CPU decode steps, called through the XLA FFI.
+//
+// y[M, N] = x[M, K] @ w[layer][K, N] for the few rows of a decode batch. Each thread owns a
+// 64-column strip of w and streams it once per 8 rows of x, keeping 8 x 64 accumulators in
+// registers, so the weights are read at memory speed whatever M is. The whole stacked [L, K, N]
+// weight goes in with a layer index: a custom call on one scanned layer's slice would copy it.
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu_common.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using ares_cpu::kLanes;
+using ares_cpu::Load;
+using ares_cpu::Store;
+using ares_cpu::v16;
+
+// Rows [0, MB) of x times columns [n0, n0 + 16 * NV) of w.
+template <int MB, int NV>
+void Block(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
+           int64_t N, int64_t n0) {
+  v16 acc[MB][NV] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * N + n0;
+    v16 wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = Load(wk + kLanes * j);
+    for (int m = 0; m < MB; ++m) {
+      const float xv = x[m * K + k];
+      for (int j = 0; j < NV; ++j) acc[m][j] += xv * wv[j];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NV; ++j) Store(y + m * N + n0 + kLanes * j, acc[m][j]);
+}
+
+template <int NV>
+void Strip(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+           int64_t n0) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const float* xm = x + m0 * K;
+    float* ym = y + m0 * N;
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 8: Block<8, NV>(xm, w, ym, K, N, n0); break;
+      case 7: Block<7, NV>(xm, w, ym, K, N, n0); break;
+      case 6: Block<6, NV>(xm, w, ym, K, N, n0); break;
+      case 5: Block<5, NV>(xm, w, ym, K, N, n0); break;
+      case 4: Block<4, NV>(xm, w, ym, K, N, n0); break;
+      case 3: Block<3, NV>(xm, w, ym, K, N, n0); break;
+      case 2: Block<2, NV>(xm, w, ym, K, N, n0); break;
+      default: Block<1, NV>(xm, w, ym, K, N, n0); break;
+    }
+  }
+}
+
+constexpr int64_t kStrip = 4 * kLanes;
+
+ffi::Error LayerMatmulCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] % kLanes)
+    return ffi::Error::InvalidArgument(
+        "layer_matmul_cpu: expected x [M,K] and w [L,K,N] with N a multiple of 16");
+  const int64_t M = xd[0], K = xd[1], L = wd[0], N = wd[2];
+  const int32_t l = layer.typed_data()[0];
+  if (l < 0 || l >= L)
+    return ffi::Error::InvalidArgument("layer_matmul_cpu: layer index out of range");
+  const float* xp = x.typed_data();
+  const float* wl = w.typed_data() + l * K * N;
+  float* yp = y->typed_data();
+  const int64_t strips = N / kStrip, tail = N % kStrip;
+  ares_cpu::ParallelFor(pool, strips + tail / kLanes, [=](int64_t i) {
+    if (i < strips)
+      Strip<4>(xp, wl, yp, M, K, N, i * kStrip);
+    else
+      Strip<1>(xp, wl, yp, M, K, N, strips * kStrip + (i - strips) * kLanes);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AresLayerMatmulCpu, LayerMatmulCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Ret<ffi::Buffer<ffi::F32>>());
