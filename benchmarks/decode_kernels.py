@@ -1,11 +1,13 @@
-"""Decode attention side by side: XLA's gather + einsum against the CPU paged-attention kernel.
+"""Decode steps side by side: XLA's own lowering against ares-jax's XLA:CPU kernels.
 
-Two decode engines share one model (the embedded SmolLM2-135M-Instruct, f32) and serve the same
+``EngineConfig.attention="xla"`` (gather + einsum attention, XLA dots) against ``"cpu_kernel"``
+(the paged-attention kernel plus the small-batch layer matmuls, ``ares_jax/kernels/``). Two
+decode engines share one model (the embedded SmolLM2-135M-Instruct, f32) and serve the same
 prompts greedily; their steps alternate one by one, so both see the same background load. Prints
-JSON (stdout) with ms per step for each implementation, their ratio and whether the greedy
-tokens agree; a markdown table goes to stderr.
+JSON (stdout) with ms per step for each, their ratio and whether the greedy tokens agree; a
+markdown table goes to stderr.
 
-    .venv/bin/python benchmarks/decode_attention.py [--batches 1,8,32,64] [--new-tokens 128]
+    .venv/bin/python benchmarks/decode_kernels.py [--batches 1,8,32,64] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def run(batches: tuple[int, ...], new_tokens: int, prompt_len: int) -> dict[str,
     runners = {impl: AresRunner(dataclasses.replace(opts, attention=impl), model=model)
                for impl in IMPLS}
     prompts_all = fixed_length_prompts(model.tokenizer, max(batches), prompt_len)
-    result: dict[str, Any] = {"benchmark": "decode_attention", "command": " ".join(sys.argv),
+    result: dict[str, Any] = {"benchmark": "decode_kernels", "command": " ".join(sys.argv),
                               "new_tokens": new_tokens, "prompt_len": prompt_len,
                               "load_avg_start": load_average(), "results": []}
     for b in batches:
@@ -60,7 +62,7 @@ def run(batches: tuple[int, ...], new_tokens: int, prompt_len: int) -> dict[str,
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| batch | xla ms/step | kernel ms/step | xla / kernel | greedy rows identical |",
+    lines = ["| batch | xla ms/step | kernels ms/step | xla / kernels | greedy rows identical |",
              "|---|---|---|---|---|"]
     for r in result["results"]:
         lines.append(f"| {r['batch']} | {r['xla']['ms_per_step']['median']:.1f} | "
