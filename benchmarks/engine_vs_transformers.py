@@ -427,15 +427,15 @@ def profile_ares_step(runner: AresRunner, prompts: Sequence[list[int]], steps: i
                 add("post", end - marks["ready"])
         # The jitted step alone: same inputs, the donated pool fed back, nothing else.
         fn, args, kwargs = captured["fn"], list(captured["args"]), captured["kwargs"]
-        args[1], args[2] = engine.pool.k, engine.pool.v  # the captured ones were donated
+        args[2], args[3] = engine.pool.k, engine.pool.v  # the captured ones were donated
         kernel: list[float] = []
         for _ in range(steps):
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             jax.block_until_ready(out)
             kernel.append(time.perf_counter() - start)
-            args[1], args[2] = out[0], out[1]
-        engine.pool.k, engine.pool.v = args[1], args[2]
+            args[2], args[3] = out[0], out[1]
+        engine.pool.k, engine.pool.v = args[2], args[3]
     finally:
         runner.release(ids)
     per = {k: 1e3 * v / steps for k, v in acc.items()}

@@ -14,7 +14,7 @@ from ares_jax.engine.types import EngineConfig
 from ares_jax.kernels import build, matmul
 from ares_jax.kernels import paged_attention as kernel
 from ares_jax.model import Config, decode_step, make_mesh
-from ares_jax.model.model import init_random_weights, paged_attention_xla
+from ares_jax.model.model import init_random_weights, pack_for_cpu_kernels, paged_attention_xla
 
 pytestmark = pytest.mark.skipif(not build.available(), reason="no C++ compiler on this machine")
 
@@ -97,29 +97,31 @@ def test_engine_picks_and_validates_the_attention_implementation(tiny_model):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, 20])
-@pytest.mark.parametrize("cols", [16, 80, 192])  # 80: one 64-column strip plus a 16-wide tail
+@pytest.mark.parametrize("cols", [64, 192])
 def test_layer_matmul_matches_numpy(rows, cols):
     rng = np.random.default_rng(rows * cols)
     x = rng.standard_normal((rows, 24), dtype=np.float32)
     w = rng.standard_normal((3, 24, cols), dtype=np.float32)
-    got = jax.jit(matmul.layer_matmul)(x, w, jnp.int32(2))
+    packed = matmul.pack(w)
+    np.testing.assert_array_equal(packed[2, -1], w[2, :, -64:])  # last strip of layer 2
+    got = jax.jit(matmul.layer_matmul)(x, packed, jnp.int32(2))
     np.testing.assert_allclose(got, x.astype(np.float64) @ w[2], rtol=1e-5, atol=1e-5)
 
 
 def test_layer_matmul_refuses_what_it_cannot_do():
-    x, w = np.ones((2, 8), np.float32), np.ones((2, 8, 24), np.float32)
-    assert not matmul.supports(w)
-    with pytest.raises(TypeError, match="N % 16"):
-        matmul.layer_matmul(x, w, jnp.int32(0))
+    x = np.ones((2, 8), np.float32)
+    assert not matmul.supports(np.ones((2, 8, 80), np.float32))
+    with pytest.raises(TypeError, match="packed w"):
+        matmul.layer_matmul(x, np.ones((2, 8, 64), np.float32), jnp.int32(0))
     with pytest.raises(Exception, match="layer index out of range"):
-        matmul.layer_matmul(x, np.ones((2, 8, 32), np.float32), jnp.int32(2))
+        matmul.layer_matmul(x, matmul.pack(np.ones((2, 8, 64), np.float32)), jnp.int32(2))
 
 
 def test_decode_step_kernels_match_xla_with_odd_sizes():
-    """Projections whose width is not a multiple of 16 (d_model 40) fall back to XLA's dot,
-    the others (ffn 48) run as kernels; head_dim 20 takes the scalar attention path."""
+    """Projections whose width is not a multiple of 64 (d_model 40) keep XLA's dot, the others
+    (ffn 128) run as kernels; head_dim 20 takes the scalar attention path."""
     cfg = Config(vocab_size=64, d_model=40, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=20,
-                 ffn_dim=48, dtype="float32")
+                 ffn_dim=128, dtype="float32")
     w = init_random_weights(cfg, jax.random.key(1), scale=0.3)
     q, ks, vs, kp, vp, table, pos = random_case(3, batch=5, kv_heads=1, group=2, head_dim=20,
                                                 layers=2)
@@ -127,7 +129,9 @@ def test_decode_step_kernels_match_xla_with_odd_sizes():
     step = jax.jit(decode_step, static_argnames=("cfg", "attention"))
     want = step(w, cfg=cfg, k_pages=kp, v_pages=vp, tokens=tokens, positions=pos,
                 page_table=table, attention="xla")
+    packed = pack_for_cpu_kernels(w)
+    assert sorted(packed) == ["w_gate", "w_up"]
     got = step(w, cfg=cfg, k_pages=kp, v_pages=vp, tokens=tokens, positions=pos,
-               page_table=table, attention="cpu_kernel")
+               page_table=table, attention="cpu_kernel", packed=packed)
     for name in ("logits", "hidden", "hidden_tap", "k", "v"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4, err_msg=name)

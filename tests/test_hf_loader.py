@@ -25,6 +25,7 @@ from ares_jax.model.errors import (
     UnsupportedArchitectureError,
 )
 from ares_jax.model.hf_loader import load_hf_dir
+from ares_jax.model.model import pack_for_cpu_kernels
 
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 40)).astype(np.int32)
 jit_forward = jax.jit(forward, static_argnums=1)
@@ -147,7 +148,9 @@ def test_prefill_and_paged_decode_agree_with_forward(checkpoints, attention):
         for t in range(n):
             write(b, t, np.asarray(pre["k"][:, b, t]), np.asarray(pre["v"][:, b, t]))
 
-    step = jax.jit(functools.partial(decode_step, attention=attention), static_argnums=1)
+    packed = pack_for_cpu_kernels(w) if attention == "cpu_kernel" else None
+    step = jax.jit(functools.partial(decode_step, attention=attention, packed=packed),
+                   static_argnums=1)
     positions = lengths.copy()
     for _ in range(n_decode):
         tokens = full[[0, 1], positions]

@@ -59,6 +59,7 @@ class DecodeEngine:
         self.cfg = model.cfg
         self.config = config
         self.attention = resolve_attention(config.attention, model)
+        self._packed = cpu_kernel_weights(model) if self.attention == "cpu_kernel" else None
         self.max_model_len = resolve_max_model_len(model, config)
         self.page_size = config.page_size
         self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
@@ -237,7 +238,8 @@ class DecodeEngine:
         # One transfer for all per-step inputs rather than one per array.
         inputs = jax.device_put((tokens, positions, table, s, (generated, max_tokens)), rep)
         self.pool.k, self.pool.v, picked, hidden, tap, pred = _decode_jit(
-            self.model.weights, self.pool.k, self.pool.v, *inputs[:4], head_params, inputs[4],
+            self.model.weights, self._packed, self.pool.k, self.pool.v, *inputs[:4], head_params,
+            inputs[4],
             cfg=self.cfg, ecfg=self.config, attention=self.attention, head_fn=head_fn,
             greedy_only=greedy_only, num_logprobs=num_logprobs)
         host = jax.device_get(picked)
@@ -271,11 +273,22 @@ def resolve_attention(requested: str, model: LoadedModel) -> str:
     return requested
 
 
-def _decode(weights, k_pool, v_pool, tokens, positions, page_table, s, head_params, head_inputs,
-            *, cfg, ecfg: EngineConfig, attention: str, head_fn, greedy_only, num_logprobs):
+def cpu_kernel_weights(model: LoadedModel) -> dict[str, jax.Array]:
+    """The model's projections packed for the CPU matmul kernel, made once per model and shared
+    by every decode engine on it."""
+    packed = getattr(model, "_cpu_kernel_weights", None)
+    if packed is None:
+        packed = llama.pack_for_cpu_kernels(model.weights)
+        model._cpu_kernel_weights = packed  # type: ignore[attr-defined]
+    return packed
+
+
+def _decode(weights, packed, k_pool, v_pool, tokens, positions, page_table, s, head_params,
+            head_inputs, *, cfg, ecfg: EngineConfig, attention: str, head_fn, greedy_only,
+            num_logprobs):
     """Model step + in-place KV write + sampling (+ the fused predictor head), one jitted call."""
     out = llama.decode_step(weights, cfg, k_pool, v_pool, tokens, positions, page_table,
-                            ecfg.tap_layer, attention)
+                            ecfg.tap_layer, attention, packed)
     page_size = k_pool.shape[2]
     page = jnp.take_along_axis(page_table, (positions // page_size)[:, None], 1)[:, 0]
     slot = positions % page_size
@@ -292,7 +305,7 @@ def _decode(weights, k_pool, v_pool, tokens, positions, page_table, s, head_para
 
 
 # Module-level so that every engine with the same model config shares compiled steps.
-_decode_jit = jax.jit(_decode, donate_argnums=(1, 2),
+_decode_jit = jax.jit(_decode, donate_argnums=(2, 3),
                       static_argnames=("cfg", "ecfg", "attention", "head_fn", "greedy_only",
                                        "num_logprobs"))
 

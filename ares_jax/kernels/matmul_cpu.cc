@@ -1,9 +1,11 @@
 // Small-batch matmul for XLA:CPU decode steps, called through the XLA FFI.
 //
-// y[M, N] = x[M, K] @ w[layer][K, N] for the few rows of a decode batch. Each thread owns a
-// 64-column strip of w and streams it once per 8 rows of x, keeping 8 x 64 accumulators in
-// registers, so the weights are read at memory speed whatever M is. The whole stacked [L, K, N]
-// weight goes in with a layer index: a custom call on one scanned layer's slice would copy it.
+// y[M, N] = x[M, K] @ w[layer][K, N] for the few rows of a decode batch. The weight comes
+// packed in 64-column strips, [L, N / 64, K, 64] (``matmul.pack``, once at engine start), so
+// each strip is one contiguous block. Each thread streams a strip once per 8 rows of x, keeping
+// 8 x 64 accumulators in registers, so the weights are read at memory speed whatever M is. The
+// whole stacked weight goes in with a layer index: a custom call on one scanned layer's slice
+// would copy it.
 #include <algorithm>
 #include <cstdint>
 
@@ -18,13 +20,13 @@ using ares_cpu::Load;
 using ares_cpu::Store;
 using ares_cpu::v16;
 
-// Rows [0, MB) of x times columns [n0, n0 + 16 * NV) of w.
+// Rows [0, MB) of x times one packed strip (w: [K, 16 * NV]), into columns n0.. of y.
 template <int MB, int NV>
 void Block(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
            int64_t N, int64_t n0) {
   v16 acc[MB][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
-    const float* wk = w + k * N + n0;
+    const float* wk = w + k * kLanes * NV;
     v16 wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = Load(wk + kLanes * j);
     for (int m = 0; m < MB; ++m) {
@@ -62,22 +64,18 @@ ffi::Error LayerMatmulCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] % kLanes)
+  if (xd.size() != 2 || wd.size() != 4 || wd[2] != xd[1] || wd[3] != kStrip)
     return ffi::Error::InvalidArgument(
-        "layer_matmul_cpu: expected x [M,K] and w [L,K,N] with N a multiple of 16");
-  const int64_t M = xd[0], K = xd[1], L = wd[0], N = wd[2];
+        "layer_matmul_cpu: expected x [M,K] and packed w [L,N/64,K,64]");
+  const int64_t M = xd[0], K = xd[1], L = wd[0], strips = wd[1], N = strips * kStrip;
   const int32_t l = layer.typed_data()[0];
   if (l < 0 || l >= L)
     return ffi::Error::InvalidArgument("layer_matmul_cpu: layer index out of range");
   const float* xp = x.typed_data();
-  const float* wl = w.typed_data() + l * K * N;
+  const float* wl = w.typed_data() + l * N * K;
   float* yp = y->typed_data();
-  const int64_t strips = N / kStrip, tail = N % kStrip;
-  ares_cpu::ParallelFor(pool, strips + tail / kLanes, [=](int64_t i) {
-    if (i < strips)
-      Strip<4>(xp, wl, yp, M, K, N, i * kStrip);
-    else
-      Strip<1>(xp, wl, yp, M, K, N, strips * kStrip + (i - strips) * kLanes);
+  ares_cpu::ParallelFor(pool, strips, [=](int64_t i) {
+    Strip<4>(xp, wl + i * K * kStrip, yp, M, K, N, i * kStrip);
   });
   return ffi::Error::Success();
 }

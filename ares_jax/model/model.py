@@ -332,6 +332,15 @@ ATTENTION_IMPLS = ("xla", "cpu_kernel")
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
+def pack_for_cpu_kernels(w: Weights) -> dict[str, jax.Array]:
+    """The layer projections the CPU matmul kernel takes, packed into its strip layout (a copy
+    of those weights: made once per model, passed to every ``decode_step``)."""
+    from ares_jax.kernels import matmul
+
+    flat = {name: _flat_stack(name, getattr(w.layers, name)) for name in PROJECTIONS}
+    return {name: matmul.pack(x) for name, x in flat.items() if matmul.supports(x)}
+
+
 def _flat_stack(name: str, w: jax.Array) -> jax.Array:
     """A stacked projection as [L, Din, Dout]: [L, D, H, K] -> [L, D, H*K] and wo [L, H, K, D]
     -> [L, H*K, D] (contiguous reshapes, no copies)."""
@@ -378,6 +387,7 @@ def decode_step(
     page_table: jax.Array,
     tap_layer: int | None = None,
     attention: str = "xla",
+    packed: dict[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """One token per sequence against a paged KV pool (read-only here).
 
@@ -387,8 +397,9 @@ def decode_step(
     ``hidden`` [B, D], ``hidden_tap`` [B, D] and the new token's ``k``/``v`` [L, B, KVH, K],
     which the caller scatters into the pool at (page_table[b, pos // S], pos % S).
     ``attention``: "xla" (any platform) or "cpu_kernel" (XLA:CPU, float32, one device): the
-    attention reads the pages in place (``ares_jax.kernels.paged_attention``) and the layer
-    projections run as small-batch matmul kernels (``ares_jax.kernels.matmul``).
+    attention reads the pages in place (``ares_jax.kernels.paged_attention``), and the layer
+    projections found in ``packed`` (``pack_for_cpu_kernels(w)``, made once) run as small-batch
+    matmul kernels (``ares_jax.kernels.matmul``); the others keep XLA's dot.
     """
     tap = check_tap_layer(cfg, tap_layer)
     if attention not in ATTENTION_IMPLS:
@@ -407,14 +418,14 @@ def decode_step(
                                                    positions, scale=scale)
 
         stacked = {name: _flat_stack(name, getattr(w.layers, name)) for name in PROJECTIONS}
+        packed = packed or {}
 
         def projector(lw, li) -> Project:
             def project(name, x):
-                wst = stacked[name]
-                if not matmul.supports(wst):
-                    return x @ wst[li]
-                return matmul.layer_matmul(x.reshape(-1, x.shape[-1]), wst, li).reshape(
-                    *x.shape[:-1], wst.shape[-1])
+                if name not in packed:
+                    return x @ stacked[name][li]
+                flat = x.reshape(-1, x.shape[-1])
+                return matmul.layer_matmul(flat, packed[name], li).reshape(*x.shape[:-1], -1)
             return project
 
         per_layer = (w.layers, jnp.arange(cfg.n_layers, dtype=jnp.int32))
