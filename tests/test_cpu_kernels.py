@@ -119,7 +119,8 @@ def test_layer_matmul_refuses_what_it_cannot_do():
 
 def test_decode_step_kernels_match_xla_with_odd_sizes():
     """Projections whose width is not a multiple of 64 (d_model 40) keep XLA's dot, the others
-    (ffn 128) run as kernels; head_dim 20 takes the scalar attention path."""
+    (ffn 128, the tied lm_head over a 64-token vocabulary) run as kernels; head_dim 20 takes the
+    scalar attention path."""
     cfg = Config(vocab_size=64, d_model=40, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=20,
                  ffn_dim=128, dtype="float32")
     w = init_random_weights(cfg, jax.random.key(1), scale=0.3)
@@ -130,7 +131,7 @@ def test_decode_step_kernels_match_xla_with_odd_sizes():
     want = step(w, cfg=cfg, k_pages=kp, v_pages=vp, tokens=tokens, positions=pos,
                 page_table=table, attention="xla")
     packed = pack_for_cpu_kernels(w)
-    assert sorted(packed) == ["w_gate", "w_up"]
+    assert sorted(packed) == ["lm_head", "w_gate", "w_up"]
     got = step(w, cfg=cfg, k_pages=kp, v_pages=vp, tokens=tokens, positions=pos,
                page_table=table, attention="cpu_kernel", packed=packed)
     for name in ("logits", "hidden", "hidden_tap", "k", "v"):

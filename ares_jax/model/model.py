@@ -338,6 +338,8 @@ def pack_for_cpu_kernels(w: Weights) -> dict[str, jax.Array]:
     from ares_jax.kernels import matmul
 
     flat = {name: _flat_stack(name, getattr(w.layers, name)) for name in PROJECTIONS}
+    # The lm_head as one more [1, D, V] "layer" (for a tied embedding, its transpose).
+    flat["lm_head"] = (w.embed.T if w.lm_head is None else w.lm_head)[None]
     return {name: matmul.pack(x) for name, x in flat.items() if matmul.supports(x)}
 
 
@@ -456,8 +458,14 @@ def decode_step(
     h0 = w.embed[tokens][:, None].astype(cfg.jnp_dtype)
     h, (k_new, v_new, taps) = jax.lax.scan(layer, h0, per_layer)
     hidden = rms_norm(h[:, 0], w.final_norm, cfg.rms_eps)
+    if attention == "cpu_kernel" and packed and "lm_head" in packed:
+        from ares_jax.kernels import matmul
+
+        logits = matmul.layer_matmul(hidden, packed["lm_head"], jnp.int32(0))
+    else:
+        logits = _logits(w, hidden)
     return {
-        "logits": _logits(w, hidden),
+        "logits": logits,
         "hidden": hidden,
         "hidden_tap": taps[tap - 1],
         "k": k_new,
