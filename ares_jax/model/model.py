@@ -400,8 +400,8 @@ def decode_step(
     which the caller scatters into the pool at (page_table[b, pos // S], pos % S).
     ``attention``: "xla" (any platform) or "cpu_kernel" (XLA:CPU, float32, one device): the
     attention reads the pages in place (``ares_jax.kernels.paged_attention``), and the layer
-    projections found in ``packed`` (``pack_for_cpu_kernels(w)``, made once) run as small-batch
-    matmul kernels (``ares_jax.kernels.matmul``); the others keep XLA's dot.
+    projections and lm_head found in ``packed`` (``pack_for_cpu_kernels(w)``, made once) run as
+    small-batch matmul kernels (``ares_jax.kernels.matmul``); the others keep XLA's dot.
     """
     tap = check_tap_layer(cfg, tap_layer)
     if attention not in ATTENTION_IMPLS:
