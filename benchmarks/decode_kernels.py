@@ -1,6 +1,6 @@
 """Decode steps side by side: XLA's own lowering against ares-jax's XLA:CPU kernels.
 
-``EngineConfig.attention="xla"`` (gather + einsum attention, XLA dots) against ``"cpu_kernel"``
+``EngineConfig.decode_backend="xla"`` (gather + einsum attention, XLA dots) against ``"cpu_kernel"``
 (the paged-attention kernel plus the small-batch layer matmuls, ``ares_jax/kernels/``). Two
 decode engines share one model (the embedded SmolLM2-135M-Instruct, f32) and serve the same
 prompts greedily; their steps alternate one by one, so both see the same background load. Prints
@@ -38,7 +38,7 @@ def run(batches: tuple[int, ...], new_tokens: int, prompt_len: int) -> dict[str,
     opts = Options(batches=batches, new_tokens=new_tokens, prompt_len=prompt_len,
                    dtype="float32")
     model = load_model(None, dtype="float32")
-    runners = {impl: AresRunner(dataclasses.replace(opts, attention=impl), model=model)
+    runners = {impl: AresRunner(dataclasses.replace(opts, decode_backend=impl), model=model)
                for impl in IMPLS}
     prompts_all = fixed_length_prompts(model.tokenizer, max(batches), prompt_len)
     result: dict[str, Any] = {"benchmark": "decode_kernels", "command": " ".join(sys.argv),

@@ -86,7 +86,7 @@ class Options:
     # while after a step, on the cores XLA's next step needs).
     interleave_block: int = 1
     dtype: str = "float32"  # both sides: float32 (the reference) or bfloat16
-    attention: str = "auto"  # ares-jax decode attention (EngineConfig.attention)
+    decode_backend: str = "auto"  # EngineConfig.decode_backend for ares-jax
     # libgomp's spin-wait after each torch step, in iterations (GOMP_SPINCOUNT); None leaves
     # libgomp's default (300,000, several ms of a spinning worker thread on a core that the
     # interleaved ares-jax step needs). An explicit GOMP_SPINCOUNT in the environment wins.
@@ -220,7 +220,7 @@ class AresRunner:
 
         self.model = model if model is not None else load_model(opts.model, dtype=opts.dtype)
         ecfg = EngineConfig(max_num_seqs=max(opts.batches), num_pages=opts.num_pages,
-                            attention=opts.attention)
+                            decode_backend=opts.decode_backend)
         self.prefill_engine = PrefillEngine(self.model, ecfg)
         self.decode_engine = DecodeEngine(self.model, ecfg)
         self._runs = 0
@@ -572,7 +572,7 @@ def run(opts: Options) -> dict[str, Any]:
         "model": {"gguf": gguf_path.name, "dtype": opts.dtype,
                   "weight_mb": costs.weight_bytes / 1e6,
                   "kv_bytes_per_token": costs.kv_bytes_per_token,
-                  "ares_attention": ares.decode_engine.attention if ares else None},
+                  "ares_decode_backend": ares.decode_engine.backend if ares else None},
         "machine": machine,
         "results": rows,
         "targets": _targets(rows),
@@ -658,8 +658,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--gomp-spincount", type=int, default=Options.gomp_spincount,
                    help="libgomp spin iterations after a torch step (10000; 0: libgomp's "
                         "default); an explicit GOMP_SPINCOUNT in the environment wins")
-    p.add_argument("--attention", choices=("auto", "xla", "cpu_kernel"), default="auto",
-                   help="ares-jax decode attention (auto: the CPU kernel where it builds)")
+    p.add_argument("--decode-backend", choices=("auto", "xla", "cpu_kernel"), default="auto",
+                   help="ares-jax EngineConfig.decode_backend (auto: the CPU kernels where "
+                        "they build)")
     p.add_argument("--torch-threads", type=_ints, default=Options.torch_threads,
                    help="torch thread counts to try per batch; the fastest is used (1,2)")
     a = p.parse_args(argv)
@@ -670,7 +671,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         prompt_len=a.prompt_len, model=a.model, run_ares=not a.skip_ares,
         run_hf=not a.skip_hf, profile=a.profile, profile_batches=a.profile_batches,
         num_pages=a.num_pages, torch_threads=a.torch_threads, interleave=not a.sequential,
-        interleave_block=a.interleave_block, dtype=a.dtype, attention=a.attention,
+        interleave_block=a.interleave_block, dtype=a.dtype, decode_backend=a.decode_backend,
         gomp_spincount=a.gomp_spincount or None)
     if opts.new_tokens < 3:
         p.error("--new-tokens must be >= 3")

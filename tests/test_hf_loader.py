@@ -114,10 +114,10 @@ def test_prefill_taps_match_transformers_hidden_states(checkpoints):
     np.testing.assert_allclose(out["hidden"], hs[-1][:, -1].numpy(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["xla", "cpu_kernel"])
-def test_prefill_and_paged_decode_agree_with_forward(checkpoints, attention):
-    if attention == "cpu_kernel" and not cpu_kernels.available():
-        pytest.skip("no C++ compiler for the CPU attention kernel")
+@pytest.mark.parametrize("backend", ["xla", "cpu_kernel"])
+def test_prefill_and_paged_decode_agree_with_forward(checkpoints, backend):
+    if backend == "cpu_kernel" and cpu_kernels.find_compiler() is None:
+        pytest.skip("no C++ compiler on this machine to build the CPU kernels")
     loaded = load_model(checkpoints["llama3_sharded"][0], dtype="float32")
     w, cfg = loaded.weights, loaded.cfg
     lengths = np.array([13, 21], np.int32)
@@ -148,8 +148,8 @@ def test_prefill_and_paged_decode_agree_with_forward(checkpoints, attention):
         for t in range(n):
             write(b, t, np.asarray(pre["k"][:, b, t]), np.asarray(pre["v"][:, b, t]))
 
-    packed = pack_for_cpu_kernels(w) if attention == "cpu_kernel" else None
-    step = jax.jit(functools.partial(decode_step, attention=attention, packed=packed),
+    packed = pack_for_cpu_kernels(w) if backend == "cpu_kernel" else None
+    step = jax.jit(functools.partial(decode_step, backend=backend, packed=packed),
                    static_argnums=1)
     positions = lengths.copy()
     for _ in range(n_decode):

@@ -58,8 +58,8 @@ class DecodeEngine:
         self.model = model
         self.cfg = model.cfg
         self.config = config
-        self.attention = resolve_attention(config.attention, model)
-        self._packed = cpu_kernel_weights(model) if self.attention == "cpu_kernel" else None
+        self.backend = resolve_decode_backend(config.decode_backend, model)
+        self._packed = cpu_kernel_weights(model) if self.backend == "cpu_kernel" else None
         self.max_model_len = resolve_max_model_len(model, config)
         self.page_size = config.page_size
         self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
@@ -240,7 +240,7 @@ class DecodeEngine:
         self.pool.k, self.pool.v, picked, hidden, tap, pred = _decode_jit(
             self.model.weights, self._packed, self.pool.k, self.pool.v, *inputs[:4], head_params,
             inputs[4],
-            cfg=self.cfg, ecfg=self.config, attention=self.attention, head_fn=head_fn,
+            cfg=self.cfg, ecfg=self.config, backend=self.backend, head_fn=head_fn,
             greedy_only=greedy_only, num_logprobs=num_logprobs)
         host = jax.device_get(picked)
         infos = sampling.to_token_infos(host, params)
@@ -253,23 +253,24 @@ class DecodeEngine:
 
 
 
-def resolve_attention(requested: str, model: LoadedModel) -> str:
-    """The decode attention implementation for ``EngineConfig.attention`` on this model."""
-    from ares_jax.kernels import build as kernel
+def resolve_decode_backend(requested: str, model: LoadedModel) -> str:
+    """The decode-step implementation for ``EngineConfig.decode_backend`` on this model."""
+    from ares_jax.kernels import build
 
     devices = list(model.mesh.devices.flat)
     one_cpu = len(devices) == 1 and devices[0].platform == "cpu"
     f32 = model.cfg.jnp_dtype == jnp.float32
     if requested == "auto":
-        return "cpu_kernel" if one_cpu and f32 and kernel.available() else "xla"
+        return "cpu_kernel" if one_cpu and f32 and build.available() else "xla"
     if requested == "cpu_kernel":
         if not one_cpu:
-            raise ValueError("EngineConfig.attention='cpu_kernel' needs a one-device CPU mesh; "
-                             f"this model is on {len(devices)} {devices[0].platform} device(s)")
+            raise ValueError("EngineConfig.decode_backend='cpu_kernel' needs a one-device CPU "
+                             f"mesh; this model is on {len(devices)} {devices[0].platform} "
+                             "device(s)")
         if not f32:
-            raise ValueError("EngineConfig.attention='cpu_kernel' supports float32 only; this "
-                             f"model is {model.cfg.jnp_dtype}")
-        kernel.require()
+            raise ValueError("EngineConfig.decode_backend='cpu_kernel' supports float32 only; "
+                             f"this model is {model.cfg.jnp_dtype}")
+        build.require()
     return requested
 
 
@@ -284,11 +285,11 @@ def cpu_kernel_weights(model: LoadedModel) -> dict[str, jax.Array]:
 
 
 def _decode(weights, packed, k_pool, v_pool, tokens, positions, page_table, s, head_params,
-            head_inputs, *, cfg, ecfg: EngineConfig, attention: str, head_fn, greedy_only,
+            head_inputs, *, cfg, ecfg: EngineConfig, backend: str, head_fn, greedy_only,
             num_logprobs):
     """Model step + in-place KV write + sampling (+ the fused predictor head), one jitted call."""
     out = llama.decode_step(weights, cfg, k_pool, v_pool, tokens, positions, page_table,
-                            ecfg.tap_layer, attention, packed)
+                            ecfg.tap_layer, backend, packed)
     page_size = k_pool.shape[2]
     page = jnp.take_along_axis(page_table, (positions // page_size)[:, None], 1)[:, 0]
     slot = positions % page_size
@@ -306,7 +307,7 @@ def _decode(weights, packed, k_pool, v_pool, tokens, positions, page_table, s, h
 
 # Module-level so that every engine with the same model config shares compiled steps.
 _decode_jit = jax.jit(_decode, donate_argnums=(2, 3),
-                      static_argnames=("cfg", "ecfg", "attention", "head_fn", "greedy_only",
+                      static_argnames=("cfg", "ecfg", "backend", "head_fn", "greedy_only",
                                        "num_logprobs"))
 
 

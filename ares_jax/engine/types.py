@@ -10,7 +10,7 @@ import numpy as np
 from ares_jax.config import config
 from ares_jax.engine.sampling import SamplingParams
 
-ATTENTION_CHOICES = ("auto", "xla", "cpu_kernel")
+DECODE_BACKENDS = ("auto", "xla", "cpu_kernel")
 
 
 @config
@@ -27,14 +27,15 @@ class EngineConfig:
     # Output of this transformer block feeds the intermediate-layer hidden tap; None: middle.
     tap_layer: int | None = None
     sampling_candidates: int = 1024
-    # Decode attention: "xla" (any platform), "cpu_kernel" (a C++ kernel for XLA:CPU, f32, one
-    # device; built on first use) or "auto" (the kernel where it applies and builds, else xla).
-    attention: str = "auto"
+    # Decode step: "xla" (XLA's own lowering, any platform), "cpu_kernel" (C++ kernels for
+    # XLA:CPU's attention, layer matmuls and lm_head; f32, one device; built on first use) or
+    # "auto" (the kernels where they apply and build, else xla).
+    decode_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"EngineConfig.attention must be one of {ATTENTION_CHOICES}, "
-                             f"got {self.attention!r}")
+        if self.decode_backend not in DECODE_BACKENDS:
+            raise ValueError(f"EngineConfig.decode_backend must be one of {DECODE_BACKENDS}, "
+                             f"got {self.decode_backend!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"EngineConfig.page_size must be a power of two, got {self.page_size}")
         if self.max_num_seqs < 1:

@@ -71,9 +71,14 @@ def _library_path(compiler: str) -> Path:
     return cache_dir() / f"ares_cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
+def find_compiler() -> str | None:
+    """``$CXX``, else ``c++`` or ``g++`` on the PATH; None when there is none."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
 def build() -> Path:
     """Compile the kernels if this machine has no up-to-date build yet; returns the library."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    compiler = find_compiler()
     if not compiler:
         raise KernelUnavailable("no C++ compiler found (set $CXX)")
     out = _library_path(compiler)

@@ -20,44 +20,44 @@ using ares_cpu::Load;
 using ares_cpu::Store;
 using ares_cpu::v16;
 
-// Rows [0, MB) of x times one packed strip (w: [K, 16 * NV]), into columns n0.. of y.
-template <int MB, int NV>
+constexpr int64_t kStrip = 64;  // output columns per packed strip
+constexpr int kNV = kStrip / kLanes;  // vectors per strip row
+
+// Rows [0, MB) of x times one packed strip (w: [K, 64]), into columns n0.. of y.
+template <int MB>
 void Block(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
            int64_t N, int64_t n0) {
-  v16 acc[MB][NV] = {};
+  v16 acc[MB][kNV] = {};
   for (int64_t k = 0; k < K; ++k) {
-    const float* wk = w + k * kLanes * NV;
-    v16 wv[NV];
-    for (int j = 0; j < NV; ++j) wv[j] = Load(wk + kLanes * j);
+    const float* wk = w + k * kStrip;
+    v16 wv[kNV];
+    for (int j = 0; j < kNV; ++j) wv[j] = Load(wk + kLanes * j);
     for (int m = 0; m < MB; ++m) {
       const float xv = x[m * K + k];
-      for (int j = 0; j < NV; ++j) acc[m][j] += xv * wv[j];
+      for (int j = 0; j < kNV; ++j) acc[m][j] += xv * wv[j];
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NV; ++j) Store(y + m * N + n0 + kLanes * j, acc[m][j]);
+    for (int j = 0; j < kNV; ++j) Store(y + m * N + n0 + kLanes * j, acc[m][j]);
 }
 
-template <int NV>
 void Strip(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
            int64_t n0) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const float* xm = x + m0 * K;
     float* ym = y + m0 * N;
     switch (std::min<int64_t>(8, M - m0)) {
-      case 8: Block<8, NV>(xm, w, ym, K, N, n0); break;
-      case 7: Block<7, NV>(xm, w, ym, K, N, n0); break;
-      case 6: Block<6, NV>(xm, w, ym, K, N, n0); break;
-      case 5: Block<5, NV>(xm, w, ym, K, N, n0); break;
-      case 4: Block<4, NV>(xm, w, ym, K, N, n0); break;
-      case 3: Block<3, NV>(xm, w, ym, K, N, n0); break;
-      case 2: Block<2, NV>(xm, w, ym, K, N, n0); break;
-      default: Block<1, NV>(xm, w, ym, K, N, n0); break;
+      case 8: Block<8>(xm, w, ym, K, N, n0); break;
+      case 7: Block<7>(xm, w, ym, K, N, n0); break;
+      case 6: Block<6>(xm, w, ym, K, N, n0); break;
+      case 5: Block<5>(xm, w, ym, K, N, n0); break;
+      case 4: Block<4>(xm, w, ym, K, N, n0); break;
+      case 3: Block<3>(xm, w, ym, K, N, n0); break;
+      case 2: Block<2>(xm, w, ym, K, N, n0); break;
+      default: Block<1>(xm, w, ym, K, N, n0); break;
     }
   }
 }
-
-constexpr int64_t kStrip = 4 * kLanes;
 
 ffi::Error LayerMatmulCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
@@ -75,7 +75,7 @@ ffi::Error LayerMatmulCpu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* wl = w.typed_data() + l * N * K;
   float* yp = y->typed_data();
   ares_cpu::ParallelFor(pool, strips, [=](int64_t i) {
-    Strip<4>(xp, wl + i * K * kStrip, yp, M, K, N, i * kStrip);
+    Strip(xp, wl + i * K * kStrip, yp, M, K, N, i * kStrip);
   });
   return ffi::Error::Success();
 }

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ares_jax.config import config
+from ares_jax.kernels import matmul, paged_attention
 
 
 @config
@@ -328,15 +329,13 @@ def _stack(w: Weights, cfg: Config, tokens: jax.Array, lengths: jax.Array):
 # ----------------------------------------------------------------------------- paged decode
 
 
-ATTENTION_IMPLS = ("xla", "cpu_kernel")
+BACKENDS = ("xla", "cpu_kernel")
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 def pack_for_cpu_kernels(w: Weights) -> dict[str, jax.Array]:
     """The layer projections the CPU matmul kernel takes, packed into its strip layout (a copy
     of those weights: made once per model, passed to every ``decode_step``)."""
-    from ares_jax.kernels import matmul
-
     flat = {name: _flat_stack(name, getattr(w.layers, name)) for name in PROJECTIONS}
     # The lm_head as one more [1, D, V] "layer" (for a tied embedding, its transpose).
     flat["lm_head"] = (w.embed.T if w.lm_head is None else w.lm_head)[None]
@@ -388,7 +387,7 @@ def decode_step(
     positions: jax.Array,
     page_table: jax.Array,
     tap_layer: int | None = None,
-    attention: str = "xla",
+    backend: str = "xla",
     packed: dict[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """One token per sequence against a paged KV pool (read-only here).
@@ -398,31 +397,29 @@ def decode_step(
     The new token attends to its cached prefix plus itself. Returns ``logits`` [B, V],
     ``hidden`` [B, D], ``hidden_tap`` [B, D] and the new token's ``k``/``v`` [L, B, KVH, K],
     which the caller scatters into the pool at (page_table[b, pos // S], pos % S).
-    ``attention``: "xla" (any platform) or "cpu_kernel" (XLA:CPU, float32, one device): the
+    ``backend``: "xla" (any platform) or "cpu_kernel" (XLA:CPU, float32, one device): the
     attention reads the pages in place (``ares_jax.kernels.paged_attention``), and the layer
     projections and lm_head found in ``packed`` (``pack_for_cpu_kernels(w)``, made once) run as
     small-batch matmul kernels (``ares_jax.kernels.matmul``); the others keep XLA's dot.
     """
     tap = check_tap_layer(cfg, tap_layer)
-    if attention not in ATTENTION_IMPLS:
-        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     b = tokens.shape[0]
     inv_freq = rope_inv_freq(cfg)
     scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    if attention == "cpu_kernel":
-        from ares_jax.kernels import matmul, paged_attention
-
+    packed = packed if backend == "cpu_kernel" and packed else {}
+    if backend == "cpu_kernel":
         # The kernels take whole stacked arrays plus a layer index: a custom call on one
         # scanned layer's slice would copy it.
-        def attend(qg, k, v, lw, li):
+        def attend(qg, k, v, li):
             return paged_attention.paged_attention(qg, k, v, k_pages, v_pages, li, page_table,
                                                    positions, scale=scale)
 
         stacked = {name: _flat_stack(name, getattr(w.layers, name)) for name in PROJECTIONS}
-        packed = packed or {}
 
-        def projector(lw, li) -> Project:
+        def projector(li) -> Project:
             def project(name, x):
                 if name not in packed:
                     return x @ stacked[name][li]
@@ -432,21 +429,21 @@ def decode_step(
 
         per_layer = (w.layers, jnp.arange(cfg.n_layers, dtype=jnp.int32))
     else:
-        def attend(qg, k, v, lw, layer_pages):
+        def attend(qg, k, v, layer_pages):
             return paged_attention_xla(qg, k, v, *layer_pages, page_table, positions, scale)
 
-        def projector(lw, layer_pages) -> Project | None:
+        def projector(layer_pages) -> Project | None:
             return None
 
         per_layer = (w.layers, (k_pages, v_pages))
 
     def layer(h, xs):
         lw, layer_extra = xs
-        project = projector(lw, layer_extra)
+        project = projector(layer_extra)
         x = rms_norm(h, lw.attn_norm, cfg.rms_eps)
         q, k, v = _qkv(lw, x, positions[:, None], cfg, inv_freq, project)  # [B, 1, heads, K]
         qg = _grouped(q, cfg.n_kv_heads)[:, 0]  # [B, KVH, G, K]
-        o = attend(qg, k[:, 0], v[:, 0], lw, layer_extra)
+        o = attend(qg, k[:, 0], v[:, 0], layer_extra)
         if project is None:
             h = h + jnp.einsum("bthk,hkd->btd", o.reshape(b, 1, cfg.n_heads, cfg.head_dim),
                                lw.wo)
@@ -458,9 +455,7 @@ def decode_step(
     h0 = w.embed[tokens][:, None].astype(cfg.jnp_dtype)
     h, (k_new, v_new, taps) = jax.lax.scan(layer, h0, per_layer)
     hidden = rms_norm(h[:, 0], w.final_norm, cfg.rms_eps)
-    if attention == "cpu_kernel" and packed and "lm_head" in packed:
-        from ares_jax.kernels import matmul
-
+    if "lm_head" in packed:
         logits = matmul.layer_matmul(hidden, packed["lm_head"], jnp.int32(0))
     else:
         logits = _logits(w, hidden)
