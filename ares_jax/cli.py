@@ -10,6 +10,8 @@ import sys
 _SUBCOMMAND_MODULES = (
     "ares_jax.sim.cli",
     "ares_jax.predictor.cli",
+    "ares_jax.serving.cli",  # serve, scheduler, replica
+    "ares_jax.bench.cli",  # bench serve
 )
 
 
