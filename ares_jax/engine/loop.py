@@ -107,9 +107,9 @@ class ServingLoop:
             for row, (rid, info) in enumerate(zip(out.request_ids, out.tokens)):
                 tracker = self.trackers[rid]
                 if out.predicted_remaining is not None:
-                    tracker.predicted_remaining = float(out.predicted_remaining[row])
+                    tracker.predict(out.predicted_remaining[row])
                 done = tracker.add(info)
-                events.append(self._chunk(tracker, info.token_id))
+                events.append(tracker.chunk(info))
                 if done:
                     self._retire(rid)
             for hook in self.on_step:
@@ -130,15 +130,20 @@ class ServingLoop:
             batch.append(self.waiting.popleft())
         if not batch:
             return
+        started = time.perf_counter()
+        for r in batch:
+            metrics = self.trackers[r.request_id].metrics
+            if metrics.scheduled_time is None:
+                metrics.scheduled_time = started
         results = self.prefill_engine.prefill(batch)
         now = time.perf_counter()
         for res in results:
             rid = res.request.request_id
             tracker = self.trackers[rid]
             if res.predicted_remaining is not None:
-                tracker.predicted_remaining = res.predicted_remaining
+                tracker.predict(res.predicted_remaining)
             done = tracker.add(res.first, now)
-            events.append(self._chunk(tracker, res.first.token_id))
+            events.append(tracker.chunk(res.first))
             if done:
                 self._retire(rid)
                 continue
@@ -170,12 +175,6 @@ class ServingLoop:
         if idx is not None:
             self.decoders[idx].release(rid)
         self.finished[rid] = self.trackers.pop(rid)
-
-    def _chunk(self, tracker: RequestTracker, token: int) -> StreamChunk:
-        return StreamChunk(request_id=tracker.request.request_id, index=tracker.request.index,
-                           token_id=token, text_delta=tracker.text_delta(),
-                           finished=tracker.finish_reason is not None,
-                           finish_reason=tracker.finish_reason)
 
     def check_no_leaks(self) -> None:
         """Every page not held by a running request is free (used by tests and at shutdown)."""

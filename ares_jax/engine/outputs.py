@@ -16,6 +16,20 @@ class RequestMetrics:
     finish_time: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     num_preemptions: int = 0
+    # When the request first left the waiting queue for a prefill (queue time = this - arrival).
+    scheduled_time: float | None = None
+    num_migrations: int = 0
+    # (tokens generated when predicted, predicted remaining tokens): every prediction received,
+    # so the predictor's error can be measured once the true length is known.
+    predictions: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
 
     @property
     def ttft(self) -> float | None:
@@ -62,6 +76,11 @@ class StreamChunk:
     text_delta: str
     finished: bool
     finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    predicted_remaining: float | None = None
+    # The whole record, on the last chunk of a request only.
+    output: RequestOutput | None = None
 
 
 class RequestTracker:
@@ -120,6 +139,21 @@ class RequestTracker:
                         return
         if n >= p.max_tokens or len(self.request.prompt_ids) + n >= self.max_model_len:
             self.finish_reason = "length"
+
+    def predict(self, remaining: float) -> None:
+        """Record the length head's latest remaining-length prediction."""
+        self.predicted_remaining = float(remaining)
+        self.metrics.predictions.append((len(self.token_ids), self.predicted_remaining))
+
+    def chunk(self, info: TokenInfo) -> StreamChunk:
+        """The stream event for the token just added (the last one carries the whole output)."""
+        done = self.finish_reason is not None
+        return StreamChunk(request_id=self.request.request_id, index=self.request.index,
+                           token_id=info.token_id, text_delta=self.text_delta(), finished=done,
+                           finish_reason=self.finish_reason, logprob=info.logprob,
+                           top_logprobs=info.top_logprobs,
+                           predicted_remaining=self.predicted_remaining,
+                           output=self.output() if done else None)
 
     def abort(self, reason: str = "abort") -> None:
         self.finish_reason = reason
