@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:
-            if err.name != name:
+            # Only a subsystem that is not installed is skipped, not a broken import inside it.
+            if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
                 raise
             continue
         module.register(sub)

@@ -11,10 +11,9 @@ import jax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from ares_jax.cluster import ClusterConfig, build_cluster
+from ares_jax.cluster import ClusterConfig, ServingLoop, build_cluster
 from ares_jax.config import from_dict, to_dict
 from ares_jax.engine.decode import DecodeEngine
-from ares_jax.engine.loop import ServingLoop
 from ares_jax.engine.outputs import RequestOutput, StreamChunk
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.engine.sampling import SamplingParams

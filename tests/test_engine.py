@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from ares_jax.cluster import ServingLoop
 from ares_jax.engine import decode as decode_mod
 from ares_jax.engine.decode import DecodeEngine
-from ares_jax.engine.loop import ServingLoop
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig, Request
@@ -38,8 +38,8 @@ def req(i: int, n: int = 10, params: SamplingParams = GREEDY) -> Request:
 
 def assert_all_pages_free(loop: ServingLoop) -> None:
     for d in loop.decoders:
-        assert d.allocator.num_free == d.allocator.capacity, d.allocator.owners()
-        assert not d.slots
+        assert d.num_free_pages == d.capacity_pages, d.page_owners()
+        assert not d.num_active
 
 
 def test_pages_never_leak_after_finish_cancel_and_failure(tiny_model):
@@ -128,7 +128,7 @@ def test_export_import_pages_bit_exact(tiny_model):
     loop.add_request(req(7, n=37, params=SamplingParams(temperature=0.0, max_tokens=50)))
     for _ in range(4):
         loop.step()
-    n = len(src.allocator.pages("r7"))
+    n = src.pages_held("r7")
     k, v = src.export_pages("r7", 0, n)
     dst.reserve("r7", n)
     dst.import_pages("r7", 0, k, v, n)
@@ -140,7 +140,7 @@ def test_export_import_pages_bit_exact(tiny_model):
     with pytest.raises(IndexError, match="reserved"):
         dst.import_pages("r7", n - 1, k, v, 2)
     dst.release("r7")
-    assert dst.allocator.num_free == dst.allocator.capacity
+    assert dst.num_free_pages == dst.capacity_pages
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny_model):

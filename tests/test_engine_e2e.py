@@ -57,7 +57,7 @@ def test_outputs_identical_after_pool_wraparound():
     again = [o.token_ids for o in small.chat(convs, params)]
     assert again == first
     engine = small.decode_engine
-    assert engine.allocator.num_free == engine.allocator.capacity
+    assert engine.num_free_pages == engine.capacity_pages
 
 
 def test_stream_matches_generate_and_stop_strings(llm):

@@ -1,20 +1,25 @@
-"""Live migration between decode engines on separate meshes: token identity, KV equality,
-abort paths, and a policy-driven cluster run (tiny random model, 8 virtual CPU devices)."""
+"""Live migration between decode engines on separate meshes, driven through the scheduler
+core: token identity, KV equality, abort paths with injected faults, and a policy-driven
+cluster run (tiny random model, 8 virtual CPU devices)."""
 
 import jax
 import numpy as np
 import pytest
 
-from ares_jax.cluster import ClusterConfig, build_cluster
+from ares_jax.cluster import (
+    ClusterConfig,
+    MigrationConfig,
+    MigrationOutcome,
+    ServingLoop,
+    build_cluster,
+)
 from ares_jax.engine.decode import DecodeEngine
-from ares_jax.engine.loop import ServingLoop
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig, Request
 from ares_jax.model import make_mesh
 from ares_jax.model.loader import on_mesh
-from ares_jax.transfer import MigrationConfig, MigrationManager, MigrationOutcome
-from ares_jax.transfer.errors import TransferError
+from ares_jax.replica.types import ImportDone
 
 ECFG = EngineConfig(page_size=8, num_pages=64, max_num_seqs=8, max_model_len=256)
 PARAMS = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
@@ -34,10 +39,22 @@ def engines(tiny_model):
     return prefill, decoders
 
 
+def cluster(engines, config: MigrationConfig | None = None) -> ServingLoop:
+    """The core over the engines; least-load dispatch never migrates on its own, so the test
+    decides every migration."""
+    prefill, decoders = engines
+    return ServingLoop(prefill, decoders, None,
+                       ClusterConfig(policy="least-load", migration=config or MigrationConfig()))
+
+
+def assert_all_free(engines) -> None:
+    for d in engines[1]:
+        assert d.num_free_pages == d.capacity_pages and not d.num_active, d.page_owners()
+
+
 @pytest.fixture(scope="module")
 def reference(engines):
-    prefill, decoders = engines
-    loop = ServingLoop(prefill, decoders[:1], None)
+    loop = ServingLoop(engines[0], engines[1][:1], None)
     loop.add_request(Request(request_id="ref", prompt_ids=prompt(1), params=PARAMS))
     while loop.has_work:
         loop.step()
@@ -47,26 +64,18 @@ def reference(engines):
 def decode_with_migrations(engines, migrate_at: list[int], dsts: list[int],
                            config: MigrationConfig | None = None) -> tuple[list[int], list]:
     """Run one greedy request, starting a migration at each generated-token count in
-    ``migrate_at`` (to ``dsts``), stepping wherever the request currently lives."""
-    prefill, decoders = engines
-    res = prefill.prefill([Request(request_id="m", prompt_ids=prompt(1), params=PARAMS)])[0]
-    tokens = [res.first.token_id]
-    decoders[0].insert(res)
-    where = 0
-    mgr = MigrationManager(decoders, config)
+    ``migrate_at`` (to ``dsts``)."""
+    loop = cluster(engines, config)
+    loop.add_request(Request(request_id="m", prompt_ids=prompt(1), params=PARAMS))
     pending = list(zip(migrate_at, dsts))
-    while len(tokens) < PARAMS.max_tokens:
-        if pending and len(tokens) >= pending[0][0] and not mgr.active:
-            mgr.start("m", where, pending.pop(0)[1])
-        out = decoders[where].step()
-        tokens += [t.token_id for rid, t in zip(out.request_ids, out.tokens) if rid == "m"]
-        for rec in mgr.advance():
-            assert rec.outcome is MigrationOutcome.COMMITTED, rec.reason
-            where = rec.dst
-    decoders[where].release("m")
-    for d in decoders:
-        assert d.allocator.num_free == d.allocator.capacity
-    return tokens[: PARAMS.max_tokens], mgr.history
+    while loop.has_work:
+        tracker = loop.trackers["m"]
+        if pending and len(tracker.token_ids) >= pending[0][0] and not loop.migrations:
+            loop.start_migration("m", loop.location["m"], pending.pop(0)[1])
+        loop.step()
+    loop.check_no_leaks()
+    assert_all_free(engines)
+    return loop.finished["m"].token_ids, list(loop.migration_history)
 
 
 @pytest.mark.parametrize("migrate_at", [[8], [15], [17], [9, 33]])
@@ -79,74 +88,83 @@ def test_migrated_request_produces_identical_tokens(engines, reference, migrate_
 
 
 def test_destination_pages_equal_source_pages_bit_for_bit(engines):
-    prefill, (src, dst, _) = engines
-    res = prefill.prefill([Request(request_id="kv", prompt_ids=prompt(2, 45), params=PARAMS)])[0]
-    src.insert(res)
+    loop = cluster(engines)
+    _, (src, dst, _) = engines
+    loop.add_request(Request(request_id="kv", prompt_ids=prompt(2, 45), params=PARAMS))
     for _ in range(6):
-        src.step()
-    n = len(src.allocator.pages("kv"))
-    before_k, before_v = (np.asarray(a)[:, :n] for a in src.export_pages("kv", 0, n))
-    mgr = MigrationManager([src, dst])
-    mgr.start("kv", 0, 1)
-    while mgr.active:
-        mgr.advance()
-    assert mgr.history[-1].outcome is MigrationOutcome.COMMITTED
-    after_k, after_v = (np.asarray(a)[:, :n] for a in dst.export_pages("kv", 0, n))
-    np.testing.assert_array_equal(before_k, after_k)
-    np.testing.assert_array_equal(before_v, after_v)
-    dst.release("kv")
+        loop.step()
+    full = src.num_cached("kv") // ECFG.page_size  # pages that no later token changes
+    before = [np.asarray(a)[:, :full] for a in src.export_pages("kv", 0, full)]
+    loop.start_migration("kv", 0, 1)
+    while loop.migrations:
+        loop.step()
+    assert loop.migration_history[-1].outcome is MigrationOutcome.COMMITTED
+    assert dst.is_running("kv") and not src.pages_held("kv")
+    after = [np.asarray(a)[:, :full] for a in dst.export_pages("kv", 0, full)]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(b, a)
+    loop.abort("kv")
+    assert_all_free(engines)
 
 
-def test_abort_paths_free_every_page_and_keep_the_request(engines):
-    prefill, (src, dst, _) = engines
+def test_abort_paths_free_every_page_and_keep_the_request(engines, reference):
+    _, (src, dst, _) = engines
 
-    def fresh(rid: str) -> None:
-        r = prefill.prefill([Request(request_id=rid, prompt_ids=prompt(3, 30),
-                                     params=PARAMS)])[0]
-        src.insert(r)
+    def started(config=None) -> ServingLoop:
+        loop = cluster(engines, config)
+        loop.add_request(Request(request_id="a", prompt_ids=prompt(1), params=PARAMS))
+        for _ in range(3):
+            loop.step()
+        return loop
 
     # 1. The destination has no room.
-    fresh("a")
-    hog = dst.reserve("hog", dst.allocator.num_free)
-    rec = MigrationManager([src, dst]).start("a", 0, 1)
-    assert rec.outcome is MigrationOutcome.ABORTED_DESTINATION and "needs" in rec.reason
-    dst.allocator.free("hog")
-    assert len(hog) > 0 and "a" in src.slots
-    # 2. The request finishes (is released) on the source mid-migration.
-    mgr = MigrationManager([src, dst], MigrationConfig(final_stage_pages=0, max_stages=5))
-    mgr.start("a", 0, 1)
-    mgr.advance()
-    src.release("a")
-    (rec,) = mgr.advance()
-    assert rec.outcome is MigrationOutcome.ABORTED_SOURCE
-    # 3. The transfer fails halfway (second stage), and 4. it times out.
-    calls = {"n": 0}
+    loop = started()
+    dst.reserve("hog", dst.num_free_pages)
+    rec = loop.start_migration("a", 0, 1)
+    assert rec.outcome is MigrationOutcome.ABORTED_DESTINATION and "not free" in rec.reason
+    dst.release("hog")
+    loop.abort("a")
+    # 2. The request is cancelled mid-migration: the destination's pages go too.
+    loop = started(MigrationConfig(final_stage_pages=0, max_stages=5))
+    loop.start_migration("a", 0, 1)
+    loop.step()
+    assert dst.pages_held("a") > 0
+    loop.abort("a")
+    assert loop.migration_history[-1].outcome is MigrationOutcome.ABORTED_SOURCE
+    assert_all_free(engines)
+    # 3. The copy fails at the second stage, and 4. the migration times out; both at the
+    # final (stop-and-copy) stage too. The request decodes on where it was, to the same tokens.
+    for fail_at, cfg, why in [(2, MigrationConfig(final_stage_pages=0), "link down"),
+                              (1, MigrationConfig(), "link down"),
+                              (None, MigrationConfig(timeout_s=5.0), "exceeded")]:
+        loop = started(cfg)
+        handle = loop.decode_replicas[1]
+        real, calls = handle.import_kv, {"n": 0}
 
-    def flaky(s, d, rid, start, end):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise TransferError("link down")
-        return 0
+        def flaky(rid, start, block, real=real, calls=calls, fail_at=fail_at, handle=handle):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                handle._events.append(ImportDone(replica_id=1, request_id=rid, start=start,
+                                                 pages=block.pages, nbytes=0, ok=False,
+                                                 error="TransferError: link down"))
+                return
+            real(rid, start, block)
 
-    ticks = iter(range(0, 10**6, 10))
-    clock = lambda: float(next(ticks))  # noqa: E731 - 10 s pass between any two readings
-    for copy_fn, cfg, why in [(flaky, MigrationConfig(final_stage_pages=0), "link down"),
-                              (lambda *a: 0, MigrationConfig(timeout_s=5.0), "exceeded")]:
-        fresh("b")
-        mgr = MigrationManager([src, dst], cfg, copy_fn=copy_fn,
-                               clock=clock if why == "exceeded" else __import__("time").time)
-        mgr.start("b", 0, 1)
-        ended = []
-        while not ended:
-            src.step()
-            ended = mgr.advance()
-        assert ended[0].outcome is MigrationOutcome.ABORTED_DESTINATION
-        assert why in ended[0].reason
-        assert "b" in src.slots and "b" not in dst.slots  # still decoding where it was
-        src.step()
-        src.release("b")
-    for d in (src, dst):
-        assert d.allocator.num_free == d.allocator.capacity and not d.slots
+        handle.import_kv = flaky
+        if why == "exceeded":
+            ticks = iter(range(0, 10**6, 10))
+            loop.clock = lambda ticks=ticks: float(next(ticks))  # 10 s between readings
+        loop.start_migration("a", 0, 1)
+        while loop.migrations:
+            loop.step()
+        rec = loop.migration_history[-1]
+        assert rec.outcome is MigrationOutcome.ABORTED_DESTINATION and why in rec.reason
+        assert src.is_running("a") and not dst.pages_held("a")  # still decoding where it was
+        while loop.has_work:
+            loop.step()
+        assert loop.finished["a"].token_ids == reference
+        loop.check_no_leaks()
+        assert_all_free(engines)
 
 
 def test_import_with_wrong_page_shape_is_refused(engines):
@@ -155,7 +173,7 @@ def test_import_with_wrong_page_shape_is_refused(engines):
     bad = jax.numpy.zeros((2, 2, 4, 2, 16))
     with pytest.raises(ValueError, match="does not match"):
         dst.import_pages("w", 0, bad, bad, 2)
-    dst.allocator.free("w")
+    dst.release("w")
 
 
 def test_ares_policy_migrates_a_skewed_cluster_and_tokens_are_right(tiny_model):
@@ -186,4 +204,4 @@ def test_ares_policy_migrates_a_skewed_cluster_and_tokens_are_right(tiny_model):
         {rid: t.token_ids for rid, t in ref.finished.items()}
     loop.check_no_leaks()
     for d in loop.decoders:
-        assert d.allocator.num_free == d.allocator.capacity
+        assert d.num_free_pages == d.capacity_pages

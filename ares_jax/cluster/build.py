@@ -8,7 +8,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ares_jax.cluster.config import ClusterConfig
-from ares_jax.cluster.live import ClusterLoop
+from ares_jax.cluster.local import ServingLoop
 from ares_jax.engine.decode import DecodeEngine, HeadFn
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.engine.types import EngineConfig
@@ -35,7 +35,7 @@ def split_devices(cluster: ClusterConfig, devices: Sequence[jax.Device] | None =
 
 def build_cluster(model: LoadedModel, cluster: ClusterConfig, engine: EngineConfig,
                   head: tuple[HeadFn, object] | None = None,
-                  prefill_head: tuple[HeadFn, object] | None = None) -> ClusterLoop:
+                  prefill_head: tuple[HeadFn, object] | None = None) -> ServingLoop:
     """Place the model on every mesh (device to device) and wire the policy-driven loop."""
     prefill_devs, decode_devs = split_devices(cluster)
     prefill_mesh = make_mesh(prefill_devs)
@@ -45,7 +45,7 @@ def build_cluster(model: LoadedModel, cluster: ClusterConfig, engine: EngineConf
     for devs in decode_devs:
         mesh = make_mesh(devs)
         decoders.append(DecodeEngine(on_mesh(model, mesh), engine, head=_head_on(head, mesh)))
-    return ClusterLoop(prefill, decoders, model.tokenizer, cluster)
+    return ServingLoop(prefill, decoders, model.tokenizer, cluster)
 
 
 def _head_on(head: tuple[HeadFn, object] | None, mesh: Mesh) -> tuple[HeadFn, object] | None:

@@ -1,10 +1,11 @@
-"""Settings of the in-process disaggregated cluster."""
+"""Settings of the scheduler core: policies, rescheduling, migration, the step-cost model, and
+the in-process cluster's device split."""
 
 from __future__ import annotations
 
+from ares_jax.cluster.migration import MigrationConfig
 from ares_jax.config import config
 from ares_jax.scheduler.ares import AresConfig
-from ares_jax.transfer.migration import MigrationConfig
 
 
 @config

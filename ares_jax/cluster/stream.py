@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ares_jax.cluster.build import build_cluster
 from ares_jax.cluster.config import ClusterConfig
-from ares_jax.cluster.live import ClusterLoop
+from ares_jax.cluster.local import ServingLoop
 from ares_jax.config import config
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig, Request
@@ -73,7 +73,7 @@ def sharegpt_stream(model: LoadedModel, stream: StreamConfig) -> list[Arrival]:
     return arrivals
 
 
-def replay(loop: ClusterLoop, arrivals: Sequence[Arrival], desc: str = "") -> dict:
+def replay(loop: ServingLoop, arrivals: Sequence[Arrival], desc: str = "") -> dict:
     """Feed ``arrivals`` into ``loop`` at their iterations and run it dry; return metrics."""
     pending = sorted(arrivals, key=lambda a: a.iteration)
     added_at: dict[str, float] = {}
@@ -102,7 +102,7 @@ def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def summarize(loop: ClusterLoop, request_ids: Sequence[str], wall_s: float) -> dict:
+def summarize(loop: ServingLoop, request_ids: Sequence[str], wall_s: float) -> dict:
     trackers = [loop.finished[rid] for rid in request_ids]
     ttft = [t.metrics.ttft for t in trackers if t.metrics.ttft is not None]
     wall_tpot = [t.metrics.tpot for t in trackers if t.metrics.tpot is not None]

@@ -1,8 +1,14 @@
 """The decode engine: continuous batching over a paged KV pool.
 
-``insert`` a prefilled request, ``step`` the whole batch one token, ``release`` finished
-requests. Batch size and page-table width are bucketed to powers of two, so steady-state serving
-reuses a handful of compiled steps; the pool is donated to every step and updated in place.
+``insert`` a prefilled request, ``step`` the whole batch one token. Each step checks the
+token-level stop conditions itself and frees the pages of every request that finished, so a
+remote replica needs no round trip per token. Batch size and page-table width are bucketed to
+powers of two, so steady-state serving reuses a handful of compiled steps; the pool is donated
+to every step and updated in place.
+
+The slots, the page allocator and the pool are private: everything outside (the replica
+handles, the scheduler core, the migration code) goes through the methods below, which is what
+lets the same scheduler drive an engine in this process or one behind gRPC.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ares_jax.engine.kv_pool import (
     write_pages,
 )
 from ares_jax.engine.prefill import resolve_max_model_len
+from ares_jax.engine.stops import token_stop
 from ares_jax.engine.types import EngineConfig, PrefillResult, Request, StepOutput
 from ares_jax.model import model as llama
 from ares_jax.model.loader import LoadedModel
@@ -50,6 +57,23 @@ class SlotState:
     last_token: int  # the next token to feed; its K/V is written by the next step
     generated: int  # tokens generated so far, the first (from prefill) included
     order: int  # insertion order: the newest is preempted first
+    predicted_remaining: float = float("nan")  # the fused head's latest output
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeLoad:
+    """One engine's load, columnar (one entry per running request, in slot order)."""
+
+    free_pages: int
+    used_pages: int
+    capacity_pages: int
+    reserved_pages: int  # held for requests that are not running here (incoming migrations)
+    free_slots: int
+    request_ids: tuple[str, ...]
+    kv_tokens: np.ndarray  # int64
+    generated: np.ndarray  # int64
+    max_tokens: np.ndarray  # int64
+    predicted_remaining: np.ndarray  # float64, NaN before the first prediction
 
 
 class DecodeEngine:
@@ -64,12 +88,13 @@ class DecodeEngine:
         self.page_size = config.page_size
         self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
         num_pages = config.num_pages or self._pages_from_memory()
-        self.pool = create_pool(self.cfg, num_pages, self.page_size, model.mesh, model.rules)
-        self.allocator = PageAllocator(num_pages)
-        self.slots: dict[str, SlotState] = {}
+        self._pool = create_pool(self.cfg, num_pages, self.page_size, model.mesh, model.rules)
+        self._allocator = PageAllocator(num_pages)
+        self._slots: dict[str, SlotState] = {}
         self._order = 0
         self.head = head
         self._replicated = NamedSharding(model.mesh, PartitionSpec())
+        self._eos = frozenset(self.cfg.eos_token_ids)
 
     # ------------------------------------------------------------------ capacity
 
@@ -81,15 +106,67 @@ class DecodeEngine:
 
     @property
     def num_active(self) -> int:
-        return len(self.slots)
+        return len(self._slots)
+
+    @property
+    def num_free_pages(self) -> int:
+        return self._allocator.num_free
+
+    @property
+    def num_used_pages(self) -> int:
+        return self._allocator.num_used
+
+    @property
+    def capacity_pages(self) -> int:
+        return self._allocator.capacity
+
+    @property
+    def kv_bytes_per_page(self) -> int:
+        return self.cfg.kv_bytes_per_token * self.page_size
 
     def free_slots(self) -> int:
-        return self.config.max_num_seqs - len(self.slots)
+        return self.config.max_num_seqs - len(self._slots)
+
+    def is_running(self, request_id: str) -> bool:
+        return request_id in self._slots
+
+    def running_ids(self) -> list[str]:
+        return list(self._slots)
+
+    def pages_held(self, request_id: str) -> int:
+        """Pages allocated to ``request_id`` (running or reserved)."""
+        return len(self._allocator.pages(request_id))
+
+    def page_owners(self) -> list[str]:
+        return self._allocator.owners()
+
+    def num_cached(self, request_id: str) -> int:
+        return self._slots[request_id].num_cached
 
     def can_admit(self, num_tokens: int) -> bool:
         """A slot is free and the pool has the pages for ``num_tokens`` plus the next token."""
         return self.free_slots() > 0 and \
-            pages_for(num_tokens + 1, self.page_size) <= self.allocator.num_free
+            pages_for(num_tokens + 1, self.page_size) <= self._allocator.num_free
+
+    def load(self) -> DecodeLoad:
+        """The running requests as columns plus page counts: what a scheduler snapshot needs."""
+        states = list(self._slots.values())
+        running_pages = sum(len(self._allocator.pages(r)) for r in self._slots)
+        return DecodeLoad(
+            free_pages=self._allocator.num_free, used_pages=self._allocator.num_used,
+            capacity_pages=self._allocator.capacity,
+            reserved_pages=self._allocator.num_used - running_pages,
+            free_slots=self.free_slots(), request_ids=tuple(self._slots),
+            kv_tokens=np.fromiter((s.num_cached for s in states), np.int64, len(states)),
+            generated=np.fromiter((s.generated for s in states), np.int64, len(states)),
+            max_tokens=np.fromiter((s.request.params.max_tokens for s in states), np.int64,
+                                   len(states)),
+            predicted_remaining=np.fromiter((s.predicted_remaining for s in states), np.float64,
+                                            len(states)))
+
+    def block_until_ready(self) -> None:
+        """Wait for every write queued on the pool (a copy has landed before a commit)."""
+        jax.block_until_ready((self._pool.k, self._pool.v))
 
     def check_fits(self, total_tokens: int) -> None:
         """Refuse a request that could never fit, whatever else is running."""
@@ -97,110 +174,144 @@ class DecodeEngine:
             raise ValueError(f"the request needs {total_tokens} tokens of context; "
                              f"max_model_len is {self.max_model_len}")
         need = pages_for(total_tokens, self.page_size)
-        if need > self.allocator.capacity:
+        if need > self._allocator.capacity:
             raise ValueError(f"the request needs {need} KV pages; the pool holds "
-                             f"{self.allocator.capacity}")
+                             f"{self._allocator.capacity}")
 
     # ------------------------------------------------------------------ requests in and out
 
     def insert(self, result: PrefillResult) -> None:
         """Place a prefilled request: its K/V pages move to this engine's mesh and pool."""
-        rid = result.request.request_id
-        if rid in self.slots:
+        self.insert_kv(result.request, result.k, result.v, num_tokens=result.num_tokens,
+                       first_token=result.first.token_id)
+
+    def insert_kv(self, request: Request, k: jax.Array, v: jax.Array, *, num_tokens: int,
+                  first_token: int, predicted_remaining: float | None = None) -> None:
+        """``insert`` from the parts: ``k``/``v`` are [L, n >= pages_for(num_tokens), S, KVH,
+        K] page blocks on any mesh of this process (they are copied here with device_put)."""
+        rid = request.request_id
+        if rid in self._slots:
             raise ValueError(f"request {rid} is already running on this engine")
         if self.free_slots() <= 0:
             raise OutOfPages(f"request {rid}: no free decode slot ({self.config.max_num_seqs})")
-        n = pages_for(result.num_tokens, self.page_size)
-        pages = self.allocator.allocate(rid, n)
+        n = pages_for(num_tokens, self.page_size)
+        if k.shape[1] < n:
+            raise ValueError(f"request {rid}: a block of {k.shape[1]} pages cannot hold "
+                             f"{num_tokens} tokens")
+        pages = self._allocator.allocate(rid, n)
         try:
-            self._write(pages, result.k, result.v)
+            self._write(pages, k, v)
         except Exception:
-            self.allocator.free(rid)
+            self._allocator.free(rid)
             raise
-        self._add_slot(result.request, num_cached=result.num_tokens,
-                       last_token=result.first.token_id,
-                       generated=len(result.request.resumed_ids) + 1)
+        self._add_slot(request, num_cached=num_tokens, last_token=first_token,
+                       generated=len(request.resumed_ids) + 1)
+        if predicted_remaining is not None:
+            self._slots[rid].predicted_remaining = float(predicted_remaining)
 
     def _add_slot(self, request: Request, *, num_cached: int, last_token: int,
                   generated: int) -> None:
         self._order += 1
-        self.slots[request.request_id] = SlotState(request, num_cached, last_token, generated,
-                                                   self._order)
+        self._slots[request.request_id] = SlotState(request, num_cached, last_token, generated,
+                                                    self._order)
 
     def _write(self, pages: list[int], k: jax.Array, v: jax.Array) -> None:
         """Write [L, n, S, KVH, K] arrays (n >= len(pages); the rest go to scratch)."""
         target = kv_pool_sharding(k.shape, self.model.mesh, self.model.rules)
         k, v = handoff(k, v, target)
         first = run_start(pages) if len(pages) == k.shape[1] else None
+        pool = self._pool
         if first is not None:
-            self.pool.k, self.pool.v = write_page_run(self.pool.k, self.pool.v,
-                                                      jnp.int32(first), k, v)
+            pool.k, pool.v = write_page_run(pool.k, pool.v, jnp.int32(first), k, v)
             return
         ids = np.full(k.shape[1], SCRATCH_PAGE, np.int32)
         ids[: len(pages)] = pages
-        self.pool.k, self.pool.v = write_pages(self.pool.k, self.pool.v, jnp.asarray(ids), k, v)
+        pool.k, pool.v = write_pages(pool.k, pool.v, jnp.asarray(ids), k, v)
 
     def release(self, request_id: str) -> int:
-        """Drop a request (finished, cancelled or failed) and free its pages. Idempotent."""
-        self.slots.pop(request_id, None)
-        return self.allocator.free(request_id)
+        """Drop a request (finished, cancelled, failed, or reserved for a migration that was
+        abandoned) and free its pages. Idempotent; returns the pages freed."""
+        self._slots.pop(request_id, None)
+        return self._allocator.free(request_id)
 
     # ------------------------------------------------------------------ page export / import
 
     def export_pages(self, request_id: str, start: int, end: int) -> tuple[jax.Array, jax.Array]:
         """Copies of the request's pages [start, end) as [L, bucket(n), S, KVH, K] arrays."""
-        pages = self.allocator.pages(request_id)
+        pages = self._allocator.pages(request_id)
         if not 0 <= start <= end <= len(pages):
             raise IndexError(f"request {request_id}: page range [{start}, {end}) outside its "
                              f"{len(pages)} pages")
         n = end - start
         first = run_start(pages[start:end]) if n == bucket(n) else None
         if first is not None:
-            return read_page_run(self.pool.k, self.pool.v, jnp.int32(first), n)
+            return read_page_run(self._pool.k, self._pool.v, jnp.int32(first), n)
         ids = np.full(bucket(max(n, 1)), SCRATCH_PAGE, np.int32)
         ids[:n] = pages[start:end]
-        return read_pages(self.pool.k, self.pool.v, jnp.asarray(ids))
+        return read_pages(self._pool.k, self._pool.v, jnp.asarray(ids))
 
     def reserve(self, request_id: str, num_pages: int) -> list[int]:
-        """Pre-allocate pages for an incoming request (migration destination)."""
-        return self.allocator.allocate(request_id, num_pages)
+        """Pre-allocate pages for an incoming request (migration destination); raises
+        ``OutOfPages`` when the pool cannot supply them."""
+        if request_id in self._slots:
+            raise ValueError(f"request {request_id} is already running on this engine")
+        return self._allocator.allocate(request_id, num_pages)
 
     def import_pages(self, request_id: str, start: int, k: jax.Array, v: jax.Array,
                      count: int) -> None:
         """Write ``count`` pages from ``k``/``v`` into the request's reserved pages from
         ``start``."""
-        pages = self.allocator.pages(request_id)
+        pages = self._allocator.pages(request_id)
         if start + count > len(pages):
             raise IndexError(f"request {request_id}: importing pages [{start}, {start + count}) "
                              f"but only {len(pages)} are reserved")
         if k.shape[1] < count or k.shape[0] != self.cfg.n_layers or \
-                k.shape[2:] != self.pool.k.shape[2:]:
+                k.shape[2:] != self._pool.k.shape[2:]:
             raise ValueError(f"request {request_id}: page block of shape {k.shape} does not "
-                             f"match this pool's pages {self.pool.k.shape}")
+                             f"match this pool's pages {self._pool.k.shape}")
         self._write(pages[start:start + count], k, v)
 
-    def adopt(self, request: Request, *, num_cached: int, last_token: int, generated: int) -> None:
+    def adopt(self, request: Request, *, num_cached: int, last_token: int, generated: int,
+              predicted_remaining: float = float("nan")) -> None:
         """Start decoding a request whose pages were imported (migration commit)."""
         need = pages_for(num_cached, self.page_size)
-        if len(self.allocator.pages(request.request_id)) < need:
+        if len(self._allocator.pages(request.request_id)) < need:
             raise ValueError(f"request {request.request_id}: {need} pages needed to adopt it")
+        if request.request_id in self._slots:
+            raise ValueError(f"request {request.request_id} is already running on this engine")
+        if self.free_slots() <= 0:
+            raise OutOfPages(f"request {request.request_id}: no free decode slot")
         self._add_slot(request, num_cached=num_cached, last_token=last_token,
                        generated=generated)
+        self._slots[request.request_id].predicted_remaining = predicted_remaining
+
+    def detach(self, request_id: str) -> SlotState:
+        """Stop decoding a request but keep its pages (the stop-and-copy stage of a migration:
+        its last pages are exported next). ``reattach`` undoes it; ``release`` ends it."""
+        return self._slots.pop(request_id)
+
+    def reattach(self, state: SlotState) -> None:
+        """Resume decoding a detached request exactly where it stopped."""
+        if len(self._allocator.pages(state.request.request_id)) < \
+                pages_for(state.num_cached, self.page_size):
+            raise ValueError(f"request {state.request.request_id}: its pages were freed")
+        self._slots[state.request.request_id] = state
 
     # ------------------------------------------------------------------ the step
 
     def _ensure_pages(self) -> list[str]:
         """Give every request a page for its next token, preempting the newest on shortage."""
         preempted: list[str] = []
-        for rid in sorted(self.slots, key=lambda r: self.slots[r].order):
-            if rid not in self.slots:
+        slots, alloc = self._slots, self._allocator
+        for rid in sorted(slots, key=lambda r: slots[r].order):
+            if rid not in slots:
                 continue
-            st = self.slots[rid]
-            while len(self.allocator.pages(rid)) < pages_for(st.num_cached + 1, self.page_size):
+            st = slots[rid]
+            while len(alloc.pages(rid)) < pages_for(st.num_cached + 1, self.page_size):
                 try:
-                    self.allocator.allocate(rid, 1)
+                    alloc.allocate(rid, 1)
                 except OutOfPages:
-                    victim = max(self.slots, key=lambda r: self.slots[r].order)
+                    victim = max(slots, key=lambda r: slots[r].order)
                     self.release(victim)
                     preempted.append(victim)
                     if victim == rid:
@@ -208,15 +319,15 @@ class DecodeEngine:
         return preempted
 
     def step(self) -> StepOutput:
-        """Decode one token for every active request."""
+        """Decode one token for every active request; requests that finish are released."""
         preempted = self._ensure_pages()
-        ids = list(self.slots)
+        ids = list(self._slots)
         if not ids:
             empty = jnp.zeros((0, self.cfg.d_model), self.cfg.jnp_dtype)
             return StepOutput([], [], empty, empty, None, preempted)
-        states = [self.slots[r] for r in ids]
+        states = [self._slots[r] for r in ids]
         b = bucket(len(ids))
-        width = bucket(max(len(self.allocator.pages(r)) for r in ids),
+        width = bucket(max(len(self._allocator.pages(r)) for r in ids),
                        maximum=self.max_pages_per_seq)
         tokens = np.zeros(b, np.int32)
         positions = np.zeros(b, np.int32)
@@ -225,7 +336,7 @@ class DecodeEngine:
         max_tokens = np.ones(b, np.int32)
         for i, (rid, st) in enumerate(zip(ids, states)):
             tokens[i], positions[i] = st.last_token, st.num_cached
-            pages = self.allocator.pages(rid)
+            pages = self._allocator.pages(rid)
             table[i, : len(pages)] = pages
             generated[i], max_tokens[i] = st.generated, st.request.params.max_tokens
         params = [st.request.params for st in states]
@@ -237,19 +348,32 @@ class DecodeEngine:
         head_fn, head_params = self.head if self.head is not None else (None, None)
         # One transfer for all per-step inputs rather than one per array.
         inputs = jax.device_put((tokens, positions, table, s, (generated, max_tokens)), rep)
-        self.pool.k, self.pool.v, picked, hidden, tap, pred = _decode_jit(
-            self.model.weights, self._packed, self.pool.k, self.pool.v, *inputs[:4], head_params,
+        pool = self._pool
+        pool.k, pool.v, picked, hidden, tap, pred = _decode_jit(
+            self.model.weights, self._packed, pool.k, pool.v, *inputs[:4], head_params,
             inputs[4],
             cfg=self.cfg, ecfg=self.config, backend=self.backend, head_fn=head_fn,
             greedy_only=greedy_only, num_logprobs=num_logprobs)
         host = jax.device_get(picked)
         infos = sampling.to_token_infos(host, params)
-        for st, info in zip(states, infos):
+        finish, stop = [], []
+        eos = self._eos
+        for rid, st, info in zip(ids, states, infos):
             st.num_cached += 1
             st.last_token = info.token_id
             st.generated += 1
+            reason, stop_reason = token_stop(info.token_id, st.generated,
+                                             len(st.request.prompt_ids), st.request.params, eos,
+                                             self.max_model_len)
+            finish.append(reason)
+            stop.append(stop_reason)
+            if reason is not None:
+                self.release(rid)
         pred_host = None if pred is None else np.asarray(jax.device_get(pred))[: len(ids)]
-        return StepOutput(ids, infos, hidden, tap, pred_host, preempted)
+        if pred_host is not None:
+            for st, p in zip(states, pred_host):
+                st.predicted_remaining = float(p)
+        return StepOutput(ids, infos, hidden, tap, pred_host, preempted, finish, stop)
 
 
 
@@ -277,11 +401,7 @@ def resolve_decode_backend(requested: str, model: LoadedModel) -> str:
 def cpu_kernel_weights(model: LoadedModel) -> dict[str, jax.Array]:
     """The model's projections packed for the CPU matmul kernel, made once per model and shared
     by every decode engine on it."""
-    packed = getattr(model, "_cpu_kernel_weights", None)
-    if packed is None:
-        packed = llama.pack_for_cpu_kernels(model.weights)
-        model._cpu_kernel_weights = packed  # type: ignore[attr-defined]
-    return packed
+    return model.cached("cpu_kernel_weights", lambda: llama.pack_for_cpu_kernels(model.weights))
 
 
 def _decode(weights, packed, k_pool, v_pool, tokens, positions, page_table, s, head_params,

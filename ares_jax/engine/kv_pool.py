@@ -17,8 +17,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from ares_jax.model.model import Config
 from ares_jax.model.sharding import DEFAULT_RULES, ShardingRules, kv_pool_sharding
+from ares_jax.paging import pages_for  # noqa: F401 - re-exported for the engine
 
 SCRATCH_PAGE = 0
+
 
 
 class OutOfPages(RuntimeError):
@@ -98,10 +100,6 @@ def create_pool(cfg: Config, num_pages: int, page_size: int, mesh: Mesh,
     sharding = kv_pool_sharding(shape, mesh, rules)
     zeros = jax.jit(lambda: jnp.zeros(shape, cfg.jnp_dtype), out_shardings=sharding)
     return KVPool(k=zeros(), v=zeros(), sharding=sharding, page_size=page_size)
-
-
-def pages_for(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))

@@ -62,6 +62,7 @@ class RequestOutput:
     stop_reason: int | str | None = None
     # Latest predicted remaining output length (tokens), when a predictor is loaded.
     predicted_remaining: float | None = None
+    error: str | None = None  # set with finish_reason "error"
 
     @property
     def finished(self) -> bool:
@@ -86,12 +87,10 @@ class StreamChunk:
 class RequestTracker:
     """Follows one request from arrival to finish and decides when it stops."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer | None, eos_ids: tuple[int, ...],
-                 max_model_len: int, prompt_text: str | None = None) -> None:
+    def __init__(self, request: Request, tokenizer: Tokenizer | None,
+                 prompt_text: str | None = None) -> None:
         self.request = request
         self.tokenizer = tokenizer
-        self.eos_ids = set(eos_ids)
-        self.max_model_len = max_model_len
         self.prompt_text = prompt_text
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = \
@@ -101,10 +100,14 @@ class RequestTracker:
         self.stop_reason: int | str | None = None
         self.text = ""
         self.predicted_remaining: float | None = None
+        self.error: str | None = None  # why the request failed, when it did
         self._streamed_text = ""
 
-    def add(self, info: TokenInfo, now: float | None = None) -> bool:
-        """Record a new token; returns True when the request is now finished."""
+    def add(self, info: TokenInfo, now: float | None = None, finish_reason: str | None = None,
+            stop_reason: int | None = None) -> bool:
+        """Record a new token with the replica's verdict on it (token-level stops are checked
+        where the token was sampled, ``engine/stops.py``); stop strings are checked here, on the
+        text. Returns True when the request is now finished."""
         now = time.perf_counter() if now is None else now
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
@@ -114,31 +117,25 @@ class RequestTracker:
             entry = dict(info.top_logprobs or {})
             entry[info.token_id] = info.logprob if info.logprob is not None else float("nan")
             self.logprobs.append(entry)
-        self._check_stop(info.token_id)
+        if finish_reason is not None:
+            self.finish_reason, self.stop_reason = finish_reason, stop_reason
+        else:
+            self._check_stop_strings()
         if self.finish_reason is not None:
             self.metrics.finish_time = now
         return self.finish_reason is not None
 
-    def _check_stop(self, token: int) -> None:
+    def _check_stop_strings(self) -> None:
         p = self.request.params
-        n = len(self.token_ids)
-        if n >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_ids:
-                self.finish_reason, self.stop_reason = "stop", None
+        if not p.stop or self.tokenizer is None or len(self.token_ids) < p.min_tokens:
+            return
+        text = self.tokenizer.decode(self.token_ids)
+        for s in p.stop:
+            at = text.find(s)
+            if at >= 0:
+                self.text = text[:at]
+                self.finish_reason, self.stop_reason = "stop", s
                 return
-            if token in p.stop_token_ids:
-                self.finish_reason, self.stop_reason = "stop", token
-                return
-            if p.stop and self.tokenizer is not None:
-                text = self.tokenizer.decode(self.token_ids)
-                for s in p.stop:
-                    at = text.find(s)
-                    if at >= 0:
-                        self.text = text[:at]
-                        self.finish_reason, self.stop_reason = "stop", s
-                        return
-        if n >= p.max_tokens or len(self.request.prompt_ids) + n >= self.max_model_len:
-            self.finish_reason = "length"
 
     def predict(self, remaining: float) -> None:
         """Record the length head's latest remaining-length prediction."""
@@ -168,7 +165,8 @@ class RequestTracker:
             prompt_token_ids=list(self.request.prompt_ids), text=self.text,
             token_ids=list(self.token_ids), logprobs=self.logprobs,
             finish_reason=self.finish_reason, metrics=self.metrics,
-            stop_reason=self.stop_reason, predicted_remaining=self.predicted_remaining)
+            stop_reason=self.stop_reason, predicted_remaining=self.predicted_remaining,
+            error=self.error)
 
     def text_delta(self) -> str:
         """New text since the last call (whole characters only, for streaming)."""

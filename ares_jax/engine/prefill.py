@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ares_jax.engine import sampling
 from ares_jax.engine.kv_pool import bucket, pages_for
+from ares_jax.engine.stops import token_stop
 from ares_jax.engine.types import EngineConfig, PrefillResult, Request
 from ares_jax.model import model as llama
 from ares_jax.model.loader import LoadedModel
@@ -37,6 +38,7 @@ class PrefillEngine:
         self.head = head
         self.max_model_len = resolve_max_model_len(model, config)
         self._replicated = NamedSharding(model.mesh, PartitionSpec())
+        self._eos = frozenset(self.cfg.eos_token_ids)
 
     @property
     def tap_layer(self) -> int:
@@ -103,11 +105,14 @@ class PrefillEngine:
             # pages_for(num_tokens) are padding that insert() sends to the scratch page.
             n_pages = bucket(pages_for(lengths[i], self.config.page_size))
             kr, vr = _slice_request(k, v, jnp.int32(i), n_pages)
+            finish, stop = token_stop(infos[i].token_id, len(r.resumed_ids) + 1,
+                                      len(r.prompt_ids), r.params, self._eos, self.max_model_len)
             out.append(PrefillResult(request=r, first=infos[i], k=kr, v=vr,
                                      num_tokens=lengths[i], hidden=hidden[i],
                                      hidden_tap=tap[i],
                                      predicted_remaining=None if pred_host is None
-                                     else float(pred_host[i])))
+                                     else float(pred_host[i]),
+                                     finish_reason=finish, stop_reason=stop))
         return out
 
 

@@ -185,10 +185,18 @@ def batch_mode(params: Sequence[SamplingParams]) -> tuple[bool, int]:
     return greedy_only, (max(wanted) if wanted else -1)
 
 
-def to_token_infos(out: dict[str, np.ndarray], params: Sequence[SamplingParams]) -> list:
-    """Host copies of the sampler's output -> one TokenInfo per request."""
-    from ares_jax.engine.types import TokenInfo
+@dataclasses.dataclass
+class TokenInfo:
+    """One sampled token and the logprobs the request asked for."""
 
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+def to_token_infos(out: dict[str, np.ndarray],
+                   params: Sequence[SamplingParams]) -> list[TokenInfo]:
+    """Host copies of the sampler's output -> one TokenInfo per request."""
     infos = []
     for i, p in enumerate(params):
         info = TokenInfo(int(out["tokens"][i]))

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from ares_jax.config import config
-from ares_jax.engine.sampling import SamplingParams
+from ares_jax.engine.sampling import SamplingParams, TokenInfo
 
 DECODE_BACKENDS = ("auto", "xla", "cpu_kernel")
 
@@ -61,15 +61,6 @@ class Request:
 
 
 @dataclasses.dataclass
-class TokenInfo:
-    """One sampled token and the logprobs the request asked for."""
-
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
-
-
-@dataclasses.dataclass
 class PrefillResult:
     """Everything a decode engine needs to continue a request.
 
@@ -86,6 +77,9 @@ class PrefillResult:
     hidden: jax.Array
     hidden_tap: jax.Array
     predicted_remaining: float | None = None
+    # Set when the first token already ends the request (EOS, a stop id, max_tokens=1).
+    finish_reason: str | None = None
+    stop_reason: int | None = None
 
 
 @dataclasses.dataclass
@@ -103,3 +97,7 @@ class StepOutput:
     predicted_remaining: np.ndarray | None = None
     # Requests evicted to free pages; the serving loop re-queues them for recompute.
     preempted: list[str] = dataclasses.field(default_factory=list)
+    # Per row: why the request stopped at this token (None: it goes on). Finished requests are
+    # already released by the engine.
+    finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
+    stop_reasons: list[int | None] = dataclasses.field(default_factory=list)

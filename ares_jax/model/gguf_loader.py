@@ -166,3 +166,8 @@ def load_gguf(path: str | Path, dtype: str | None = None) -> tuple[Config, Weigh
     tokenizer = from_gguf_metadata(meta)
     cfg = dataclasses.replace(cfg, eos_token_ids=tokenizer.eos_token_ids)
     return cfg, weights, tokenizer
+
+
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """Only the tokenizer (and chat template) of a GGUF file: no tensor is read."""
+    return from_gguf_metadata(_metadata(_read(Path(path))))

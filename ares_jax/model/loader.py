@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 from jax.sharding import Mesh
@@ -21,6 +23,15 @@ class LoadedModel:
     mesh: Mesh
     rules: ShardingRules
     source: str
+    # Derived arrays made once per model and shared by every engine on it (e.g. the weights
+    # packed for the CPU decode kernels); ``cached`` fills it.
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()`` once per model and key; later calls return the same object."""
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
 
 
 def load_model(
@@ -63,4 +74,4 @@ def on_mesh(model: LoadedModel, mesh: Mesh) -> LoadedModel:
     from ares_jax.model.sharding import weight_shardings
 
     weights = jax.device_put(model.weights, weight_shardings(model.cfg, mesh, model.rules))
-    return dataclasses.replace(model, weights=weights, mesh=mesh)
+    return dataclasses.replace(model, weights=weights, mesh=mesh, derived={})

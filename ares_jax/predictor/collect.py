@@ -19,10 +19,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from ares_jax.cluster.local import ServingLoop
 from ares_jax.config import to_dict
 from ares_jax.datasets import humaneval_prompts, sharegpt_first_turns
 from ares_jax.engine.decode import DecodeEngine
-from ares_jax.engine.loop import ServingLoop
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig, PrefillResult, Request, StepOutput

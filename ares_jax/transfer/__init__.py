@@ -1,5 +1,6 @@
-"""Moving KV pages: prefill -> decode handoff, decode -> decode live migration, and
-cross-process pulls with ``jax.experimental.transfer``."""
+"""Moving KV pages: between meshes of one process (``jax.device_put``) and across processes
+(``jax.experimental.transfer``). The migration protocol that uses them is in
+``ares_jax/cluster/migration.py``."""
 
 from ares_jax.transfer.errors import (
     TransferError,
@@ -7,14 +8,5 @@ from ares_jax.transfer.errors import (
     TransferTimeout,
 )
 from ares_jax.transfer.local import handoff
-from ares_jax.transfer.migration import (
-    MigrationConfig,
-    MigrationManager,
-    MigrationOutcome,
-    MigrationRecord,
-)
 
-__all__ = [
-    "MigrationConfig", "MigrationManager", "MigrationOutcome", "MigrationRecord",
-    "TransferError", "TransferShapeMismatch", "TransferTimeout", "handoff",
-]
+__all__ = ["TransferError", "TransferShapeMismatch", "TransferTimeout", "handoff"]

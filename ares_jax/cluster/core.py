@@ -1,0 +1,646 @@
+"""The scheduler core: one transport-agnostic loop that owns every request's life.
+
+It holds the waiting queue, the request trackers, the policy state, the hold and fallback
+rules and the migration records, and drives replicas only through ``ReplicaHandle``. The
+in-process cluster (``cluster/local.py``), and the scheduler process over gRPC
+(``serving/scheduler_server.py``) run this same code.
+
+One ``step()``:
+1. admission: the waiting requests that the decode side has room for go to a prefill replica;
+2. prefill events: first tokens stream out; each prefilled request is *held* until dispatched;
+3. dispatch: the dispatch policy places the held requests (in one call, as the simulator
+   does); a request the policy leaves unplaced stays held, one placed on a replica that cannot
+   take it falls back to the least-loaded replica that can (counted), and with none it stays
+   held, its KV parked on the prefill side;
+4. migrations advance one stage each (``cluster/migration.py``);
+5. decode events: insert and copy completions, then the replicas step (``advance``; remote
+   replicas step on their own) and their token rows come in (stop conditions were checked by
+   the replica), with preemptions, which are recomputed from prompt + generated tokens;
+6. every ``reschedule_every`` steps the policy proposes new migrations.
+
+Nothing is dropped: a failed prefill or insert sends the request back to the front of the
+queue, a failed migration leaves it decoding on its source, and every abort frees pages
+wherever the request has them.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ares_jax.cluster.config import ClusterConfig
+from ares_jax.cluster.migration import (
+    GiveUp,
+    MigrationOutcome,
+    MigrationRecord,
+    Stage,
+    next_stage,
+    reservation_pages,
+)
+from ares_jax.cluster.snapshot import build_snapshot
+from ares_jax.engine.outputs import RequestTracker, StreamChunk
+from ares_jax.engine.types import Request
+from ares_jax.model.tokenizer import Tokenizer
+from ares_jax.paging import pages_for
+from ares_jax.replica.handle import ReplicaHandle
+from ares_jax.replica.types import (
+    Detached,
+    Event,
+    ImportDone,
+    InsertDone,
+    Prefilled,
+    PrefillFailed,
+    ReplicaFailed,
+    Stepped,
+)
+from ares_jax.scheduler import (
+    ClusterSnapshot,
+    LinearStepCost,
+    PendingDispatch,
+    PolicyState,
+    TransferCost,
+    make_policy,
+)
+
+MAX_PREFILL_RETRIES = 3
+
+
+class ClusterCore:
+    def __init__(self, prefill: Sequence[ReplicaHandle], decode: Sequence[ReplicaHandle],
+                 tokenizer: Tokenizer | None, *, vocab_size: int, cluster: ClusterConfig,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if not prefill or not decode:
+            raise ValueError("a cluster needs at least one prefill and one decode replica")
+        self.prefill = list(prefill)
+        self.decode = list(decode)
+        self.by_id: dict[int, ReplicaHandle] = {}
+        for h in self.prefill + self.decode:
+            if h.info.replica_id in self.by_id:
+                raise ValueError(f"two replicas have id {h.info.replica_id}")
+            self.by_id[h.info.replica_id] = h
+        self.decode_pos = {h.info.replica_id: i for i, h in enumerate(self.decode)}
+        page_sizes = {h.info.page_size for h in self.prefill + self.decode}
+        if len(page_sizes) != 1:
+            raise ValueError(f"replicas disagree on page size: {sorted(page_sizes)}")
+        self.page_size = page_sizes.pop()
+        self.max_model_len = min(h.info.max_model_len for h in self.prefill + self.decode)
+        self.max_pages = min(h.info.capacity_pages for h in self.decode)
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.cluster = cluster
+        self.clock = clock
+        a, b, c = cluster.step_cost_abc
+        self.cost = LinearStepCost(a=a, b=b, c=c)
+        self.transfer_cost = TransferCost(
+            kv_bytes_per_token=self.decode[0].info.kv_bytes_per_token,
+            link_gbytes_per_s=cluster.link_gbytes_per_s)
+        self._make_policies()
+        self.policy_state = PolicyState()
+
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.trackers: dict[str, RequestTracker] = {}
+        self.finished: dict[str, RequestTracker] = {}
+        self.prefilling: dict[str, int] = {}  # request -> prefill replica
+        self.held: dict[str, Prefilled] = {}  # prefilled, waiting for a decode replica
+        self.inserting: dict[str, int] = {}  # request -> decode replica taking it
+        self.kv_source: dict[str, int] = {}  # request -> prefill replica holding its block
+        self.location: dict[str, int] = {}  # request -> decode replica it runs on
+        self.prefill_failures: collections.Counter[str] = collections.Counter()
+        self.migrations: dict[str, MigrationRecord] = {}
+        self.detached: dict[str, Detached] = {}
+        self.migration_history: collections.deque[MigrationRecord] = collections.deque(
+            maxlen=1000)
+        self.last_migrated: dict[str, float] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.iterations = 0
+        # (batch, kv_tokens, ms) per replica step, for the online cost refit.
+        self.step_samples: collections.deque[tuple[int, int, float]] = \
+            collections.deque(maxlen=512)
+        # Each replica's own stepping time, and per request the seconds of its replica's
+        # steps plus migration stalls (TPOT as if every replica had its own accelerator).
+        self.step_seconds = {h.info.replica_id: 0.0 for h in self.decode}
+        self.replica_time: dict[str, float] = collections.defaultdict(float)
+        self.on_stepped: list[Callable[[ReplicaHandle, Stepped], None]] = []
+        self._late_chunks: list[StreamChunk] = []  # chunks made outside step()
+
+    def _make_policies(self) -> None:
+        make = lambda name: make_policy(name, cost=self.cost,  # noqa: E731
+                                        transfer=self.transfer_cost, ares=self.cluster.ares)
+        self.policy = make(self.cluster.policy)
+        self.dispatch_policy = make(self.cluster.dispatch_policy or self.cluster.policy)
+
+    # ------------------------------------------------------------------ intake
+
+    def add_request(self, request: Request, prompt_text: str | None = None) -> None:
+        """Validate and queue a request; raises ValueError (naming the problem) if it can
+        never be served."""
+        rid = request.request_id
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError(f"request {rid}: the prompt is empty")
+        if rid in self.trackers:
+            raise ValueError(f"request id {rid!r} is already in use")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"request {rid}: prompt token ids {bad[:5]} are outside the "
+                             f"vocabulary [0, {self.vocab_size})")
+        request.params.validate_for_vocab(self.vocab_size)
+        if n >= self.max_model_len:
+            raise ValueError(f"request {rid}: the prompt has {n} tokens; this server's "
+                             f"max_model_len is {self.max_model_len}")
+        total = n + request.params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"request {rid}: prompt ({n}) + max_tokens "
+                             f"({request.params.max_tokens}) = {total} tokens exceeds "
+                             f"max_model_len {self.max_model_len}")
+        need = pages_for(total, self.page_size)
+        if need > self.max_pages:
+            raise ValueError(f"request {rid}: it needs {need} KV pages; the pool holds "
+                             f"{self.max_pages}")
+        self.trackers[rid] = RequestTracker(request, self.tokenizer, prompt_text)
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request wherever it is; its pages are freed on every replica."""
+        tracker = self.trackers.get(request_id)
+        if tracker is None or tracker.finish_reason is not None:
+            return
+        if any(r.request_id == request_id for r in self.waiting):
+            self.waiting = collections.deque(r for r in self.waiting
+                                             if r.request_id != request_id)
+        self._retire(request_id, abort=True)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.trackers)
+
+    # ------------------------------------------------------------------ one iteration
+
+    def step(self) -> list[StreamChunk]:
+        """One scheduling iteration (see the module docstring); returns the stream events."""
+        out, self._late_chunks = self._late_chunks, []
+        self._admit()
+        self._drain(self.prefill, out)
+        self._dispatch_held()
+        self._advance_migrations()
+        # Inserts and copies complete (in this process, at once) before the replicas step, so
+        # a migrated request decodes on its destination in this very iteration.
+        self._drain(self.decode, out)
+        for h in self.decode:
+            h.advance()
+        self._drain(self.decode, out)
+        self.iterations += 1
+        if self.policy.migrates and self.iterations % self.cluster.reschedule_every == 0:
+            self._reschedule()
+        if len(self.step_samples) >= self.cluster.refit_after_steps and \
+                self.iterations % self.cluster.refit_after_steps == 0:
+            self._refit_cost()
+        return out
+
+    def _drain(self, handles: Sequence[ReplicaHandle], out: list[StreamChunk]) -> None:
+        for h in handles:
+            for ev in h.poll():
+                self._on_event(h, ev, out)
+
+    def _on_event(self, h: ReplicaHandle, ev: Event, out: list[StreamChunk]) -> None:
+        if isinstance(ev, Stepped):
+            self._on_stepped(h, ev, out)
+        elif isinstance(ev, Prefilled):
+            self._on_prefilled(h, ev, out)
+        elif isinstance(ev, InsertDone):
+            self._on_inserted(ev)
+        elif isinstance(ev, ImportDone):
+            self._on_imported(ev)
+        elif isinstance(ev, PrefillFailed):
+            self._on_prefill_failed(ev)
+        elif isinstance(ev, ReplicaFailed):
+            self.counters["replica_failures"] += 1
+
+    # ------------------------------------------------------------------ admission + prefill
+
+    def _admit(self) -> None:
+        """Prefill, in FIFO order, the waiting requests the decode side has room for: a free
+        slot and the pages for the context plus the next token on some replica, after what is
+        already promised to requests prefilling, held or being inserted."""
+        if not self.waiting:
+            return
+        budget = {h.info.replica_id: [ld.free_slots, ld.free_pages]
+                  for h in self.decode for ld in (h.load(),)}
+
+        def take(pages: int) -> bool:
+            best = max(budget, key=lambda k: (budget[k][0] > 0 and budget[k][1] >= pages,
+                                              budget[k][1]))
+            if budget[best][0] <= 0 or budget[best][1] < pages:
+                return False
+            budget[best][0] -= 1
+            budget[best][1] -= pages
+            return True
+
+        for rid in [*self.prefilling, *self.held, *self.inserting]:
+            take(pages_for(len(self.trackers[rid].request.context_ids) + 1, self.page_size))
+        batch: list[Request] = []
+        while self.waiting and take(pages_for(len(self.waiting[0].context_ids) + 1,
+                                              self.page_size)):
+            batch.append(self.waiting.popleft())
+        if not batch:
+            return
+        target = min(self.prefill, key=lambda h: sum(
+            1 for r in self.prefilling.values() if r == h.info.replica_id))
+        now = self.clock()
+        for r in batch:
+            self.prefilling[r.request_id] = target.info.replica_id
+            metrics = self.trackers[r.request_id].metrics
+            if metrics.scheduled_time is None:
+                metrics.scheduled_time = now
+        target.prefill(batch)
+
+    def _on_prefilled(self, h: ReplicaHandle, ev: Prefilled, out: list[StreamChunk]) -> None:
+        rid = ev.request_id
+        tracker = self.trackers.get(rid)
+        if tracker is None or self.prefilling.get(rid) != h.info.replica_id:
+            h.drop_kv(rid)  # aborted while prefilling
+            return
+        del self.prefilling[rid]
+        if ev.predicted_remaining is not None:
+            tracker.predict(ev.predicted_remaining)
+        done = tracker.add(ev.first, self.clock(), ev.finish_reason, ev.stop_reason)
+        out.append(tracker.chunk(ev.first))
+        if done:
+            h.drop_kv(rid)
+            self._retire(rid)
+            return
+        self.held[rid] = ev
+
+    def _on_prefill_failed(self, ev: PrefillFailed) -> None:
+        self.counters["prefill_failures"] += 1
+        for rid in reversed(ev.request_ids):
+            if self.prefilling.pop(rid, None) is None or rid not in self.trackers:
+                continue
+            self.prefill_failures[rid] += 1
+            if self.prefill_failures[rid] >= MAX_PREFILL_RETRIES:
+                self._fail(rid, f"prefill failed {MAX_PREFILL_RETRIES} times: {ev.error}")
+            else:
+                self.waiting.appendleft(self.trackers[rid].request)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch_held(self) -> None:
+        if not self.held:
+            return
+        pending = []
+        for rid, ev in self.held.items():
+            req = self.trackers[rid].request
+            pending.append(PendingDispatch(
+                request_id=rid, kv_tokens=ev.num_tokens,
+                generated_tokens=len(req.resumed_ids) + 1, max_tokens=req.params.max_tokens,
+                predicted_remaining=self.trackers[rid].predicted_remaining))
+        loads = {h.info.replica_id: h.load() for h in self.decode}
+        room = {i: [ld.free_slots, ld.free_pages] for i, ld in loads.items()}
+        snap = build_snapshot(self, loads, pending,
+                              with_table=self.dispatch_policy.needs_request_table)
+        decisions, self.policy_state = self.dispatch_policy.dispatch(snap, self.policy_state)
+        chosen = decisions.dispatch_map()
+        idle = not self.location and not self.inserting
+        for p in pending:
+            rid = str(p.request_id)
+            need = pages_for(p.kv_tokens + 1, self.page_size)
+            target = chosen.get(rid)
+            if target is None and not idle:
+                continue  # the policy holds it: offered again next step
+            if target is None or not _fits(room[target], need):
+                # The policy chose a replica that cannot take it now (e.g. round-robin onto a
+                # full one), or holds it while the whole decode side is idle: place it where it
+                # fits, least loaded first, rather than stall it.
+                fitting = [i for i in room if _fits(room[i], need)]
+                if not fitting:
+                    continue
+                target = max(fitting, key=lambda i: room[i][1])
+                self.counters["fallback_dispatches"] += 1
+            room[target][0] -= 1
+            room[target][1] -= need
+            ev = self.held.pop(rid)
+            self.inserting[rid] = target
+            self.kv_source[rid] = ev.replica_id
+            self.location[rid] = target
+            self.by_id[target].insert(self.trackers[rid].request, ev)
+
+    def _on_inserted(self, ev: InsertDone) -> None:
+        rid = ev.request_id
+        if self.inserting.get(rid) != ev.replica_id:
+            return
+        del self.inserting[rid]
+        source = self.kv_source.pop(rid, None)
+        if source is not None:
+            self.by_id[source].drop_kv(rid)
+        if rid not in self.trackers:  # aborted while inserting
+            self.by_id[ev.replica_id].release(rid)
+            return
+        if not ev.ok:
+            # Raced out of room, or the KV pull failed: recompute rather than drop.
+            self.counters["insert_failures"] += 1
+            self.location.pop(rid, None)
+            self._requeue(rid, preempted=False)
+
+    # ------------------------------------------------------------------ decode
+
+    def _on_stepped(self, h: ReplicaHandle, ev: Stepped, out: list[StreamChunk]) -> None:
+        self.step_seconds[ev.replica_id] += ev.elapsed_s
+        self.step_samples.append((len(ev.request_ids), ev.kv_tokens, ev.elapsed_s * 1e3))
+        for rid in ev.preempted:
+            if rid in self.trackers and self.location.get(rid) == ev.replica_id:
+                self._abort_migration(rid, MigrationOutcome.ABORTED_SOURCE, "preempted")
+                self.location.pop(rid, None)
+                self._requeue(rid, preempted=True)
+        now = self.clock()
+        for row, rid in enumerate(ev.request_ids):
+            tracker = self.trackers.get(rid)
+            if tracker is None:  # aborted while the step ran (a remote race): free it there
+                if ev.finish_reasons[row] is None:
+                    h.release(rid)
+                continue
+            self.replica_time[rid] += ev.elapsed_s
+            if ev.predicted_remaining is not None:
+                tracker.predict(ev.predicted_remaining[row])
+            info = ev.tokens[row]
+            if tracker.add(info, now, ev.finish_reasons[row], ev.stop_reasons[row]):
+                if ev.finish_reasons[row] is None:  # a stop string, seen only here
+                    h.release(rid)
+                    self.location.pop(rid, None)
+                else:
+                    self.location.pop(rid, None)  # the replica released it itself
+                out.append(tracker.chunk(info))
+                self._retire(rid)
+            else:
+                out.append(tracker.chunk(info))
+        for hook in self.on_stepped:
+            hook(h, ev)
+
+    def _requeue(self, rid: str, *, preempted: bool) -> None:
+        tracker = self.trackers[rid]
+        if preempted:
+            tracker.metrics.num_preemptions += 1
+            self.counters["preemptions"] += 1
+        tracker.request.resumed_ids = list(tracker.token_ids)
+        self.waiting.appendleft(tracker.request)
+
+    def _retire(self, rid: str, abort: bool = False) -> None:
+        tracker = self.trackers.pop(rid)
+        if abort:
+            tracker.abort()
+        self._abort_migration(rid, MigrationOutcome.ABORTED_SOURCE, "the request finished")
+        where = self.location.pop(rid, None)
+        if where is not None and abort:
+            self.by_id[where].release(rid)
+        if rid in self.held:
+            ev = self.held.pop(rid)
+            self.by_id[ev.replica_id].drop_kv(rid)
+        # A request still prefilling or inserting is cleaned up when its event arrives.
+        self.prefill_failures.pop(rid, None)
+        self.last_migrated.pop(rid, None)
+        self.finished[rid] = tracker
+        self.counters["requests_finished"] += 1
+
+    def _fail(self, rid: str, reason: str) -> None:
+        """End a request that cannot be served; its stream gets a last, token-less chunk."""
+        self.counters["requests_failed"] += 1
+        tracker = self.trackers[rid]
+        tracker.error = reason
+        self._retire(rid, abort=True)
+        tracker.finish_reason = "error"
+        self._late_chunks.append(StreamChunk(
+            request_id=rid, index=tracker.request.index, token_id=-1, text_delta="",
+            finished=True, finish_reason="error", output=tracker.output()))
+
+    # ------------------------------------------------------------------ migration
+
+    def _reschedule(self) -> None:
+        loads = {h.info.replica_id: h.load() for h in self.decode}
+        snap = build_snapshot(self, loads, (), with_table=True)
+        decisions, self.policy_state = self.policy.reschedule(snap, self.policy_state)
+        for m in decisions.migrations:
+            rid = str(m.request_id)
+            if rid in self.migrations or self.location.get(rid) != m.src or \
+                    rid in self.inserting:
+                continue
+            self.start_migration(rid, int(m.src), int(m.dst), loads)
+
+    def start_migration(self, rid: str, src: int, dst: int,
+                        loads: dict | None = None) -> MigrationRecord:
+        """Begin moving a running request; returns its record (already ended if it cannot
+        start: no room at the destination, or the request is not on ``src``)."""
+        rec = MigrationRecord(rid, src, dst, started_at=self.clock())
+        if rid in self.migrations:
+            raise ValueError(f"request {rid} is already migrating")
+        if src == dst or dst not in self.decode_pos:
+            return self._end(rec, MigrationOutcome.ABORTED_DESTINATION, "bad destination")
+        if self.location.get(rid) != src or rid in self.inserting:
+            return self._end(rec, MigrationOutcome.ABORTED_SOURCE, "not running on source")
+        loads = loads or {}
+        dst_load = loads.get(dst) or self.by_id[dst].load()
+        if dst_load.free_slots <= 0:
+            return self._end(rec, MigrationOutcome.ABORTED_DESTINATION, "no free slot")
+        kv = self._kv_tokens(rid, src, loads.get(src))
+        pages = reservation_pages(kv, self.page_size, self.cluster.migration)
+        if not self.by_id[dst].reserve(rid, pages):
+            return self._end(rec, MigrationOutcome.ABORTED_DESTINATION,
+                             f"{pages} pages not free on replica {dst}")
+        rec.reserved_pages = pages
+        self.migrations[rid] = rec
+        self.counters["migrations_started"] += 1
+        return rec
+
+    def _kv_tokens(self, rid: str, replica: int, load=None) -> int:
+        load = load or self.by_id[replica].load()
+        try:
+            return int(load.kv_tokens[load.request_ids.index(rid)])
+        except ValueError:
+            return 0
+
+    def _advance_migrations(self) -> None:
+        for rid in list(self.migrations):
+            rec = self.migrations[rid]
+            if rec.in_flight is None:
+                try:
+                    self._next_stage(rec)
+                except Exception as err:  # noqa: BLE001 - e.g. an RPC to a replica failed
+                    self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION,
+                                          f"{type(err).__name__}: {err}")
+
+    def _next_stage(self, rec: MigrationRecord) -> None:
+        rid = rec.request_id
+        src, dst = self.by_id[rec.src], self.by_id[rec.dst]
+        kv = self._kv_tokens(rid, rec.src)
+        decision = next_stage(rec, num_cached=kv, page_size=self.page_size,
+                              cfg=self.cluster.migration, now=self.clock())
+        if isinstance(decision, GiveUp):
+            self._abort_migration(rid, decision.outcome, decision.reason)
+            return
+        if not decision.final:
+            if decision.end > decision.start:
+                rec.in_flight = decision
+                dst.import_kv(rid, decision.start, src.export(
+                    rid, decision.start, decision.end, to=dst.info))
+            elif decision.completes_pass:
+                rec.stages += 1
+            return
+        state = src.detach(rid)
+        if state is None:
+            self._abort_migration(rid, MigrationOutcome.ABORTED_SOURCE,
+                                  "the request left the source during migration")
+            return
+        rec.detached_at = self.clock()
+        self.detached[rid] = state
+        used = pages_for(state.num_cached, self.page_size)
+        need = pages_for(state.num_cached + 1, self.page_size)
+        reserved = rec.reserved_pages
+        if need > reserved:
+            if not dst.reserve(rid, need - reserved):
+                self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION,
+                                      "no room at the destination for the last pages")
+                return
+            rec.reserved_pages = need
+        rec.in_flight = Stage(start=rec.copied_pages, end=used, final=True, completes_pass=True)
+        dst.import_kv(rid, rec.copied_pages, src.export(rid, rec.copied_pages, used,
+                                                        to=dst.info))
+
+    def _on_imported(self, ev: ImportDone) -> None:
+        rid = ev.request_id
+        rec = self.migrations.get(rid)
+        if rec is None or rec.in_flight is None or rec.dst != ev.replica_id:
+            return  # abandoned meanwhile; its destination pages were released then
+        stage, rec.in_flight = rec.in_flight, None
+        if not ev.ok:
+            self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION, ev.error)
+            return
+        rec.bytes_moved += ev.nbytes
+        rec.copied_pages = max(rec.copied_pages, stage.end)
+        if stage.completes_pass:
+            rec.stages += 1
+        if not stage.final:
+            return
+        state = self.detached.pop(rid)
+        src, dst = self.by_id[rec.src], self.by_id[rec.dst]
+        try:
+            dst.adopt(self.trackers[rid].request, state)
+        except Exception as err:  # noqa: BLE001 - the source still has every page
+            self.detached[rid] = state
+            self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION,
+                                  f"adopt failed: {type(err).__name__}: {err}")
+            return
+        src.release(rid)
+        rec.adopted_at = self.clock()
+        self.location[rid] = rec.dst
+        self.last_migrated[rid] = rec.adopted_at
+        self.replica_time[rid] += rec.adopted_at - (rec.detached_at or rec.adopted_at)
+        self.trackers[rid].metrics.num_migrations += 1
+        del self.migrations[rid]
+        self._end(rec, MigrationOutcome.COMMITTED, "")
+
+    def _abort_migration(self, rid: str, outcome: MigrationOutcome, reason: str) -> None:
+        """Abandon ``rid``'s migration, if any: the destination's pages are freed and the
+        request goes on decoding on its source (reattached if it was detached)."""
+        rec = self.migrations.pop(rid, None)
+        if rec is None:
+            return
+        state = self.detached.pop(rid, None)
+        if state is not None and rid in self.trackers:
+            self.by_id[rec.src].reattach(rid)
+        rec.in_flight = None
+        self.by_id[rec.dst].release(rid)
+        self._end(rec, outcome, reason)
+
+    def _end(self, rec: MigrationRecord, outcome: MigrationOutcome,
+             reason: str) -> MigrationRecord:
+        rec.outcome, rec.reason, rec.finished_at = outcome, reason, self.clock()
+        self.migration_history.append(rec)
+        self.counters[f"migrations_{'committed' if outcome is MigrationOutcome.COMMITTED else 'aborted'}"] += 1  # noqa: E501
+        self.counters["migration_bytes"] += rec.bytes_moved
+        return rec
+
+    # ------------------------------------------------------------------ observation
+
+    def snapshot(self, pending: Sequence[PendingDispatch] = ()) -> ClusterSnapshot:
+        """The decode side as the policies see it (columnar, built from replica loads)."""
+        loads = {h.info.replica_id: h.load() for h in self.decode}
+        return build_snapshot(self, loads, pending, with_table=True)
+
+    def held_kv_tokens(self, rid: str) -> int:
+        """KV tokens a prefilled request brings to its decode replica."""
+        return len(self.trackers[rid].request.context_ids) if rid in self.trackers else 0
+
+    def _refit_cost(self) -> None:
+        rows = np.asarray(self.step_samples)
+        if np.ptp(rows[:, 0]) == 0 or np.ptp(rows[:, 1]) == 0:
+            return  # a degenerate design matrix: keep the current fit
+        fit = LinearStepCost.fit_linear(rows)
+        if fit.a > 0 and fit.b >= 0 and fit.c >= 0:
+            self.cost = fit
+            self._make_policies()
+
+    def cluster_state(self, recent: int = 100) -> dict:
+        """Every replica's identity and load, the recent migrations and the counters, as
+        JSON-ready data (served at ``/cluster`` and by the ``Stats`` RPC)."""
+        replicas = []
+        for h in self.prefill + self.decode:
+            ld = h.load()
+            replicas.append({
+                "replica_id": h.info.replica_id, "role": h.info.role,
+                "process_id": h.info.process_id, "address": h.info.address,
+                "process": h.info.process, "healthy": True,
+                "running": len(ld.request_ids), "kv_pages_used": ld.used_pages,
+                "kv_pages_free": ld.free_pages, "kv_pages_total": ld.capacity_pages,
+                "page_size": h.info.page_size,
+                "predicted_kv_pages": _predicted_pages(ld, self.page_size),
+            })
+        migrations = [{
+            "request_id": m.request_id, "src": m.src, "dst": m.dst,
+            "outcome": m.outcome.value if m.outcome else "active", "bytes": m.bytes_moved,
+            "downtime_ms": None if m.downtime_s is None else round(m.downtime_s * 1e3, 3),
+            "stages": m.stages, "reason": m.reason, "finished_at": m.finished_at,
+        } for m in list(self.migration_history)[-recent:]]
+        return {
+            "time": time.time(), "policy": self.cluster.policy,
+            "dispatch_policy": self.cluster.dispatch_policy or self.cluster.policy,
+            "waiting": len(self.waiting), "running": len(self.location),
+            "replicas": replicas, "migrations": migrations,
+            "counters": {**{k: int(v) for k, v in self.counters.items()},
+                         "migrations_committed": int(self.counters["migrations_committed"]),
+                         "migrations_aborted": int(self.counters["migrations_aborted"]),
+                         "migration_bytes": int(self.counters["migration_bytes"]),
+                         "preemptions": int(self.counters["preemptions"]),
+                         "fallback_dispatches": int(self.counters["fallback_dispatches"]),
+                         "requests_finished": int(self.counters["requests_finished"])},
+        }
+
+    def stats(self) -> dict[str, float | int]:
+        c = self.counters
+        return {
+            "migrations_committed": c["migrations_committed"],
+            "migrations_aborted": c["migrations_aborted"],
+            "migration_bytes": int(c["migration_bytes"]),
+            "fallback_dispatches": c["fallback_dispatches"],
+        }
+
+
+def _fits(room: list[int], pages: int) -> bool:
+    """A replica's remaining (slots, pages) can take a request of ``pages`` pages."""
+    return room[0] > 0 and room[1] >= pages
+
+
+def _predicted_pages(load, page_size: int, points: int = 8) -> list[list[int]]:
+    """(steps ahead, pages) of a replica's running requests if each ran for its predicted
+    remaining length (capped by max_tokens), sampled over the longest of them."""
+    if not len(load.request_ids):
+        return [[0, 0]]
+    rem = np.where(np.isnan(load.predicted_remaining), load.max_tokens - load.generated,
+                   load.predicted_remaining)
+    rem = np.clip(rem, 0, np.maximum(load.max_tokens - load.generated, 0))
+    horizon = int(rem.max())
+    out = []
+    for t in np.linspace(0, horizon, points).astype(int):
+        alive = rem >= t
+        out.append([int(t), int(np.sum(-(-(load.kv_tokens[alive] + t) // page_size)))])
+    return out
