@@ -1,0 +1,201 @@
+"""Records <-> protobuf messages, one pair of functions per record (``*_to_pb``/``*_from_pb``).
+
+The replica boundary's records (``ares_jax/replica/types.py``) are plain data by design, so
+each maps one to one onto a message of ``protos/ares.proto``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ares_jax.engine.decode import DecodeLoad
+from ares_jax.engine.sampling import SamplingParams, TokenInfo
+from ares_jax.engine.types import Request
+from ares_jax.replica.types import (
+    Detached,
+    Event,
+    ImportDone,
+    InsertDone,
+    KvBlock,
+    Prefilled,
+    PrefillFailed,
+    Stepped,
+)
+from ares_jax.serving import ares_pb2 as pb
+
+# ---------------------------------------------------------------- requests
+
+
+def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                            max_tokens=p.max_tokens, min_tokens=p.min_tokens, stop=list(p.stop),
+                            stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
+    if p.seed is not None:
+        msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    return msg
+
+
+def params_from_pb(m: pb.SamplingParams) -> SamplingParams:
+    """Raises ValueError naming the parameter, as ``SamplingParams`` does."""
+    return SamplingParams(
+        temperature=float(m.temperature), top_p=float(m.top_p), top_k=int(m.top_k),
+        seed=int(m.seed) if m.HasField("seed") else None, max_tokens=int(m.max_tokens),
+        min_tokens=int(m.min_tokens), stop=tuple(m.stop),
+        stop_token_ids=tuple(m.stop_token_ids), ignore_eos=m.ignore_eos,
+        logprobs=int(m.logprobs) if m.HasField("logprobs") else None)
+
+
+def request_to_pb(r: Request) -> pb.Request:
+    return pb.Request(request_id=r.request_id, prompt_ids=r.prompt_ids,
+                      params=params_to_pb(r.params), index=r.index,
+                      resumed_ids=r.resumed_ids)
+
+
+def request_from_pb(m: pb.Request) -> Request:
+    return Request(request_id=m.request_id, prompt_ids=list(m.prompt_ids),
+                   params=params_from_pb(m.params), index=m.index,
+                   resumed_ids=list(m.resumed_ids))
+
+
+def token_to_pb(t: TokenInfo) -> pb.TokenInfo:
+    msg = pb.TokenInfo(token_id=t.token_id, top_logprobs=t.top_logprobs or {})
+    if t.logprob is not None:
+        msg.logprob = t.logprob
+    return msg
+
+
+def token_from_pb(m: pb.TokenInfo) -> TokenInfo:
+    return TokenInfo(token_id=m.token_id,
+                     logprob=float(m.logprob) if m.HasField("logprob") else None,
+                     top_logprobs=dict(m.top_logprobs) if m.top_logprobs else None)
+
+
+# ---------------------------------------------------------------- loads and blocks
+
+
+def load_to_pb(replica_id: int, ld: DecodeLoad) -> pb.Load:
+    return pb.Load(replica_id=replica_id, free_pages=ld.free_pages, used_pages=ld.used_pages,
+                   capacity_pages=ld.capacity_pages, reserved_pages=ld.reserved_pages,
+                   free_slots=ld.free_slots, request_ids=ld.request_ids,
+                   kv_tokens=ld.kv_tokens.tolist(), generated=ld.generated.tolist(),
+                   max_tokens=ld.max_tokens.tolist(),
+                   predicted_remaining=ld.predicted_remaining.tolist())
+
+
+def load_from_pb(m: pb.Load) -> DecodeLoad:
+    return DecodeLoad(free_pages=m.free_pages, used_pages=m.used_pages,
+                      capacity_pages=m.capacity_pages, reserved_pages=m.reserved_pages,
+                      free_slots=m.free_slots, request_ids=tuple(m.request_ids),
+                      kv_tokens=np.asarray(m.kv_tokens, np.int64),
+                      generated=np.asarray(m.generated, np.int64),
+                      max_tokens=np.asarray(m.max_tokens, np.int64),
+                      predicted_remaining=np.asarray(m.predicted_remaining, np.float64))
+
+
+def block_to_pb(b: KvBlock) -> pb.KvBlock:
+    return pb.KvBlock(source=b.source, request_id=b.request_id, pages=b.pages, nbytes=b.nbytes,
+                      tickets=list(b.tickets), chunk_pages=list(b.chunk_pages), start=b.start)
+
+
+def block_from_pb(m: pb.KvBlock) -> KvBlock:
+    return KvBlock(source=m.source, request_id=m.request_id, pages=m.pages, nbytes=m.nbytes,
+                   tickets=tuple(m.tickets), chunk_pages=tuple(m.chunk_pages), start=m.start)
+
+
+def detached_to_pb(d: Detached) -> pb.Detached:
+    return pb.Detached(request_id=d.request_id, num_cached=d.num_cached,
+                       last_token=d.last_token, generated=d.generated,
+                       predicted_remaining=d.predicted_remaining)
+
+
+def detached_from_pb(m: pb.Detached) -> Detached:
+    return Detached(request_id=m.request_id, num_cached=m.num_cached, last_token=m.last_token,
+                    generated=m.generated, predicted_remaining=m.predicted_remaining)
+
+
+def prefilled_to_pb(p: Prefilled) -> pb.Prefilled:
+    msg = pb.Prefilled(replica_id=p.replica_id, request_id=p.request_id,
+                       first=token_to_pb(p.first), num_tokens=p.num_tokens,
+                       finish_reason=p.finish_reason or "", elapsed_s=p.elapsed_s)
+    if p.predicted_remaining is not None:
+        msg.predicted_remaining = p.predicted_remaining
+    if p.stop_reason is not None:
+        msg.stop_reason = p.stop_reason
+    if p.kv is not None:
+        msg.kv.CopyFrom(block_to_pb(p.kv))
+    return msg
+
+
+def prefilled_from_pb(m: pb.Prefilled) -> Prefilled:
+    return Prefilled(
+        replica_id=m.replica_id, request_id=m.request_id, first=token_from_pb(m.first),
+        num_tokens=m.num_tokens,
+        predicted_remaining=float(m.predicted_remaining)
+        if m.HasField("predicted_remaining") else None,
+        finish_reason=m.finish_reason or None,
+        stop_reason=int(m.stop_reason) if m.HasField("stop_reason") else None,
+        kv=block_from_pb(m.kv) if m.HasField("kv") else None, elapsed_s=m.elapsed_s)
+
+
+# ---------------------------------------------------------------- events
+
+
+def event_to_pb(ev: Event, load: DecodeLoad | None = None) -> pb.ReplicaEvent:
+    if isinstance(ev, Stepped):
+        msg = pb.StepBatch(
+            replica_id=ev.replica_id, request_ids=ev.request_ids,
+            tokens=[token_to_pb(t) for t in ev.tokens],
+            finish_reasons=[f or "" for f in ev.finish_reasons],
+            stop_reasons=[-1 if s is None else s for s in ev.stop_reasons],
+            predicted_remaining=[] if ev.predicted_remaining is None
+            else ev.predicted_remaining.tolist(),
+            preempted=ev.preempted, elapsed_s=ev.elapsed_s, kv_tokens=ev.kv_tokens)
+        if load is not None:
+            msg.load.CopyFrom(load_to_pb(ev.replica_id, load))
+        return pb.ReplicaEvent(stepped=msg)
+    if isinstance(ev, Prefilled):
+        return pb.ReplicaEvent(prefilled=prefilled_to_pb(ev))
+    if isinstance(ev, InsertDone):
+        return pb.ReplicaEvent(insert_done=pb.InsertDone(
+            replica_id=ev.replica_id, request_id=ev.request_id, ok=ev.ok, error=ev.error))
+    if isinstance(ev, ImportDone):
+        return pb.ReplicaEvent(import_done=pb.ImportDone(
+            replica_id=ev.replica_id, request_id=ev.request_id, start=ev.start,
+            pages=ev.pages, nbytes=ev.nbytes, ok=ev.ok, error=ev.error))
+    if isinstance(ev, PrefillFailed):
+        return pb.ReplicaEvent(prefill_failed=pb.PrefillFailed(
+            replica_id=ev.replica_id, request_ids=ev.request_ids, error=ev.error))
+    raise TypeError(f"no wire form for {type(ev).__name__}")
+
+
+def event_from_pb(m: pb.ReplicaEvent) -> tuple[Event, DecodeLoad | None]:
+    """The event, and the load that came with it (step batches carry one)."""
+    kind = m.WhichOneof("event")
+    if kind == "stepped":
+        s = m.stepped
+        ev = Stepped(
+            replica_id=s.replica_id, request_ids=tuple(s.request_ids),
+            tokens=tuple(token_from_pb(t) for t in s.tokens),
+            finish_reasons=tuple(f or None for f in s.finish_reasons),
+            stop_reasons=tuple(None if x < 0 else x for x in s.stop_reasons),
+            predicted_remaining=np.asarray(s.predicted_remaining, np.float64)
+            if len(s.predicted_remaining) else None,
+            preempted=tuple(s.preempted), elapsed_s=s.elapsed_s, kv_tokens=s.kv_tokens)
+        return ev, load_from_pb(s.load) if s.HasField("load") else None
+    if kind == "prefilled":
+        return prefilled_from_pb(m.prefilled), None
+    if kind == "insert_done":
+        d = m.insert_done
+        return InsertDone(replica_id=d.replica_id, request_id=d.request_id, ok=d.ok,
+                          error=d.error), None
+    if kind == "import_done":
+        d = m.import_done
+        return ImportDone(replica_id=d.replica_id, request_id=d.request_id, start=d.start,
+                          pages=d.pages, nbytes=d.nbytes, ok=d.ok, error=d.error), None
+    if kind == "prefill_failed":
+        d = m.prefill_failed
+        return PrefillFailed(replica_id=d.replica_id, request_ids=tuple(d.request_ids),
+                             error=d.error), None
+    raise ValueError(f"unknown replica event {kind!r}")

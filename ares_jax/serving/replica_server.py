@@ -1,0 +1,375 @@
+"""A replica process: one or more meshes (each a prefill or decode replica) behind the
+``Replica`` gRPC service.
+
+Threads:
+- gRPC handlers run commands on the local replica handles under one lock (the engines are not
+  thread-safe); a KV pull from another process happens *outside* the lock, so decode steps go
+  on while bytes move;
+- the step loop advances every decode mesh with work, and streams everything the meshes
+  produce (token batches with the replica's load, prefill results, completions) to the
+  scheduler's ``Events`` subscription, in order;
+- the heartbeat sends every mesh's load to the scheduler; a scheduler that does not know this
+  process (it restarted) makes it register again.
+
+KV leaves the process through the ``KvTransport`` as tickets, one per power-of-two chunk; a
+block whose source is a mesh of this same process is read directly (``jax.device_put``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+
+import grpc
+import jax
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ares_jax.engine.decode import DecodeEngine
+from ares_jax.engine.prefill import PrefillEngine
+from ares_jax.engine.types import EngineConfig
+from ares_jax.model.loader import LoadedModel
+from ares_jax.model.sharding import make_mesh
+from ares_jax.replica.local import LocalDecodeReplica, LocalPrefillReplica
+from ares_jax.replica.types import KvBlock, Prefilled, Stepped
+from ares_jax.serving import ares_pb2 as pb
+from ares_jax.serving import ares_pb2_grpc as pb_grpc
+from ares_jax.serving import codec
+from ares_jax.serving.models import head_on, model_on
+from ares_jax.serving.transport import KvTransport, make_transport
+
+log = logging.getLogger("ares_jax.replica")
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", 64 << 20)]
+PULL_TIMEOUT_S = 30.0
+SERVICE_NAME = "ares.v1.Replica"
+
+
+class ReplicaProcess:
+    """The meshes of this process and what they are doing."""
+
+    def __init__(self, model: LoadedModel, roles: Sequence[str], devices_per_mesh: int,
+                 engine: EngineConfig, head=None, transport: KvTransport | None = None,
+                 devices: Sequence[jax.Device] | None = None) -> None:
+        devs = list(devices if devices is not None else jax.devices())
+        need = len(roles) * devices_per_mesh
+        if need > len(devs):
+            raise ValueError(f"{len(roles)} meshes of {devices_per_mesh} devices need {need} "
+                             f"devices; this process sees {len(devs)} (on CPU set XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={need})")
+        self.lock = threading.RLock()
+        self.transport = transport
+        self.replicas: list[LocalPrefillReplica | LocalDecodeReplica] = []
+        for i, role in enumerate(roles):
+            mesh = make_mesh(devs[i * devices_per_mesh:(i + 1) * devices_per_mesh])
+            m = model_on(model, mesh)
+            if role == "prefill":
+                self.replicas.append(LocalPrefillReplica(
+                    PrefillEngine(m, engine, head=head_on(head, mesh)), replica_id=i))
+            elif role == "decode":
+                self.replicas.append(LocalDecodeReplica(
+                    DecodeEngine(m, engine, head=head_on(head, mesh)), replica_id=i,
+                    pull=self.pull))
+            else:
+                raise ValueError(f"a mesh's role is 'prefill' or 'decode', not {role!r}")
+        self.by_id = {r.info.replica_id: r for r in self.replicas}
+        self.events: queue.Queue[pb.ReplicaEvent | None] = queue.Queue()
+        self.wake = threading.Event()
+        self.stopped = threading.Event()
+        self.vocab_size = model.cfg.vocab_size
+        self.model_source = model.source
+
+    # ------------------------------------------------------------------ identity
+
+    def assign_ids(self, ids: Sequence[int], process: str, address: str) -> None:
+        """Adopt the scheduler's replica ids for the meshes, in order."""
+        import dataclasses
+
+        with self.lock:
+            for r, rid in zip(self.replicas, ids):
+                r.info = dataclasses.replace(r.info, replica_id=int(rid), process=process,
+                                             process_id=os.getpid(), address=address)
+            self.by_id = {r.info.replica_id: r for r in self.replicas}
+
+    def mesh_infos(self) -> list[pb.MeshInfo]:
+        return [pb.MeshInfo(role=r.info.role, page_size=r.info.page_size,
+                            capacity_pages=r.info.capacity_pages,
+                            max_num_seqs=r.info.max_num_seqs, max_model_len=r.info.max_model_len,
+                            kv_bytes_per_token=r.info.kv_bytes_per_token,
+                            devices=r.info.devices, vocab_size=self.vocab_size,
+                            model=self.model_source) for r in self.replicas]
+
+    def loads(self) -> list[pb.Load]:
+        with self.lock:
+            return [codec.load_to_pb(r.info.replica_id, r.load()) for r in self.replicas]
+
+    def replica(self, replica_id: int):
+        r = self.by_id.get(replica_id)
+        if r is None:
+            raise KeyError(f"no replica {replica_id} in this process "
+                           f"(it has {sorted(self.by_id)})")
+        return r
+
+    # ------------------------------------------------------------------ KV in and out
+
+    def pull(self, block: KvBlock) -> list[tuple[jax.Array, jax.Array, int]]:
+        """The block's chunks as arrays in this process: from a sibling mesh directly, or
+        over the transport from another process."""
+        if block.arrays is not None:
+            return list(block.arrays)
+        sibling = self.by_id.get(block.source)
+        if sibling is not None and not block.tickets:
+            if isinstance(sibling, LocalPrefillReplica):
+                held = sibling.block(block.request_id)
+                if held is None or held.arrays is None:
+                    raise ValueError(f"request {block.request_id}: no prefill block held on "
+                                     f"replica {block.source}")
+                return list(held.arrays)
+            return list(sibling.export(block.request_id, block.start,
+                                       block.start + block.pages).arrays or ())
+        if self.transport is None:
+            raise ValueError(f"request {block.request_id}: its KV is in another process and "
+                             "this one has no KV transport")
+        out = []
+        for ticket, n in zip(block.tickets, block.chunk_pages):
+            k, v = self.transport.pull(ticket, timeout_s=PULL_TIMEOUT_S)
+            out.append((k, v, n))
+        return out
+
+    def offer(self, block: KvBlock) -> KvBlock:
+        """A block with device arrays -> the same block as transport tickets."""
+        if block.arrays is None or self.transport is None:
+            return block
+        import dataclasses
+
+        tickets = tuple(self.transport.offer(k, v) for k, v, _ in block.arrays)
+        return dataclasses.replace(block, arrays=None, tickets=tickets,
+                                   chunk_pages=tuple(n for _, _, n in block.arrays))
+
+    def resolved(self, block: KvBlock) -> KvBlock:
+        """``block`` with its arrays pulled here (done outside the lock)."""
+        import dataclasses
+
+        return dataclasses.replace(block, arrays=tuple(self.pull(block)))
+
+    # ------------------------------------------------------------------ the step loop
+
+    def run_steps(self) -> None:
+        """Advance the decode meshes and forward every event until ``stopped``."""
+        while not self.stopped.is_set():
+            busy = False
+            with self.lock:
+                for r in self.replicas:
+                    if isinstance(r, LocalDecodeReplica) and r.engine.num_active:
+                        r.advance()
+                        busy = True
+                batch = [(r, ev) for r in self.replicas for ev in r.poll()]
+                out = [self._to_wire(r, ev) for r, ev in batch]
+            for msg in out:
+                self.events.put(msg)
+            if not busy:
+                self.wake.wait(0.05)
+                self.wake.clear()
+
+    def _to_wire(self, r, ev) -> pb.ReplicaEvent:
+        if isinstance(ev, Stepped):
+            return codec.event_to_pb(ev, r.load())
+        if isinstance(ev, Prefilled) and ev.kv is not None:
+            import dataclasses
+
+            ev = dataclasses.replace(ev, kv=self.offer(ev.kv))
+        return codec.event_to_pb(ev)
+
+
+class ReplicaService(pb_grpc.ReplicaServicer):
+    def __init__(self, proc: ReplicaProcess) -> None:
+        self.proc = proc
+        self._subscriber = 0
+
+    def _run(self, fn) -> pb.Ack:
+        try:
+            with self.proc.lock:
+                fn()
+        except Exception as err:  # noqa: BLE001 - answered to the scheduler, never fatal here
+            return pb.Ack(ok=False, error=f"{type(err).__name__}: {err}")
+        finally:
+            self.proc.wake.set()
+        return pb.Ack(ok=True)
+
+    def Events(self, request, context) -> Iterator[pb.ReplicaEvent]:
+        self._subscriber += 1
+        me = self._subscriber  # a newer subscription (a restarted scheduler) replaces this one
+        while context.is_active() and me == self._subscriber and not self.proc.stopped.is_set():
+            try:
+                msg = self.proc.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if msg is not None:
+                yield msg
+
+    def Prefill(self, request, context) -> pb.Ack:
+        reqs = [codec.request_from_pb(r) for r in request.requests]
+        return self._run(lambda: self.proc.replica(request.replica_id).prefill(reqs))
+
+    def DropKv(self, request, context) -> pb.Ack:
+        return self._run(lambda: self.proc.replica(request.replica_id).drop_kv(
+            request.request_id))
+
+    def Insert(self, request, context) -> pb.Ack:
+        prefilled = codec.prefilled_from_pb(request.prefilled)
+        req = codec.request_from_pb(request.request)
+        target = self.proc.replica(request.replica_id)
+        try:
+            import dataclasses
+
+            if prefilled.kv is None:
+                raise ValueError(f"request {req.request_id}: the prefill result has no KV")
+            prefilled = dataclasses.replace(prefilled, kv=self.proc.resolved(prefilled.kv))
+        except Exception as err:  # noqa: BLE001 - the scheduler recomputes the request
+            from ares_jax.replica.types import InsertDone
+
+            with self.proc.lock:
+                target._events.append(InsertDone(
+                    replica_id=request.replica_id, request_id=req.request_id, ok=False,
+                    error=f"{type(err).__name__}: {err}"))
+            self.proc.wake.set()
+            return pb.Ack(ok=True)
+        return self._run(lambda: target.insert(req, prefilled))
+
+    def Release(self, request, context) -> pb.Ack:
+        return self._run(lambda: self.proc.replica(request.replica_id).release(
+            request.request_id))
+
+    def Reserve(self, request, context) -> pb.Ack:
+        ok = {}
+        ack = self._run(lambda: ok.setdefault("v", self.proc.replica(
+            request.replica_id).reserve(request.request_id, request.pages)))
+        if ack.ok and not ok.get("v"):
+            return pb.Ack(ok=False, error=f"{request.pages} pages not free")
+        return ack
+
+    def Export(self, request, context) -> pb.KvBlock:
+        src = self.proc.replica(request.replica_id)
+        if request.same_process:  # the destination reads it itself, device to device
+            return pb.KvBlock(source=request.replica_id, request_id=request.request_id,
+                              pages=request.end - request.start, start=request.start)
+        try:
+            with self.proc.lock:
+                block = src.export(request.request_id, request.start, request.end)
+            return codec.block_to_pb(self.proc.offer(block))
+        except Exception as err:  # noqa: BLE001
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(err).__name__}: {err}")
+
+    def ImportKv(self, request, context) -> pb.Ack:
+        from ares_jax.replica.types import ImportDone
+
+        block = codec.block_from_pb(request.block)
+        dst = self.proc.replica(request.replica_id)
+        try:
+            block = self.proc.resolved(block)
+        except Exception as err:  # noqa: BLE001 - the scheduler abandons the migration
+            with self.proc.lock:
+                dst._events.append(ImportDone(
+                    replica_id=request.replica_id, request_id=request.request_id,
+                    start=request.start, pages=block.pages, nbytes=0, ok=False,
+                    error=f"{type(err).__name__}: {err}"))
+            self.proc.wake.set()
+            return pb.Ack(ok=True)
+        return self._run(lambda: dst.import_kv(request.request_id, request.start, block))
+
+    def Detach(self, request, context) -> pb.DetachResponse:
+        with self.proc.lock:
+            state = self.proc.replica(request.replica_id).detach(request.request_id)
+        if state is None:
+            return pb.DetachResponse(found=False)
+        return pb.DetachResponse(found=True, state=codec.detached_to_pb(state))
+
+    def Reattach(self, request, context) -> pb.Ack:
+        return self._run(lambda: self.proc.replica(request.replica_id).reattach(
+            request.request_id))
+
+    def Adopt(self, request, context) -> pb.Ack:
+        req = codec.request_from_pb(request.request)
+        state = codec.detached_from_pb(request.state)
+        return self._run(lambda: self.proc.replica(request.replica_id).adopt(req, state))
+
+    def GetLoad(self, request, context) -> pb.Load:
+        with self.proc.lock:
+            r = self.proc.replica(request.replica_id)
+            return codec.load_to_pb(r.info.replica_id, r.load())
+
+    def Shutdown(self, request, context) -> pb.Ack:
+        self.proc.stopped.set()
+        return pb.Ack(ok=True)
+
+
+def serve_replica(proc: ReplicaProcess, *, scheduler: str, host: str = "127.0.0.1",
+                  port: int = 0, advertise_host: str | None = None,
+                  register_timeout_s: float = 120.0) -> None:
+    """Serve until stopped (Shutdown RPC, or ``proc.stopped`` set by a signal handler)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+    pb_grpc.add_ReplicaServicer_to_server(ReplicaService(proc), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    address = f"{advertise_host or _advertised(host)}:{bound}"
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    stepper = threading.Thread(target=proc.run_steps, name="replica-steps", daemon=True)
+    stepper.start()
+    channel = grpc.insecure_channel(scheduler, options=GRPC_OPTIONS)
+    stub = pb_grpc.SchedulerStub(channel)
+    try:
+        heartbeat_s = _register(proc, stub, address, register_timeout_s)
+        health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("replica process %s serving %d mesh(es) for scheduler %s", address,
+                 len(proc.replicas), scheduler)
+        while not proc.stopped.wait(heartbeat_s):
+            try:
+                reply = stub.Heartbeat(pb.HeartbeatRequest(address=address,
+                                                           loads=proc.loads()), timeout=5)
+                if not reply.known:
+                    heartbeat_s = _register(proc, stub, address, register_timeout_s)
+            except grpc.RpcError as err:
+                log.warning("heartbeat to %s failed: %s", scheduler, err.code())
+    finally:
+        proc.stopped.set()
+        health_servicer.enter_graceful_shutdown()
+        proc.events.put(None)
+        server.stop(grace=1.0).wait()
+        channel.close()
+        stepper.join(timeout=5)
+        if proc.transport is not None:
+            proc.transport.close()
+
+
+def _register(proc: ReplicaProcess, stub, address: str, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    req = pb.RegisterRequest(address=address, process_id=os.getpid(), host=socket.gethostname(),
+                             meshes=proc.mesh_infos(),
+                             transfer_address=proc.transport.address if proc.transport else "")
+    while True:
+        try:
+            reply = stub.Register(req, timeout=10)
+            proc.assign_ids(reply.replica_ids, process=address, address=address)
+            return reply.heartbeat_s or 0.5
+        except grpc.RpcError as err:
+            if proc.stopped.is_set() or time.monotonic() > deadline:
+                raise RuntimeError(f"could not register with the scheduler: {err.code()}: "
+                                   f"{err.details()}") from err
+            time.sleep(0.2)
+
+
+def _advertised(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+__all__ = ["ReplicaProcess", "ReplicaService", "make_transport", "serve_replica"]

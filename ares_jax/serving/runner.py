@@ -1,0 +1,158 @@
+"""``CoreRunner``: the scheduler core on a thread of its own, with a thread-safe front.
+
+Callers (the gRPC ``Generate`` handler, the HTTP server, the Python ``LLM``-style client in
+this process) ``submit`` a request and read its ``StreamChunk``s from a queue; ``abort`` cancels
+it everywhere. The core is not thread-safe, so every call on it happens on the runner's thread:
+submissions and aborts wait in an inbox and are applied between iterations.
+
+The thread iterates while there is work; when an iteration produced nothing (remote replicas
+are busy stepping) it sleeps until a replica event, a submission or a short timeout wakes it,
+so an idle or waiting scheduler does not spin.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from ares_jax.cluster.core import ClusterCore
+from ares_jax.engine.outputs import StreamChunk
+from ares_jax.engine.types import Request
+
+log = logging.getLogger("ares_jax.scheduler")
+IDLE_WAIT_S = 0.05
+BUSY_WAIT_S = 0.002
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CoreRunner:
+    def __init__(self, core: ClusterCore, *, max_waiting: int = 1024) -> None:
+        self.core = core
+        self.max_waiting = max_waiting
+        self.wake = threading.Event()
+        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._streams: dict[str, queue.Queue[StreamChunk | None]] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # guards the inbox and the stream table
+        self._thread = threading.Thread(target=self._run, name="scheduler-core", daemon=True)
+        self.error: BaseException | None = None
+        self.iterations = 0
+
+    def start(self) -> CoreRunner:
+        self._thread.start()
+        return self
+
+    # ------------------------------------------------------------------ the front
+
+    def submit(self, request: Request, prompt_text: str | None = None
+               ) -> queue.Queue[StreamChunk | None]:
+        """Queue ``request``; returns the queue its chunks arrive on (``None`` ends it).
+        Raises ValueError (the request can never be served) or Overloaded, before anything
+        is queued."""
+        if len(self.core.waiting) >= self.max_waiting:
+            raise Overloaded(f"{len(self.core.waiting)} requests are waiting (the limit is "
+                             f"{self.max_waiting}); retry later")
+        out: queue.Queue[StreamChunk | None] = queue.Queue()
+        accepted: Future[None] = Future()
+
+        def add() -> None:
+            try:
+                self.core.add_request(request, prompt_text)
+            except Exception as err:  # noqa: BLE001 - handed back to the caller
+                accepted.set_exception(err)
+                return
+            self._streams[request.request_id] = out
+            accepted.set_result(None)
+
+        self._call(add)
+        accepted.result(timeout=60)
+        return out
+
+    def abort(self, request_id: str) -> None:
+        def cancel() -> None:
+            self.core.abort(request_id)
+            self.core.finished.pop(request_id, None)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(None)
+
+        self._call(cancel)
+
+    def call(self, fn: Callable[[ClusterCore], object], timeout: float = 30.0) -> object:
+        """Run ``fn(core)`` on the core's thread and return its result (for stats, admin)."""
+        result: Future[object] = Future()
+
+        def run() -> None:
+            try:
+                result.set_result(fn(self.core))
+            except Exception as err:  # noqa: BLE001
+                result.set_exception(err)
+
+        self._call(run)
+        return result.result(timeout=timeout)
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the scheduler core is not running ({self.error!r})")
+        with self._lock:
+            self._inbox.append(fn)
+        self.wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    todo = list(self._inbox)
+                    self._inbox.clear()
+                for fn in todo:
+                    fn()
+                if not self.core.has_work:
+                    self.wake.wait(IDLE_WAIT_S)
+                    self.wake.clear()
+                    continue
+                chunks = self.core.step()
+                self.iterations += 1
+                for ch in chunks:
+                    stream = self._streams.get(ch.request_id)
+                    if stream is not None:
+                        stream.put(ch)
+                        if ch.finished:
+                            del self._streams[ch.request_id]
+                            stream.put(None)
+                            self.core.finished.pop(ch.request_id, None)
+                if not chunks:
+                    self.wake.wait(BUSY_WAIT_S)
+                    self.wake.clear()
+        except BaseException as err:  # the core failed: fail every stream, loudly
+            self.error = err
+            log.exception("the scheduler core stopped")
+            for stream in self._streams.values():
+                stream.put(None)
+            raise
+        finally:
+            self._finish_streams()
+
+    def _finish_streams(self) -> None:
+        deadline = time.monotonic() + 1.0
+        while self._streams and time.monotonic() < deadline:
+            _, stream = self._streams.popitem()
+            stream.put(None)

@@ -1,0 +1,294 @@
+"""The scheduler process: replicas register here, clients generate here.
+
+Replica processes call ``Register`` with their meshes; the scheduler gives every mesh a
+replica id, opens a ``ReplicaLink`` (its event stream) and wraps each mesh in a
+``RemoteReplica``. Once the expected prefill and decode replicas are in, it builds the one
+``ClusterCore`` over those handles and starts its ``CoreRunner``. From then on ``Generate``
+submits to the runner and streams the request's chunks back; a client that goes away aborts
+its request on every replica that holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ares_jax.cluster.config import ClusterConfig
+from ares_jax.cluster.core import ClusterCore
+from ares_jax.engine.decode import DecodeLoad
+from ares_jax.engine.outputs import StreamChunk
+from ares_jax.engine.types import Request
+from ares_jax.model.tokenizer import Tokenizer
+from ares_jax.replica.types import ReplicaInfo
+from ares_jax.serving import ares_pb2 as pb
+from ares_jax.serving import ares_pb2_grpc as pb_grpc
+from ares_jax.serving import codec
+from ares_jax.serving.remote import RemoteReplica, ReplicaLink
+from ares_jax.serving.replica_server import GRPC_OPTIONS
+from ares_jax.serving.runner import CoreRunner, Overloaded
+
+log = logging.getLogger("ares_jax.scheduler")
+SERVICE_NAME = "ares.v1.Scheduler"
+HEARTBEAT_S = 0.5
+
+
+def _empty_load(info: ReplicaInfo) -> DecodeLoad:
+    z = np.zeros(0, np.int64)
+    return DecodeLoad(free_pages=info.capacity_pages, used_pages=0,
+                      capacity_pages=info.capacity_pages, reserved_pages=0,
+                      free_slots=info.max_num_seqs, request_ids=(), kv_tokens=z, generated=z,
+                      max_tokens=z, predicted_remaining=z.astype(np.float64))
+
+
+class Scheduler:
+    """Registration, the core once every replica is in, and the client-facing calls."""
+
+    def __init__(self, cluster: ClusterConfig, *, expect_prefill: int, expect_decode: int,
+                 tokenizer: Tokenizer | None = None, model_name: str = "model",
+                 max_waiting: int = 1024) -> None:
+        self.cluster = cluster
+        self.expect = {"prefill": expect_prefill, "decode": expect_decode}
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_waiting = max_waiting
+        self.links: dict[str, ReplicaLink] = {}
+        self.handles: list[RemoteReplica] = []
+        self.runner: CoreRunner | None = None
+        self.vocab_size = 0
+        self.max_model_len = 0
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ registration
+
+    def register(self, req: pb.RegisterRequest) -> list[int]:
+        with self._lock:
+            if self.runner is not None:
+                raise RuntimeError("the cluster is already formed; replicas joining a running "
+                                   "scheduler are not supported yet")
+            old = self.links.pop(req.address, None)
+            if old is not None:  # the same process registering again: forget its meshes
+                old.close()
+                self.handles = [h for h in self.handles if h.link is not old]
+            link = ReplicaLink(req.address, self._on_event)
+            ids = []
+            for mesh in req.meshes:
+                rid = max((h.info.replica_id for h in self.handles), default=-1) + 1
+                info = ReplicaInfo(
+                    replica_id=rid, role=mesh.role, page_size=mesh.page_size,
+                    capacity_pages=mesh.capacity_pages, max_num_seqs=mesh.max_num_seqs,
+                    max_model_len=mesh.max_model_len, kv_bytes_per_token=mesh.kv_bytes_per_token,
+                    process=req.address, process_id=req.process_id, address=req.address,
+                    devices=mesh.devices)
+                h = RemoteReplica(info, link, _empty_load(info))
+                link.handles[rid] = h
+                self.handles.append(h)
+                ids.append(rid)
+                self.vocab_size = mesh.vocab_size
+            self.links[req.address] = link
+            link.start()
+            log.info("registered %s: %s", req.address,
+                     ", ".join(f"{m.role} replica {i}" for m, i in zip(req.meshes, ids)))
+            self._maybe_start()
+            return ids
+
+    def _roles(self, role: str) -> list[RemoteReplica]:
+        return [h for h in self.handles if h.info.role == role]
+
+    def registered(self) -> dict[str, int]:
+        return {role: len(self._roles(role)) for role in self.expect}
+
+    def _maybe_start(self) -> None:
+        have = self.registered()
+        if any(have[r] < n for r, n in self.expect.items()):
+            return
+        core = ClusterCore(self._roles("prefill"), self._roles("decode"), self.tokenizer,
+                           vocab_size=self.vocab_size, cluster=self.cluster)
+        self.max_model_len = core.max_model_len
+        self.runner = CoreRunner(core, max_waiting=self.max_waiting).start()
+        self.ready.set()
+        log.info("cluster formed: %d prefill + %d decode replicas, policy %s",
+                 have["prefill"], have["decode"], self.cluster.policy)
+
+    def _on_event(self) -> None:
+        if self.runner is not None:
+            self.runner.wake.set()
+
+    def heartbeat(self, req: pb.HeartbeatRequest) -> bool:
+        link = self.links.get(req.address)
+        if link is None:
+            return False
+        link.last_seen = time.monotonic()
+        for msg in req.loads:  # fresher than the last step batch when the replica is idle
+            h = link.handles.get(msg.replica_id)
+            if h is not None:
+                h.latest_load = codec.load_from_pb(msg)
+        return True
+
+    def cluster_state(self) -> dict:
+        if self.runner is None:
+            return {"time": time.time(), "policy": self.cluster.policy, "ready": False,
+                    "registered": self.registered(), "expected": self.expect,
+                    "replicas": [], "migrations": [], "counters": {}, "waiting": 0,
+                    "running": 0}
+        state = self.runner.call(lambda core: core.cluster_state())
+        state["ready"] = True  # type: ignore[index]
+        return state  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+        for link in self.links.values():
+            link.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def make_request(self, req: pb.GenerateRequest) -> tuple[Request, str | None]:
+        """A validated Request from the wire; raises ValueError naming the problem."""
+        params = codec.params_from_pb(req.params)
+        text = None
+        if req.messages:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer, so it has no chat template")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in req.messages])
+            ids = self.tokenizer.encode(text)
+        elif req.prompt_ids:
+            ids = list(req.prompt_ids)
+        elif req.prompt:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; send prompt_ids")
+            text = req.prompt
+            ids = self.tokenizer.encode(text)
+        else:
+            raise ValueError("the request has no prompt (prompt, prompt_ids or messages)")
+        rid = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        return Request(request_id=rid, prompt_ids=ids, params=params,
+                       arrival_time=time.perf_counter(), index=req.index), text
+
+
+def chunk_to_pb(ch: StreamChunk, first: bool, prompt_ids: list[int]) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=ch.request_id, text_delta=ch.text_delta,
+                              finished=ch.finished, finish_reason=ch.finish_reason or "")
+    if ch.token_id >= 0:
+        msg.token.CopyFrom(pb.TokenInfo(token_id=ch.token_id, top_logprobs=ch.top_logprobs or {}))
+        if ch.logprob is not None:
+            msg.token.logprob = ch.logprob
+    if ch.predicted_remaining is not None:
+        msg.predicted_remaining = ch.predicted_remaining
+    if first:
+        msg.prompt_token_ids.extend(prompt_ids)
+    if ch.output is not None:
+        out = ch.output
+        m = out.metrics
+        msg.text = out.text
+        msg.error = out.error or ""
+        msg.stop_reason = "" if out.stop_reason is None else str(out.stop_reason)
+        msg.metrics.CopyFrom(pb.RequestMetrics(
+            arrival_time=m.arrival_time, first_token_time=m.first_token_time or 0.0,
+            finish_time=m.finish_time or 0.0, token_times=m.token_times,
+            num_preemptions=m.num_preemptions, num_migrations=m.num_migrations,
+            scheduled_time=m.scheduled_time or 0.0,
+            prediction_generated=[g for g, _ in m.predictions],
+            prediction_remaining=[p for _, p in m.predictions]))
+    return msg
+
+
+class SchedulerService(pb_grpc.SchedulerServicer):
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.s = scheduler
+
+    def Register(self, request, context):
+        try:
+            ids = self.s.register(request)
+        except RuntimeError as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        return pb.RegisterResponse(replica_ids=ids, heartbeat_s=HEARTBEAT_S)
+
+    def Heartbeat(self, request, context):
+        return pb.HeartbeatResponse(known=self.s.heartbeat(request))
+
+    def Generate(self, request, context):
+        runner = self.s.runner
+        if runner is None:
+            have, want = self.s.registered(), self.s.expect
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"the cluster is not ready: {have} of {want} replicas registered")
+        try:
+            req, text = self.s.make_request(request)
+            stream = runner.submit(req, text)
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Overloaded as err:
+            context.set_trailing_metadata((("retry-after", f"{err.retry_after_s:.0f}"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        done = threading.Event()
+        context.add_callback(lambda: None if done.is_set() else runner.abort(req.request_id))
+        first = True
+        while True:
+            ch = stream.get()
+            if ch is None:
+                break
+            yield chunk_to_pb(ch, first, req.prompt_ids)
+            first = False
+            if ch.finished:
+                done.set()
+                break
+        if not done.is_set() and context.is_active():
+            done.set()
+            context.abort(grpc.StatusCode.ABORTED, f"request {req.request_id} was aborted")
+
+    def Abort(self, request, context):
+        if self.s.runner is None:
+            return pb.AbortResponse(found=False)
+        found = self.s.runner.call(lambda core: request.request_id in core.trackers)
+        self.s.runner.abort(request.request_id)
+        return pb.AbortResponse(found=bool(found))
+
+    def Stats(self, request, context):
+        import json
+
+        return pb.StatsResponse(json=json.dumps(self.s.cluster_state()))
+
+    def Migrate(self, request, context):
+        if self.s.runner is None:
+            return pb.MigrateResponse(started=False, reason="the cluster is not ready")
+
+        def start(core: ClusterCore):
+            src = core.location.get(request.request_id)
+            if src is None:
+                return False, f"request {request.request_id} is not running"
+            rec = core.start_migration(request.request_id, src, request.dst)
+            return rec.outcome is None, rec.reason
+
+        started, reason = self.s.runner.call(start)  # type: ignore[misc]
+        return pb.MigrateResponse(started=started, reason=reason)
+
+
+def start_scheduler_server(scheduler: Scheduler, host: str, port: int
+                           ) -> tuple[grpc.Server, int, health.HealthServicer]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=GRPC_OPTIONS)
+    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(scheduler), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (is it in use?)")
+    server.start()
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def mark_ready() -> None:
+        scheduler.ready.wait()
+        health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    threading.Thread(target=mark_ready, daemon=True).start()
+    return server, bound, health_servicer

@@ -1,0 +1,205 @@
+"""The multi-process cluster on localhost: ``ares-jax serve`` starts a scheduler and three
+replica processes (1 prefill, 2 decode) of a tiny seeded random model; the tests talk to it
+through ``ares_jax.client.Client`` and check tokens against an in-process reference, a live
+migration between two decode processes, errors, cancellation, and a clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from ares_jax.client import Client
+from ares_jax.cluster import ServingLoop
+from ares_jax.engine.decode import DecodeEngine
+from ares_jax.engine.prefill import PrefillEngine
+from ares_jax.engine.sampling import SamplingParams
+from ares_jax.engine.types import EngineConfig, Request
+from ares_jax.serving import ares_pb2 as pb
+from ares_jax.serving import ares_pb2_grpc as pb_grpc
+
+ECFG = EngineConfig(page_size=8, num_pages=64, max_num_seqs=8, max_model_len=256)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompt(i: int, n: int = 12) -> list[int]:
+    return np.random.default_rng(100 + i).integers(4, 500, size=n).tolist()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    port = free_port()
+    logs = tmp_path_factory.mktemp("serve-logs")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ares_jax.cli", "serve", "--model", "random:tiny",
+         "--prefill-replicas", "1", "--decode-replicas", "2", "--grpc-port", str(port),
+         "--predictor", "none", "--num-pages", "64", "--max-model-len", "256",
+         "--page-size", "8", "--max-num-seqs", "8", "--policy", "least-load",
+         "--log-dir", str(logs), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("ares-jax serving"):
+            break
+    else:
+        proc.kill()
+    if proc.poll() is not None or not lines or not lines[-1].startswith("ares-jax serving"):
+        proc.kill()
+        pytest.fail("ares-jax serve did not start:\n" + "".join(lines[-40:]))
+    client = Client(f"127.0.0.1:{port}", timeout_s=120)
+    pids = [r["process_id"] for r in client.stats()["replicas"]]
+    yield client, proc, pids
+    client.close()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "every replica process has exited" in out
+    left = [pid for pid in pids if alive(pid)]
+    assert not left, f"replica processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """Greedy tokens of the same model in one process, one decode engine."""
+    def run(prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+        loop = ServingLoop(PrefillEngine(tiny_model, ECFG), [DecodeEngine(tiny_model, ECFG)],
+                           None)
+        for i, p in enumerate(prompts):
+            loop.add_request(Request(request_id=f"r{i}", prompt_ids=p, params=params, index=i))
+        while loop.has_work:
+            loop.step()
+        return [loop.finished[f"r{i}"].token_ids for i in range(len(prompts))]
+    return run
+
+
+def test_replicas_registered_with_their_processes(cluster):
+    client, _, pids = cluster
+    stats = client.stats()
+    assert stats["ready"] and len(set(pids)) == 3
+    roles = sorted(r["role"] for r in stats["replicas"])
+    assert roles == ["decode", "decode", "prefill"]
+    assert all(alive(pid) for pid in pids)
+
+
+def test_greedy_tokens_equal_the_in_process_engine(cluster, reference):
+    client, _, _ = cluster
+    prompts = [prompt(i, 5 + 7 * i) for i in range(5)]
+    outs = client.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == reference(prompts)
+    assert all(o.finish_reason == "length" and o.metrics.ttft is not None for o in outs)
+    assert [o.prompt_token_ids for o in outs] == prompts
+
+
+def test_request_migrated_between_decode_processes_keeps_its_tokens(cluster, reference):
+    client, _, _ = cluster
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    p = prompt(7, 40)
+    tokens, migrated = [], []
+    for chunk in client.stream(p, params):
+        if chunk.token_id >= 0:
+            tokens.append(chunk.token_id)
+        if len(tokens) == 12 and not migrated:
+            for dst in (1, 2):  # whichever decode replica it is not on
+                started, reason = client.migrate(chunk.request_id, dst)
+                if started:
+                    migrated.append(dst)
+                    break
+            assert migrated, reason
+    assert tokens == reference([p], params)[0]
+    stats = client.stats()
+    assert stats["counters"]["migrations_committed"] >= 1, stats["migrations"]
+    last = stats["migrations"][-1]
+    assert last["outcome"] == "committed" and last["bytes"] > 0 and last["dst"] == migrated[0]
+    stats = settled(client)  # page accounting balances on both decode processes
+    assert all(r["kv_pages_used"] == 0 for r in stats["replicas"]), stats["replicas"]
+
+
+def settled(client: Client, timeout_s: float = 30.0) -> dict:
+    """Stats once nothing runs and every replica has reported its pages free (loads arrive
+    with step batches and heartbeats, so they may lag a command by a heartbeat)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.stats()
+        quiet = stats["running"] == 0 and stats["waiting"] == 0
+        if quiet and all(r["kv_pages_used"] == 0 for r in stats["replicas"]) or \
+                time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+def test_bad_requests_get_invalid_argument_and_clear_messages(cluster):
+    client, _, _ = cluster
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        client.generate([[5, 6, 100000]], GREEDY)
+    with pytest.raises(ValueError, match="max_model_len"):
+        client.generate([prompt(1, 300)], GREEDY)
+    stub = pb_grpc.SchedulerStub(grpc.insecure_channel(client.address))
+    bad = pb.GenerateRequest(prompt_ids=[5, 6], params=pb.SamplingParams(
+        temperature=1.0, top_p=0.0, max_tokens=4))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(bad, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_p" in err.value.details()
+    with pytest.raises(ValueError, match="no tokenizer"):
+        client.generate(["text needs a tokenizer"], GREEDY)
+
+
+def test_cancelled_stream_frees_its_pages_everywhere(cluster):
+    client, _, _ = cluster
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    stream = client.stream(prompt(3, 30), params)
+    for i, _ in enumerate(stream):
+        if i == 5:
+            break
+    stream.close()  # the client goes away mid-stream
+    stats = settled(client)
+    assert stats["running"] == 0 and stats["waiting"] == 0, stats
+    assert all(r["kv_pages_used"] == 0 for r in stats["replicas"]), stats["replicas"]
+
+
+def test_concurrent_clients_all_complete(cluster, reference):
+    client, _, _ = cluster
+    prompts = [prompt(20 + i, 8 + i) for i in range(12)]
+    results: dict[int, list[int]] = {}
+
+    def one(i: int) -> None:
+        results[i] = client.generate([prompts[i]], GREEDY)[0].token_ids
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [results[i] for i in range(len(prompts))] == reference(prompts)
