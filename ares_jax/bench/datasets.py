@@ -57,8 +57,9 @@ def sample_random(cfg: BenchConfig, source: PromptSource,
     lo_out, hi_out = _length_range(cfg.random_output_len, cfg.random_range_ratio)
     in_lens = rng.integers(lo_in, hi_in + 1, size=cfg.num_prompts)
     out_lens = rng.integers(lo_out, hi_out + 1, size=cfg.num_prompts)
-    return tuple(SampleRequest(prompt=source.text_of_length(int(i), rng), prompt_len=int(i),
-                               output_len=int(o)) for i, o in zip(in_lens, out_lens))
+    prompts = source.texts_of_lengths([int(i) for i in in_lens], rng)
+    return tuple(SampleRequest(prompt=p, prompt_len=int(i), output_len=int(o))
+                 for p, i, o in zip(prompts, in_lens, out_lens))
 
 
 def sample_sharegpt(cfg: BenchConfig, source: PromptSource,
@@ -118,10 +119,10 @@ def load_trace(cfg: BenchConfig, source: PromptSource, rng: np.random.Generator)
     assert cfg.dataset_path is not None
     arrival, prompt, output = read_trace(cfg.dataset_path, limit=cfg.num_prompts)
     offsets = trace_offsets(arrival)
+    in_lens = [max(int(p), 1) for p in prompt]
     requests = tuple(
-        SampleRequest(prompt=source.text_of_length(max(int(p), 1), rng), prompt_len=max(int(p), 1),
-                      output_len=max(int(o), 1))
-        for p, o in zip(prompt, output))
+        SampleRequest(prompt=text, prompt_len=n, output_len=max(int(o), 1))
+        for text, n, o in zip(source.texts_of_lengths(in_lens, rng), in_lens, output))
     notes = [f"trace: {len(requests)} requests sent at the trace's own arrival times; "
              "--request-rate and --burstiness are ignored"]
     if len(requests) < cfg.num_prompts:
