@@ -158,7 +158,8 @@ def test_report_agrees_with_records(server):
         assert r.ttft_s >= FIRST_TOKEN_DELAY_S * 0.95
         assert r.e2el_s >= FIRST_TOKEN_DELAY_S + 7 * TOKEN_DELAY_S * 0.95
         assert r.tpot_s == pytest.approx((r.e2el_s - r.ttft_s) / 7)
-        assert min(r.itls_s) >= TOKEN_DELAY_S * 0.5
+        # (no lower bound on single ITLs: a busy client can read two chunks in one go)
+        assert sum(r.itls_s) == pytest.approx(r.chunk_times_s[-1] - r.first_token_s)
     dur = rep["duration"]
     assert dur >= max(r.end_s for r in recs)
     assert rep["total_output_tokens"] == 96 and rep["total_input_tokens"] == 192
