@@ -13,9 +13,14 @@ From Python::
 from ares_jax.bench.config import BenchConfig, BenchError
 from ares_jax.bench.datasets import SampleRequest
 from ares_jax.bench.records import RequestRecord
-from ares_jax.bench.runner import BenchResult, run_benchmark, run_benchmark_detailed
+from ares_jax.bench.runner import (
+    BenchResult,
+    arun_benchmark,
+    run_benchmark,
+    run_benchmark_detailed,
+)
 
 __all__ = [
     "BenchConfig", "BenchError", "BenchResult", "RequestRecord", "SampleRequest",
-    "run_benchmark", "run_benchmark_detailed",
+    "arun_benchmark", "run_benchmark", "run_benchmark_detailed",
 ]

@@ -98,6 +98,7 @@ async def arun_benchmark(config: BenchConfig, *,
     # One connection per stream that can be open at once; a smaller pool would queue requests
     # inside the client and count that wait as server latency.
     pool = min(cfg.max_concurrency or n, n)
+    _raise_open_files_limit(pool + 256)
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=30.0, pool=None)
     records = [RequestRecord(index=i, prompt_len=r.prompt_len, max_tokens=r.output_len)
@@ -147,6 +148,20 @@ async def arun_benchmark(config: BenchConfig, *,
 
         report["plots"] = [str(p) for p in write_plots(records, duration, cfg.plot_dir)]
     return BenchResult(report=report, records=tuple(records))
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Lift the soft open-files limit (often 1024) towards the hard one: a thousand requests
+    released at once need a thousand sockets."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not POSIX, or not allowed: the OS error, if any, lands on the requests
 
 
 def _progress(cfg: BenchConfig, n: int):
