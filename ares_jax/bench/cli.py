@@ -153,10 +153,6 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"ares-jax bench serve: error: {err}", file=sys.stderr)
         return 2
-    for note in ("trace",):
-        if cfg.dataset_name == note and not math.isinf(cfg.request_rate):
-            print("note: a trace sets its own arrival times; --request-rate is ignored",
-                  file=sys.stderr)
     try:
         result = run_benchmark_detailed(cfg)
     except (BenchError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
@@ -170,6 +166,8 @@ def main(args: argparse.Namespace) -> int:
                                    indent=1))
         print(f"saved {path}", file=sys.stderr)
     if args.json:
+        for note in report["notes"]:  # the table prints them itself
+            print(f"note: {note}", file=sys.stderr)
         print(json.dumps(report))
     else:
         from ares_jax.bench.report import format_table
