@@ -64,6 +64,8 @@ def write_plots(records: Sequence[RequestRecord], duration_s: float,
     ax1b = ax1.twinx()
     ax1b.plot(x, in_flight, c="tab:orange", label="requests in flight")
     ax1b.set_ylabel("requests in flight")
+    handles = ax1.get_legend_handles_labels()[0] + ax1b.get_legend_handles_labels()[0]
+    ax1.legend(handles, [h.get_label() for h in handles], loc="upper right")
     ax1.set_title("throughput over the run")
     ax1.grid(alpha=0.3)
     timed = [r for r in ok if r.ttft_s is not None and r.e2el_s is not None]
