@@ -73,19 +73,10 @@ class LLM:
         self._ids = itertools.count()
 
     def _load_predictor(self, predictor: str | Path | None, embedded: bool):
-        from ares_jax.predictor.serving import DEFAULT_HEAD_DIR, load_engine_head
+        from ares_jax.serving.models import resolve_head
 
-        if predictor is None:
-            return None
-        if predictor == DEFAULT_PREDICTOR:
-            # The packaged head was trained on the embedded model's hidden states only.
-            if not embedded or not DEFAULT_HEAD_DIR.is_dir():
-                return None
-            predictor = DEFAULT_HEAD_DIR
-        cfg = self.model.cfg
-        return load_engine_head(predictor, cfg.d_model, n_layers=cfg.n_layers,
-                                tap_layer=self.engine_config.tap_layer or cfg.default_tap_layer,
-                                mesh=self.model.mesh)
+        return resolve_head(self.model, predictor, embedded=embedded,
+                            engine=self.engine_config)
 
     # ------------------------------------------------------------------ requests
 

@@ -21,6 +21,7 @@ RANDOM_PRESETS: dict[str, dict] = {
                   head_dim=32, ffn_dim=768, max_seq_len=2048, eos_token_ids=(3,)),
 }
 EMBEDDED = "embedded"
+DEFAULT_PREDICTOR = "default"  # the packaged length head, for the embedded model only
 
 
 def load_serving_model(spec: str | None, *, dtype: str | None = None,
@@ -58,7 +59,7 @@ def resolve_head(model: LoadedModel, predictor: str | Path | None, *, embedded: 
 
     if predictor is None:
         return None
-    if predictor == "default":
+    if predictor == DEFAULT_PREDICTOR:
         if not embedded or not DEFAULT_HEAD_DIR.is_dir():
             return None
         predictor = DEFAULT_HEAD_DIR
