@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from ares_jax.engine.decode import DecodeLoad
 from ares_jax.engine.sampling import SamplingParams, TokenInfo
+from ares_jax.engine.slots import DecodeLoad
 from ares_jax.engine.types import Request
 from ares_jax.replica.types import KvBlock, Prefilled, Stepped
 from ares_jax.serving import codec, codegen

@@ -115,6 +115,9 @@ class ClusterCore:
             maxlen=1000)
         self.last_migrated: dict[str, float] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        # (iteration, kind, request, a, b): every placement and migration decision, in order
+        # (kinds: dispatch, fallback, migrate, migration_end), for tests and debugging.
+        self.decisions: collections.deque[tuple] = collections.deque(maxlen=100_000)
         self.iterations = 0
         # (batch, kv_tokens, ms) per replica step, for the online cost refit.
         self.step_samples: collections.deque[tuple[int, int, float]] = \
@@ -321,6 +324,8 @@ class ClusterCore:
                 self.counters["fallback_dispatches"] += 1
             room[target][0] -= 1
             room[target][1] -= need
+            self.decisions.append((self.iterations, "dispatch", rid, target,
+                                   chosen.get(rid)))
             ev = self.held.pop(rid)
             self.inserting[rid] = target
             self.kv_source[rid] = ev.replica_id
@@ -448,6 +453,7 @@ class ClusterCore:
             return self._end(rec, MigrationOutcome.ABORTED_DESTINATION,
                              f"{pages} pages not free on replica {dst}")
         rec.reserved_pages = pages
+        self.decisions.append((self.iterations, "migrate", rid, src, dst))
         self.migrations[rid] = rec
         self.counters["migrations_started"] += 1
         return rec
@@ -555,6 +561,8 @@ class ClusterCore:
     def _end(self, rec: MigrationRecord, outcome: MigrationOutcome,
              reason: str) -> MigrationRecord:
         rec.outcome, rec.reason, rec.finished_at = outcome, reason, self.clock()
+        self.decisions.append((self.iterations, "migration_end", rec.request_id, rec.dst,
+                               outcome.value))
         self.migration_history.append(rec)
         self.counters[f"migrations_{'committed' if outcome is MigrationOutcome.COMMITTED else 'aborted'}"] += 1  # noqa: E501
         self.counters["migration_bytes"] += rec.bytes_moved

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ares_jax.engine.decode import DecodeLoad
+from ares_jax.engine.slots import DecodeLoad
 from ares_jax.scheduler import ClusterSnapshot, PendingDispatch
 from ares_jax.scheduler.state import RequestTable
 

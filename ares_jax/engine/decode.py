@@ -13,7 +13,6 @@ lets the same scheduler drive an engine in this process or one behind gRPC.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +24,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ares_jax.engine import sampling
 from ares_jax.engine.kv_pool import (
     SCRATCH_PAGE,
-    OutOfPages,
-    PageAllocator,
     bucket,
     create_pool,
     pages_for,
@@ -37,7 +34,7 @@ from ares_jax.engine.kv_pool import (
     write_pages,
 )
 from ares_jax.engine.prefill import resolve_max_model_len
-from ares_jax.engine.stops import token_stop
+from ares_jax.engine.slots import SlotTable
 from ares_jax.engine.types import EngineConfig, PrefillResult, Request, StepOutput
 from ares_jax.model import model as llama
 from ares_jax.model.loader import LoadedModel
@@ -50,33 +47,10 @@ DEFAULT_CPU_PAGES = 2048
 HeadFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-@dataclasses.dataclass
-class SlotState:
-    request: Request
-    num_cached: int  # tokens whose K/V are in the pool
-    last_token: int  # the next token to feed; its K/V is written by the next step
-    generated: int  # tokens generated so far, the first (from prefill) included
-    order: int  # insertion order: the newest is preempted first
-    predicted_remaining: float = float("nan")  # the fused head's latest output
+class DecodeEngine(SlotTable):
+    """The slot table (``engine/slots.py``: requests, pages, preemption, stop checks) plus
+    the device side: the KV pool and the jitted step."""
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DecodeLoad:
-    """One engine's load, columnar (one entry per running request, in slot order)."""
-
-    free_pages: int
-    used_pages: int
-    capacity_pages: int
-    reserved_pages: int  # held for requests that are not running here (incoming migrations)
-    free_slots: int
-    request_ids: tuple[str, ...]
-    kv_tokens: np.ndarray  # int64
-    generated: np.ndarray  # int64
-    max_tokens: np.ndarray  # int64
-    predicted_remaining: np.ndarray  # float64, NaN before the first prediction
-
-
-class DecodeEngine:
     def __init__(self, model: LoadedModel, config: EngineConfig,
                  head: tuple[HeadFn, Any] | None = None) -> None:
         self.model = model
@@ -84,17 +58,19 @@ class DecodeEngine:
         self.config = config
         self.backend = resolve_decode_backend(config.decode_backend, model)
         self._packed = cpu_kernel_weights(model) if self.backend == "cpu_kernel" else None
-        self.max_model_len = resolve_max_model_len(model, config)
-        self.page_size = config.page_size
-        self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
+        max_model_len = resolve_max_model_len(model, config)
         num_pages = config.num_pages or self._pages_from_memory()
+        super().__init__(num_pages=num_pages, page_size=config.page_size,
+                         max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
+                         eos_token_ids=self.cfg.eos_token_ids)
+        self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
         self._pool = create_pool(self.cfg, num_pages, self.page_size, model.mesh, model.rules)
-        self._allocator = PageAllocator(num_pages)
-        self._slots: dict[str, SlotState] = {}
-        self._order = 0
         self.head = head
         self._replicated = NamedSharding(model.mesh, PartitionSpec())
-        self._eos = frozenset(self.cfg.eos_token_ids)
+
+    @property
+    def kv_bytes_per_page(self) -> int:
+        return self.cfg.kv_bytes_per_token * self.page_size
 
     # ------------------------------------------------------------------ capacity
 
@@ -103,66 +79,6 @@ class DecodeEngine:
             return DEFAULT_CPU_PAGES
         per_page = self.cfg.kv_bytes_per_token * self.page_size
         return max(2, int(self.config.kv_cache_gib * 2**30 // per_page))
-
-    @property
-    def num_active(self) -> int:
-        return len(self._slots)
-
-    @property
-    def num_free_pages(self) -> int:
-        return self._allocator.num_free
-
-    @property
-    def num_used_pages(self) -> int:
-        return self._allocator.num_used
-
-    @property
-    def capacity_pages(self) -> int:
-        return self._allocator.capacity
-
-    @property
-    def kv_bytes_per_page(self) -> int:
-        return self.cfg.kv_bytes_per_token * self.page_size
-
-    def free_slots(self) -> int:
-        return self.config.max_num_seqs - len(self._slots)
-
-    def is_running(self, request_id: str) -> bool:
-        return request_id in self._slots
-
-    def running_ids(self) -> list[str]:
-        return list(self._slots)
-
-    def pages_held(self, request_id: str) -> int:
-        """Pages allocated to ``request_id`` (running or reserved)."""
-        return len(self._allocator.pages(request_id))
-
-    def page_owners(self) -> list[str]:
-        return self._allocator.owners()
-
-    def num_cached(self, request_id: str) -> int:
-        return self._slots[request_id].num_cached
-
-    def can_admit(self, num_tokens: int) -> bool:
-        """A slot is free and the pool has the pages for ``num_tokens`` plus the next token."""
-        return self.free_slots() > 0 and \
-            pages_for(num_tokens + 1, self.page_size) <= self._allocator.num_free
-
-    def load(self) -> DecodeLoad:
-        """The running requests as columns plus page counts: what a scheduler snapshot needs."""
-        states = list(self._slots.values())
-        running_pages = sum(len(self._allocator.pages(r)) for r in self._slots)
-        return DecodeLoad(
-            free_pages=self._allocator.num_free, used_pages=self._allocator.num_used,
-            capacity_pages=self._allocator.capacity,
-            reserved_pages=self._allocator.num_used - running_pages,
-            free_slots=self.free_slots(), request_ids=tuple(self._slots),
-            kv_tokens=np.fromiter((s.num_cached for s in states), np.int64, len(states)),
-            generated=np.fromiter((s.generated for s in states), np.int64, len(states)),
-            max_tokens=np.fromiter((s.request.params.max_tokens for s in states), np.int64,
-                                   len(states)),
-            predicted_remaining=np.fromiter((s.predicted_remaining for s in states), np.float64,
-                                            len(states)))
 
     def block_until_ready(self) -> None:
         """Wait for every write queued on the pool (a copy has landed before a commit)."""
@@ -192,28 +108,17 @@ class DecodeEngine:
         rid = request.request_id
         if rid in self._slots:
             raise ValueError(f"request {rid} is already running on this engine")
-        if self.free_slots() <= 0:
-            raise OutOfPages(f"request {rid}: no free decode slot ({self.config.max_num_seqs})")
         n = pages_for(num_tokens, self.page_size)
         if k.shape[1] < n:
             raise ValueError(f"request {rid}: a block of {k.shape[1]} pages cannot hold "
                              f"{num_tokens} tokens")
-        pages = self._allocator.allocate(rid, n)
+        pages = self.admit(request, num_tokens=num_tokens, first_token=first_token,
+                           predicted_remaining=predicted_remaining)
         try:
             self._write(pages, k, v)
         except Exception:
-            self._allocator.free(rid)
+            self.release(rid)
             raise
-        self._add_slot(request, num_cached=num_tokens, last_token=first_token,
-                       generated=len(request.resumed_ids) + 1)
-        if predicted_remaining is not None:
-            self._slots[rid].predicted_remaining = float(predicted_remaining)
-
-    def _add_slot(self, request: Request, *, num_cached: int, last_token: int,
-                  generated: int) -> None:
-        self._order += 1
-        self._slots[request.request_id] = SlotState(request, num_cached, last_token, generated,
-                                                    self._order)
 
     def _write(self, pages: list[int], k: jax.Array, v: jax.Array) -> None:
         """Write [L, n, S, KVH, K] arrays (n >= len(pages); the rest go to scratch)."""
@@ -227,12 +132,6 @@ class DecodeEngine:
         ids = np.full(k.shape[1], SCRATCH_PAGE, np.int32)
         ids[: len(pages)] = pages
         pool.k, pool.v = write_pages(pool.k, pool.v, jnp.asarray(ids), k, v)
-
-    def release(self, request_id: str) -> int:
-        """Drop a request (finished, cancelled, failed, or reserved for a migration that was
-        abandoned) and free its pages. Idempotent; returns the pages freed."""
-        self._slots.pop(request_id, None)
-        return self._allocator.free(request_id)
 
     # ------------------------------------------------------------------ page export / import
 
@@ -250,13 +149,6 @@ class DecodeEngine:
         ids[:n] = pages[start:end]
         return read_pages(self._pool.k, self._pool.v, jnp.asarray(ids))
 
-    def reserve(self, request_id: str, num_pages: int) -> list[int]:
-        """Pre-allocate pages for an incoming request (migration destination); raises
-        ``OutOfPages`` when the pool cannot supply them."""
-        if request_id in self._slots:
-            raise ValueError(f"request {request_id} is already running on this engine")
-        return self._allocator.allocate(request_id, num_pages)
-
     def import_pages(self, request_id: str, start: int, k: jax.Array, v: jax.Array,
                      count: int) -> None:
         """Write ``count`` pages from ``k``/``v`` into the request's reserved pages from
@@ -271,56 +163,9 @@ class DecodeEngine:
                              f"match this pool's pages {self._pool.k.shape}")
         self._write(pages[start:start + count], k, v)
 
-    def adopt(self, request: Request, *, num_cached: int, last_token: int, generated: int,
-              predicted_remaining: float = float("nan")) -> None:
-        """Start decoding a request whose pages were imported (migration commit)."""
-        need = pages_for(num_cached, self.page_size)
-        if len(self._allocator.pages(request.request_id)) < need:
-            raise ValueError(f"request {request.request_id}: {need} pages needed to adopt it")
-        if request.request_id in self._slots:
-            raise ValueError(f"request {request.request_id} is already running on this engine")
-        if self.free_slots() <= 0:
-            raise OutOfPages(f"request {request.request_id}: no free decode slot")
-        self._add_slot(request, num_cached=num_cached, last_token=last_token,
-                       generated=generated)
-        self._slots[request.request_id].predicted_remaining = predicted_remaining
-
-    def detach(self, request_id: str) -> SlotState:
-        """Stop decoding a request but keep its pages (the stop-and-copy stage of a migration:
-        its last pages are exported next). ``reattach`` undoes it; ``release`` ends it."""
-        return self._slots.pop(request_id)
-
-    def reattach(self, state: SlotState) -> None:
-        """Resume decoding a detached request exactly where it stopped."""
-        if len(self._allocator.pages(state.request.request_id)) < \
-                pages_for(state.num_cached, self.page_size):
-            raise ValueError(f"request {state.request.request_id}: its pages were freed")
-        self._slots[state.request.request_id] = state
-
-    # ------------------------------------------------------------------ the step
-
-    def _ensure_pages(self) -> list[str]:
-        """Give every request a page for its next token, preempting the newest on shortage."""
-        preempted: list[str] = []
-        slots, alloc = self._slots, self._allocator
-        for rid in sorted(slots, key=lambda r: slots[r].order):
-            if rid not in slots:
-                continue
-            st = slots[rid]
-            while len(alloc.pages(rid)) < pages_for(st.num_cached + 1, self.page_size):
-                try:
-                    alloc.allocate(rid, 1)
-                except OutOfPages:
-                    victim = max(slots, key=lambda r: slots[r].order)
-                    self.release(victim)
-                    preempted.append(victim)
-                    if victim == rid:
-                        break
-        return preempted
-
     def step(self) -> StepOutput:
         """Decode one token for every active request; requests that finish are released."""
-        preempted = self._ensure_pages()
+        preempted = self.ensure_pages()
         ids = list(self._slots)
         if not ids:
             empty = jnp.zeros((0, self.cfg.d_model), self.cfg.jnp_dtype)
@@ -356,23 +201,8 @@ class DecodeEngine:
             greedy_only=greedy_only, num_logprobs=num_logprobs)
         host = jax.device_get(picked)
         infos = sampling.to_token_infos(host, params)
-        finish, stop = [], []
-        eos = self._eos
-        for rid, st, info in zip(ids, states, infos):
-            st.num_cached += 1
-            st.last_token = info.token_id
-            st.generated += 1
-            reason, stop_reason = token_stop(info.token_id, st.generated,
-                                             len(st.request.prompt_ids), st.request.params, eos,
-                                             self.max_model_len)
-            finish.append(reason)
-            stop.append(stop_reason)
-            if reason is not None:
-                self.release(rid)
         pred_host = None if pred is None else np.asarray(jax.device_get(pred))[: len(ids)]
-        if pred_host is not None:
-            for st, p in zip(states, pred_host):
-                st.predicted_remaining = float(p)
+        finish, stop = self.advance_slots(ids, [i.token_id for i in infos], pred_host)
         return StepOutput(ids, infos, hidden, tap, pred_host, preempted, finish, stop)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ares_jax.engine.decode import DecodeLoad
+from ares_jax.engine.slots import DecodeLoad
 from ares_jax.engine.types import Request
 from ares_jax.replica.types import Detached, Event, KvBlock, Prefilled, ReplicaInfo
 

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from ares_jax.engine.decode import DecodeEngine, DecodeLoad, SlotState
+from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.kv_pool import OutOfPages, pages_for
 from ares_jax.engine.prefill import PrefillEngine
+from ares_jax.engine.slots import DecodeLoad, SlotState
 from ares_jax.engine.types import Request, StepOutput
 from ares_jax.replica.types import (
     Detached,
@@ -57,7 +58,10 @@ def _block_bytes(chunks: Sequence[tuple[jax.Array, jax.Array, int]]) -> int:
     return int(sum(k.nbytes + v.nbytes for k, v, _ in chunks))
 
 
-class _Base:
+class EventQueue:
+    """The events a replica in this process produced since the last ``poll()``; commands a
+    replica's role does not take are refused with the role named."""
+
     info: ReplicaInfo
 
     def __init__(self) -> None:
@@ -68,13 +72,25 @@ class _Base:
         return events
 
     def advance(self) -> None:
-        """Prefill runs inside ``prefill()``; nothing to do between commands."""
+        """Nothing runs between commands (prefill runs inside ``prefill()``)."""
 
     def _unsupported(self, what: str):
         raise TypeError(f"replica {self.info.replica_id} ({self.info.role}) cannot {what}")
 
+    def prefill(self, requests: Sequence[Request]) -> None:
+        self._unsupported("prefill")
 
-class LocalPrefillReplica(_Base):
+    def insert(self, request: Request, prefilled: Prefilled) -> None:
+        self._unsupported("insert")
+
+    def drop_kv(self, request_id: str) -> None:
+        """Only prefill replicas park blocks; nothing to drop."""
+
+    def release(self, request_id: str) -> None:
+        self.drop_kv(request_id)
+
+
+class LocalPrefillReplica(EventQueue):
     """A prefill engine; each result's pages stay on its mesh until ``drop_kv``."""
 
     def __init__(self, engine: PrefillEngine, replica_id: int, **info: object) -> None:
@@ -130,14 +146,7 @@ class LocalPrefillReplica(_Base):
     def block(self, request_id: str) -> KvBlock | None:
         return self._blocks.get(request_id)
 
-    def insert(self, request: Request, prefilled: Prefilled) -> None:
-        self._unsupported("insert")
-
-    def release(self, request_id: str) -> None:
-        self.drop_kv(request_id)
-
-
-class LocalDecodeReplica(_Base):
+class LocalDecodeReplica(EventQueue):
     """A decode engine behind the replica protocol."""
 
     def __init__(self, engine: DecodeEngine, replica_id: int, pull: PullFn = local_chunks,
@@ -199,12 +208,6 @@ class LocalDecodeReplica(_Base):
     def release(self, request_id: str) -> None:
         self._detached.pop(request_id, None)
         self.engine.release(request_id)
-
-    def prefill(self, requests: Sequence[Request]) -> None:
-        self._unsupported("prefill")
-
-    def drop_kv(self, request_id: str) -> None:
-        pass  # a decode replica offers migration blocks only; they live in the transport
 
     # migration --------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ares_jax.engine.decode import DecodeLoad
 from ares_jax.engine.sampling import SamplingParams, TokenInfo
+from ares_jax.engine.slots import DecodeLoad
 from ares_jax.engine.types import Request
 from ares_jax.replica.types import (
     Detached,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from ares_jax.engine.decode import DecodeLoad
+from ares_jax.engine.slots import DecodeLoad
 from ares_jax.engine.types import Request
 from ares_jax.replica.types import (
     Detached,

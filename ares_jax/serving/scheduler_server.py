@@ -22,8 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ares_jax.cluster.config import ClusterConfig
 from ares_jax.cluster.core import ClusterCore
-from ares_jax.engine.decode import DecodeLoad
 from ares_jax.engine.outputs import StreamChunk
+from ares_jax.engine.slots import DecodeLoad
 from ares_jax.engine.types import Request
 from ares_jax.model.tokenizer import Tokenizer
 from ares_jax.replica.types import ReplicaInfo
