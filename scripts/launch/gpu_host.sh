@@ -45,7 +45,8 @@ Scheduler
   --scheduler-arg ARG     extra scheduler argument (repeatable)
 Other
   --ares-jax CMD          the ares-jax command (default: \$ARES_JAX, else 'ares-jax')
-  --log-dir DIR           write each process's output to DIR/<name>.log (default: inherit)
+  --log-dir DIR           write each process's output to DIR/<host>-<name>.log (default:
+                          inherit); the host name keeps nodes sharing one DIR apart
   --dry-run               print the commands, one per line, and start nothing
   -h, --help              this text
 EOF
@@ -290,6 +291,7 @@ wait_for_port() {
   done
 }
 
+short_host=$(hostname -s 2>/dev/null || hostname)
 [[ -n $log_dir ]] && mkdir -p "$log_dir"
 for i in "${!commands[@]}"; do
   eval "cmd=(${commands[i]})"
@@ -300,7 +302,7 @@ for i in "${!commands[@]}"; do
   fi
   echo "$PROG: starting ${names[i]}${child_env[*]:+ (${child_env[*]})}: ${commands[i]}" >&2
   if [[ -n $log_dir ]]; then
-    env "${child_env[@]}" "${cmd[@]}" >"$log_dir/${names[i]}.log" 2>&1 &
+    env "${child_env[@]}" "${cmd[@]}" >"$log_dir/$short_host-${names[i]}.log" 2>&1 &
   else
     env "${child_env[@]}" "${cmd[@]}" &
   fi
