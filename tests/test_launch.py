@@ -373,3 +373,70 @@ def test_sbatch_runs_scheduler_and_gpu_hosts_under_a_fake_slurm(fake, tmp_path):
     assert (logs / "scheduler.log").exists()
     assert len(list(logs.glob("*-prefill-0.log"))) == 1
     assert fake["alive"]() == []
+
+
+# ----------------------------------------------------------------------------- GPU check
+
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.py"
+SHARED_GRID = ROOT.parent / "shared" / "data" / "costmodel" / "aic_grid.csv"
+
+
+def load_gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_gpu_check(*args: str, out_dir: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "OUT": str(out_dir)}
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--tiny", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == json.loads((out_dir / "gpu_check.json").read_text())
+    return proc, report
+
+
+def test_gpu_check_tiny_runs_every_section_on_cpu(tmp_path):
+    proc, report = run_gpu_check("--system", "h200_sxm", out_dir=tmp_path)
+    assert proc.returncode == 0 and report["ok"], proc.stderr[-3000:]
+    assert report["env"]["backend"] == "cpu" and report["env"]["jax"]
+    points = report["engine"]["points"]
+    assert {(p["batch"], p["kv_len"]) for p in points} == {(1, 16), (1, 24), (4, 16), (4, 24)}
+    assert all(p["median_ms"] > 0 for p in points)
+    transfer = report["transfer"]
+    assert transfer["checksum_ok"] and transfer["pull_gbs_best"] > 0
+    assert transfer["device_copy_gbs"] > 0
+    grid = report["grid"]
+    if not SHARED_GRID.exists():
+        assert "no aic_grid.csv" in grid["skipped"]
+        return
+    assert grid["system"] == "h200_sxm" and len(grid["points"]) == 4
+    # The grid's own least-squares fit reproduces the fit shared/data/README.md quotes.
+    for got, want in zip(grid["grid_fit_abc"], grid["readme_fit_abc"]):
+        assert got == pytest.approx(want, rel=0.02)
+    assert len(grid["measured_fit_abc"]) == 3
+
+
+def test_gpu_check_reports_a_failed_section_and_runs_the_rest(tmp_path):
+    proc, report = run_gpu_check("--decode-backend", "bogus", "--skip", "transfer",
+                                 "--grid", str(tmp_path / "missing.csv"), out_dir=tmp_path)
+    assert proc.returncode == 1
+    assert report["failed_sections"] == ["engine"]
+    assert "decode_backend" in report["engine"]["error"]
+    assert report["env"]["ok"] and report["grid"]["ok"]
+    assert "no aic_grid.csv" in report["grid"]["skipped"]
+    assert report["transfer"] == {"ok": None, "skipped": "--skip transfer"}
+
+
+def test_gpu_check_grid_helpers():
+    gc = load_gpu_check()
+    assert gc.grid_system("NVIDIA H200") == "h200_sxm"
+    assert gc.grid_system("NVIDIA A100-SXM4-80GB") == "a100_sxm"
+    assert gc.grid_system("cpu") is None
+    rows = [(b, t, 5.0 + 0.02 * b + 3e-5 * t) for b in (1, 8, 64) for t in (512, 8192, 65536)]
+    a, b, c = gc.fit_abc(rows)
+    assert (a, b, c) == (pytest.approx(5.0), pytest.approx(0.02), pytest.approx(3e-5))
+    assert gc.fit_abc(rows[:2]) is None
