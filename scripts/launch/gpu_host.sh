@@ -173,7 +173,7 @@ elif [[ -n $role_split ]]; then
   n_prefill=${BASH_REMATCH[1]}
   n_decode=${BASH_REMATCH[2]}
   ((n_prefill + n_decode <= num_procs)) ||
-    die "--role-split $role_split needs $((n_prefill + n_decode)) processes; " \
+    die "--role-split $role_split needs $((n_prefill + n_decode)) processes;" \
       "${#gpus[@]} GPU(s) hold $num_procs of $per_process GPU(s)"
 fi
 ((n_prefill <= num_procs && n_decode >= 0)) ||
