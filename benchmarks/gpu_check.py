@@ -11,7 +11,8 @@ seconds. Sections, each guarded so that one failure is reported and the rest sti
   values with numpy takes minutes). ``DecodeEngine.step`` at each batch size x KV length:
   requests are placed with ``reserve`` + ``adopt`` (their KV pages hold whatever the pool
   holds, which costs a step the same as real KV), two warm-up steps (the first compiles), then
-  ``--steps`` timed steps, each to the sampled tokens on the host, as serving runs them.
+  ``--steps`` timed steps, each to the sampled tokens on the host, as serving runs them; then
+  the same jitted step replayed back to back, for the device's share of it (``device_ms``).
 - ``grid``: each point against ``aic_grid.csv`` (NVIDIA aiconfigurator, vLLM kernel times with
   CUDA graphs) for the same GPU, the exact grid row where there is one, and a least-squares
   ``ms = a + b*batch + c*kv_tokens`` over the measured points beside the grid's own fit.
@@ -271,7 +272,9 @@ def engine_section(args: argparse.Namespace, state: dict[str, Any]) -> dict[str,
 
     model, info = build_model(args.tiny)
     page_size = 16
-    extra = 2 + args.steps + 1  # warm-up + timed steps + the next token's slot
+    # Tokens each request grows by: 2 warm-up + the timed steps + 1 captured for the device
+    # replay + the next token's slot, and 2 spare.
+    extra = 2 + args.steps + 1 + 1 + 2
     max_len = max(args.kv_lens) + extra
     max_batch = max(args.batches)
     num_pages = 2 + max(b * pages_for(n + extra, page_size)
@@ -319,8 +322,12 @@ def engine_section(args: argparse.Namespace, state: dict[str, Any]) -> dict[str,
                 point.update({"median_ms": round(1e3 * statistics.median(times), 3),
                               "min_ms": round(1e3 * min(times), 3),
                               "max_ms": round(1e3 * max(times), 3)})
-                log(f"batch {batch:3d} kv {kv_len:6d}: {point['median_ms']:8.2f} ms/step "
-                    f"(first {point['first_step_s']} s)")
+                try:
+                    point["device_ms"] = round(1e3 * device_step_seconds(engine, args.steps), 3)
+                except Exception as err:  # noqa: BLE001 - an extra; the step time stands
+                    point["device_ms_error"] = f"{type(err).__name__}: {err}"
+                log(f"batch {batch:3d} kv {kv_len:6d}: {point['median_ms']:8.2f} ms/step, "
+                    f"device {point.get('device_ms', '?')} ms (first {point['first_step_s']} s)")
             except Exception as err:  # noqa: BLE001 - record it, try the next point
                 point["error"] = f"{type(err).__name__}: {err}"
                 log(f"batch {batch} kv {kv_len} failed: {err!r}")
@@ -333,6 +340,54 @@ def engine_section(args: argparse.Namespace, state: dict[str, Any]) -> dict[str,
     del engine, model
     gc.collect()
     return {"model": info, "page_size": page_size, "timed_steps": args.steps, "points": points}
+
+
+def device_step_seconds(engine, steps: int) -> float:
+    """Seconds per decode step on the device alone: the engine's jitted step, replayed
+    ``steps`` times back to back on the inputs of one real ``step()`` (captured on the way
+    through), with no host work between steps. Set against the engine's step time, it splits
+    device time from per-step host work (batch assembly, the inputs' transfer, the tokens'
+    return); the grid's numbers are device time (vLLM kernels under CUDA graphs).
+
+    Each replay writes the same KV slot again and samples from the same inputs: the work is a
+    real step's, the tokens are not used. Relies on ``DecodeEngine.step`` calling
+    ``ares_jax.engine.decode._decode_jit`` with the K and V pools as arguments 2 and 3.
+    """
+    import jax
+
+    from ares_jax.engine import decode as decode_mod
+
+    real = decode_mod._decode_jit
+    captured: list[tuple[tuple, dict]] = []
+
+    def capture(*a, **kw):
+        captured.append((a, kw))
+        return real(*a, **kw)
+
+    decode_mod._decode_jit = capture
+    try:
+        engine.step()
+    finally:
+        decode_mod._decode_jit = real
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one decode call per step, saw {len(captured)}")
+    a, kw = captured[0]
+    k, v = engine.pool.k, engine.pool.v
+
+    def replay(k, v):
+        return real(*a[:2], k, v, *a[4:], **kw)
+
+    out = replay(k, v)  # no compile: the same shapes and static arguments as step()
+    k, v = out[0], out[1]
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = replay(k, v)  # the pools are donated: chain them
+        k, v = out[0], out[1]
+    jax.block_until_ready(out)
+    elapsed = time.perf_counter() - t0
+    engine.pool.k, engine.pool.v = k, v
+    return elapsed / steps
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -393,19 +448,26 @@ def grid_section(args: argparse.Namespace, state: dict[str, Any]) -> dict[str, A
     for p in measured:
         b, n = p["batch"], p["kv_len"]
         row = {"batch": b, "kv_len": n, "measured_ms": p["median_ms"]}
+        if "device_ms" in p:
+            row["device_ms"] = p["device_ms"]
         if (b, n) in decode:
             row["grid_ms"] = round(decode[(b, n)], 3)
             row["measured_over_grid"] = round(p["median_ms"] / decode[(b, n)], 3)
+            if "device_ms" in p:
+                row["device_over_grid"] = round(p["device_ms"] / decode[(b, n)], 3)
         if grid_fit is not None:
             a, bb, c = grid_fit
             row["grid_fit_ms"] = round(a + bb * b + c * b * n, 3)
         compared.append(row)
     out["points"] = compared
-    ratios = [r["measured_over_grid"] for r in compared if "measured_over_grid" in r]
-    if ratios:
-        out["median_measured_over_grid"] = round(statistics.median(ratios), 3)
+    for key in ("measured_over_grid", "device_over_grid"):
+        ratios = [r[key] for r in compared if key in r]
+        if ratios:
+            out[f"median_{key}"] = round(statistics.median(ratios), 3)
     out["measured_fit_abc"] = fit_abc([(p["batch"], p["kv_tokens"], p["median_ms"])
                                        for p in measured])
+    out["device_fit_abc"] = fit_abc([(p["batch"], p["kv_tokens"], p["device_ms"])
+                                     for p in measured if "device_ms" in p])
     return out
 
 

@@ -412,7 +412,7 @@ def test_gpu_check_tiny_runs_every_section_on_cpu(tmp_path):
     assert report["env"]["backend"] == "cpu" and report["env"]["jax"]
     points = report["engine"]["points"]
     assert {(p["batch"], p["kv_len"]) for p in points} == {(1, 16), (1, 24), (4, 16), (4, 24)}
-    assert all(p["median_ms"] > 0 for p in points)
+    assert all(p["median_ms"] > 0 and p["device_ms"] > 0 for p in points)
     transfer = report["transfer"]
     assert transfer["checksum_ok"] and transfer["pull_gbs_best"] > 0
     assert transfer["device_copy_gbs"] > 0
