@@ -407,11 +407,12 @@ def run_gpu_check(*args: str, out_dir: Path) -> tuple[subprocess.CompletedProces
 
 
 def test_gpu_check_tiny_runs_every_section_on_cpu(tmp_path):
-    proc, report = run_gpu_check("--system", "h200_sxm", out_dir=tmp_path)
+    # One batch size: both KV lengths share a page-table bucket, so one step compiles.
+    proc, report = run_gpu_check("--system", "h200_sxm", "--batches", "4", out_dir=tmp_path)
     assert proc.returncode == 0 and report["ok"], proc.stderr[-3000:]
     assert report["env"]["backend"] == "cpu" and report["env"]["jax"]
     points = report["engine"]["points"]
-    assert {(p["batch"], p["kv_len"]) for p in points} == {(1, 16), (1, 24), (4, 16), (4, 24)}
+    assert {(p["batch"], p["kv_len"]) for p in points} == {(4, 16), (4, 24)}
     assert all(p["median_ms"] > 0 and p["device_ms"] > 0 for p in points)
     transfer = report["transfer"]
     assert transfer["checksum_ok"] and transfer["pull_gbs_best"] > 0
@@ -420,11 +421,11 @@ def test_gpu_check_tiny_runs_every_section_on_cpu(tmp_path):
     if not SHARED_GRID.exists():
         assert "no aic_grid.csv" in grid["skipped"]
         return
-    assert grid["system"] == "h200_sxm" and len(grid["points"]) == 4
+    assert grid["system"] == "h200_sxm" and len(grid["points"]) == 2
     # The grid's own least-squares fit reproduces the fit shared/data/README.md quotes.
     for got, want in zip(grid["grid_fit_abc"], grid["readme_fit_abc"]):
         assert got == pytest.approx(want, rel=0.02)
-    assert len(grid["measured_fit_abc"]) == 3
+    assert grid["measured_fit_abc"] is None  # two points cannot fit three coefficients
 
 
 def test_gpu_check_reports_a_failed_section_and_runs_the_rest(tmp_path):
