@@ -412,7 +412,8 @@ def test_gpu_check_tiny_runs_every_section_on_cpu(tmp_path):
     assert proc.returncode == 0 and report["ok"], proc.stderr[-3000:]
     assert report["env"]["backend"] == "cpu" and report["env"]["jax"]
     points = report["engine"]["points"]
-    assert {(p["batch"], p["kv_len"]) for p in points} == {(4, 16), (4, 24)}
+    assert {(p["batch"], p["kv_len"]) for p in points} == {(4, 8), (4, 16)}
+    assert [p["compiled"] for p in points] == [True, False]
     assert all(p["median_ms"] > 0 and p["device_ms"] > 0 for p in points)
     transfer = report["transfer"]
     assert transfer["checksum_ok"] and transfer["pull_gbs_best"] > 0
