@@ -70,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sched.add_argument("--expect-prefill", type=int, default=1,
                        help="prefill replicas (meshes) to wait for before serving")
     sched.add_argument("--expect-decode", type=int, default=2)
+    sched.add_argument("--expect-replicas", type=int, default=None,
+                       help="instead: this many replicas of any role (at least one of each)")
     sched.set_defaults(func=_run_scheduler, host="0.0.0.0")
 
     rep = sub.add_parser("replica", help="run one replica process (one or more meshes)")
@@ -88,6 +90,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "127.0.0.1 for 0.0.0.0)")
     rep.add_argument("--transport", default="jax", choices=("jax", "none"))
     rep.set_defaults(func=_run_replica)
+    for p in (serve, sched, rep):
+        _ALL_SETTINGS.update(a.dest for a in p._actions)
+
+
+# Settings of any serving command: one config file can feed them all (a setting another
+# command uses is skipped; one that none uses is refused).
+_ALL_SETTINGS: set[str] = set()
 
 
 def apply_config_file(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
@@ -105,6 +114,8 @@ def apply_config_file(args: argparse.Namespace, argv: list[str]) -> argparse.Nam
     for key, value in data.items():
         name = key.replace("-", "_")
         if not hasattr(args, name):
+            if name in _ALL_SETTINGS:
+                continue
             raise ValueError(f"{args.config}: unknown setting {key!r}")
         if name not in given:
             setattr(args, name, value)

@@ -43,13 +43,15 @@ def run_replica(args: argparse.Namespace, roles: list[str]) -> int:
     return 0
 
 
-def _start_scheduler(args: argparse.Namespace, expect_prefill: int, expect_decode: int):
+def _start_scheduler(args: argparse.Namespace, expect_prefill: int, expect_decode: int,
+                     total: int | None = None):
     from ares_jax.serving.cli import cluster_config
     from ares_jax.serving.models import load_tokenizer, model_name
     from ares_jax.serving.scheduler_server import Scheduler, start_scheduler_server
 
     scheduler = Scheduler(cluster_config(args), expect_prefill=expect_prefill,
-                          expect_decode=expect_decode, model_name=model_name(args.model, None),
+                          expect_decode=expect_decode, expect_total=total,
+                          model_name=model_name(args.model, None),
                           max_waiting=args.max_waiting)
 
     def tokenizer() -> None:  # slow for GGUF files: load it while replicas start
@@ -74,11 +76,14 @@ def run_scheduler(args: argparse.Namespace) -> int:
     from ares_jax.serving.cli import install_stop_handlers
 
     scheduler, server, port, loading = _start_scheduler(args, args.expect_prefill,
-                                                        args.expect_decode)
+                                                        args.expect_decode,
+                                                        total=args.expect_replicas)
     stop = threading.Event()
     install_stop_handlers(stop)
-    print(f"ares-jax scheduler listening on {args.host}:{port} (gRPC); waiting for "
-          f"{args.expect_prefill} prefill + {args.expect_decode} decode replicas", flush=True)
+    want = (f"{args.expect_replicas} replicas" if args.expect_replicas else
+            f"{args.expect_prefill} prefill + {args.expect_decode} decode replicas")
+    print(f"ares-jax scheduler listening on {args.host}:{port} (gRPC); waiting for {want}",
+          flush=True)
     loading.join()
     http = _serve_http(args, scheduler)
     stop.wait()

@@ -51,10 +51,12 @@ class Scheduler:
     """Registration, the core once every replica is in, and the client-facing calls."""
 
     def __init__(self, cluster: ClusterConfig, *, expect_prefill: int, expect_decode: int,
+                 expect_total: int | None = None,
                  tokenizer: Tokenizer | None = None, model_name: str = "model",
                  max_waiting: int = 1024) -> None:
         self.cluster = cluster
         self.expect = {"prefill": expect_prefill, "decode": expect_decode}
+        self.expect_total = expect_total  # instead of per role: any mix, one of each at least
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_waiting = max_waiting
@@ -108,7 +110,10 @@ class Scheduler:
 
     def _maybe_start(self) -> None:
         have = self.registered()
-        if any(have[r] < n for r, n in self.expect.items()):
+        if self.expect_total is not None:
+            if sum(have.values()) < self.expect_total or min(have.values()) < 1:
+                return
+        elif any(have[r] < n for r, n in self.expect.items()):
             return
         core = ClusterCore(self._roles("prefill"), self._roles("decode"), self.tokenizer,
                            vocab_size=self.vocab_size, cluster=self.cluster)
