@@ -165,6 +165,14 @@ class Client:
         r = self._stub.Migrate(pb.MigrateRequest(request_id=request_id, dst=dst), timeout=30)
         return r.started, r.reason
 
+    def configure(self, policy: str, dispatch_policy: str | None = None) -> None:
+        """Switch the scheduling policy of an idle cluster; raises ValueError if refused."""
+        r = self._stub.Configure(pb.ConfigureRequest(policy=policy,
+                                                     dispatch_policy=dispatch_policy or ""),
+                                 timeout=30)
+        if not r.ok:
+            raise ValueError(r.error)
+
     def stats(self) -> dict:
         """The cluster's replicas, loads, recent migrations and counters."""
         try:

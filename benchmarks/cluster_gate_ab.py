@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("ares-gated3", gated)]
     engine = EngineConfig(max_num_seqs=16, num_pages=48, max_model_len=1024)
     arrivals = sharegpt_stream(
-        llm.model, StreamConfig(num_requests=16, max_tokens=128, mean_arrival_iters=1.0))
+        llm.tokenizer, StreamConfig(num_requests=16, max_tokens=128, mean_arrival_iters=1.0))
     results = compare_configs(llm.model, variants * args.rounds, engine, arrivals,
                               make_head=lambda: llm.head)
     for i, result in enumerate(results):

@@ -26,6 +26,7 @@ wherever the request has them.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -66,6 +67,7 @@ from ares_jax.scheduler import (
 )
 
 MAX_PREFILL_RETRIES = 3
+log = logging.getLogger("ares_jax.scheduler")
 
 
 class ClusterCore:
@@ -221,6 +223,7 @@ class ClusterCore:
             self._on_prefill_failed(ev)
         elif isinstance(ev, ReplicaFailed):
             self.counters["replica_failures"] += 1
+            log.error("replica %d failed: %s", ev.replica_id, ev.error)
 
     # ------------------------------------------------------------------ admission + prefill
 
@@ -279,6 +282,8 @@ class ClusterCore:
 
     def _on_prefill_failed(self, ev: PrefillFailed) -> None:
         self.counters["prefill_failures"] += 1
+        log.warning("prefill of %d request(s) failed on replica %d: %s", len(ev.request_ids),
+                    ev.replica_id, ev.error)
         for rid in reversed(ev.request_ids):
             if self.prefilling.pop(rid, None) is None or rid not in self.trackers:
                 continue
@@ -346,6 +351,8 @@ class ClusterCore:
         if not ev.ok:
             # Raced out of room, or the KV pull failed: recompute rather than drop.
             self.counters["insert_failures"] += 1
+            log.warning("replica %d did not take request %s (%s); recomputing it",
+                        ev.replica_id, rid, ev.error)
             self.location.pop(rid, None)
             self._requeue(rid, preempted=False)
 
@@ -561,6 +568,9 @@ class ClusterCore:
     def _end(self, rec: MigrationRecord, outcome: MigrationOutcome,
              reason: str) -> MigrationRecord:
         rec.outcome, rec.reason, rec.finished_at = outcome, reason, self.clock()
+        if outcome is not MigrationOutcome.COMMITTED:
+            log.info("migration of %s from %d to %d ended %s: %s", rec.request_id, rec.src,
+                     rec.dst, outcome.value, reason)
         self.decisions.append((self.iterations, "migration_end", rec.request_id, rec.dst,
                                outcome.value))
         self.migration_history.append(rec)

@@ -28,6 +28,7 @@ from ares_jax.config import config
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig, Request
 from ares_jax.model.loader import LoadedModel
+from ares_jax.model.tokenizer import Tokenizer
 
 
 @config
@@ -48,11 +49,10 @@ class Arrival:
     text: str
 
 
-def sharegpt_stream(model: LoadedModel, stream: StreamConfig) -> list[Arrival]:
+def sharegpt_stream(tok: Tokenizer | None, stream: StreamConfig) -> list[Arrival]:
     """First human turns of ShareGPT with the chat template, in file order, Poisson arrivals."""
     from ares_jax.datasets import sharegpt_first_turns
 
-    tok = model.tokenizer
     if tok is None:
         raise ValueError("the request stream needs a model with a tokenizer")
     rng = np.random.default_rng(stream.seed)
@@ -137,8 +137,8 @@ def compare(model: LoadedModel, cluster: ClusterConfig, engine: EngineConfig,
     variants = [(f"{policy}/{dispatch or policy}",
                  dataclasses.replace(cluster, policy=policy, dispatch_policy=dispatch))
                 for policy, dispatch in policies]
-    return compare_configs(model, variants, engine, sharegpt_stream(model, stream), make_head,
-                           warmup)
+    return compare_configs(model, variants, engine, sharegpt_stream(model.tokenizer, stream),
+                           make_head, warmup)
 
 
 def compare_configs(model: LoadedModel, variants: Sequence[tuple[str, ClusterConfig]],

@@ -198,7 +198,7 @@ class DecodeEngine(SlotTable):
             self.model.weights, self._packed, pool.k, pool.v, *inputs[:4], head_params,
             inputs[4],
             cfg=self.cfg, ecfg=self.config, backend=self.backend, head_fn=head_fn,
-            greedy_only=greedy_only, num_logprobs=num_logprobs)
+            greedy_only=greedy_only, num_logprobs=num_logprobs, pool_sharding=pool.sharding)
         host = jax.device_get(picked)
         infos = sampling.to_token_infos(host, params)
         pred_host = None if pred is None else np.asarray(jax.device_get(pred))[: len(ids)]
@@ -236,15 +236,19 @@ def cpu_kernel_weights(model: LoadedModel) -> dict[str, jax.Array]:
 
 def _decode(weights, packed, k_pool, v_pool, tokens, positions, page_table, s, head_params,
             head_inputs, *, cfg, ecfg: EngineConfig, backend: str, head_fn, greedy_only,
-            num_logprobs):
+            num_logprobs, pool_sharding):
     """Model step + in-place KV write + sampling (+ the fused predictor head), one jitted call."""
     out = llama.decode_step(weights, cfg, k_pool, v_pool, tokens, positions, page_table,
                             ecfg.tap_layer, backend, packed)
     page_size = k_pool.shape[2]
     page = jnp.take_along_axis(page_table, (positions // page_size)[:, None], 1)[:, 0]
     slot = positions % page_size
-    k_pool = k_pool.at[:, page, slot].set(out["k"])
-    v_pool = v_pool.at[:, page, slot].set(out["v"])
+    # The pool leaves with the sharding it came in with; left to XLA, a one-device mesh's
+    # pool comes back replicated, a different spec, and the next step would compile again.
+    k_pool = jax.lax.with_sharding_constraint(k_pool.at[:, page, slot].set(out["k"]),
+                                              pool_sharding)
+    v_pool = jax.lax.with_sharding_constraint(v_pool.at[:, page, slot].set(out["v"]),
+                                              pool_sharding)
     picked = sampling.sample(out["logits"], s, eos_ids=cfg.eos_token_ids,
                              greedy_only=greedy_only, num_logprobs=num_logprobs,
                              candidates=ecfg.sampling_candidates)
@@ -258,7 +262,7 @@ def _decode(weights, packed, k_pool, v_pool, tokens, positions, page_table, s, h
 # Module-level so that every engine with the same model config shares compiled steps.
 _decode_jit = jax.jit(_decode, donate_argnums=(2, 3),
                       static_argnames=("cfg", "ecfg", "backend", "head_fn", "greedy_only",
-                                       "num_logprobs"))
+                                       "num_logprobs", "pool_sharding"))
 
 
 def compiled_step_count() -> int:

@@ -56,6 +56,7 @@ class SlotTable:
         self._slots: dict[str, SlotState] = {}
         self._order = 0
         self._eos = frozenset(eos_token_ids)
+        self._load: DecodeLoad | None = None  # cached until the next change
 
     # ------------------------------------------------------------------ queries
 
@@ -100,7 +101,16 @@ class SlotTable:
             pages_for(num_tokens + 1, self.page_size) <= self._allocator.num_free
 
     def load(self) -> DecodeLoad:
-        """The running requests as columns plus page counts: what a scheduler snapshot needs."""
+        """The running requests as columns plus page counts: what a scheduler snapshot needs
+        (cached: the scheduler asks several times between two changes)."""
+        if self._load is None:
+            self._load = self._make_load()
+        return self._load
+
+    def _changed(self) -> None:
+        self._load = None
+
+    def _make_load(self) -> DecodeLoad:
         states = list(self._slots.values())
         n = len(states)
         running_pages = sum(len(self._allocator.pages(r)) for r in self._slots)
@@ -127,6 +137,7 @@ class SlotTable:
         if self.free_slots() <= 0:
             raise OutOfPages(f"request {rid}: no free decode slot ({self.max_num_seqs})")
         pages = self._allocator.allocate(rid, pages_for(num_tokens, self.page_size))
+        self._changed()
         self._add_slot(request, num_cached=num_tokens, last_token=first_token,
                        generated=len(request.resumed_ids) + 1)
         if predicted_remaining is not None:
@@ -135,6 +146,7 @@ class SlotTable:
 
     def _add_slot(self, request: Request, *, num_cached: int, last_token: int,
                   generated: int) -> None:
+        self._changed()
         self._order += 1
         self._slots[request.request_id] = SlotState(request, num_cached, last_token, generated,
                                                     self._order)
@@ -142,6 +154,7 @@ class SlotTable:
     def release(self, request_id: str) -> int:
         """Drop a request (finished, cancelled, failed, or reserved for a migration that was
         abandoned) and free its pages. Idempotent; returns the pages freed."""
+        self._changed()
         self._slots.pop(request_id, None)
         return self._allocator.free(request_id)
 
@@ -152,6 +165,7 @@ class SlotTable:
         ``OutOfPages`` when the pool cannot supply them."""
         if request_id in self._slots:
             raise ValueError(f"request {request_id} is already running on this replica")
+        self._changed()
         return self._allocator.allocate(request_id, num_pages)
 
     def adopt(self, request: Request, *, num_cached: int, last_token: int, generated: int,
@@ -172,6 +186,7 @@ class SlotTable:
     def detach(self, request_id: str) -> SlotState:
         """Stop decoding a request but keep its pages (the stop-and-copy stage of a migration:
         its last pages are exported next). ``reattach`` undoes it; ``release`` ends it."""
+        self._changed()
         return self._slots.pop(request_id)
 
     def reattach(self, state: SlotState) -> None:
@@ -179,6 +194,7 @@ class SlotTable:
         if len(self._allocator.pages(state.request.request_id)) < \
                 pages_for(state.num_cached, self.page_size):
             raise ValueError(f"request {state.request.request_id}: its pages were freed")
+        self._changed()
         self._slots[state.request.request_id] = state
 
     # ------------------------------------------------------------------ a step
@@ -186,6 +202,7 @@ class SlotTable:
     def ensure_pages(self) -> list[str]:
         """Give every request a page for its next token, preempting the newest on shortage;
         returns the preempted (released) requests."""
+        self._changed()
         preempted: list[str] = []
         slots, alloc = self._slots, self._allocator
         for rid in sorted(slots, key=lambda r: slots[r].order):
@@ -207,6 +224,7 @@ class SlotTable:
                       predicted: np.ndarray | None) -> tuple[list[str | None], list[int | None]]:
         """Record one step's tokens (row order = ``ids``); requests that stop are released.
         Returns each row's (finish_reason, stop_reason)."""
+        self._changed()
         finish: list[str | None] = []
         stop: list[int | None] = []
         for row, (rid, token) in enumerate(zip(ids, tokens)):

@@ -66,6 +66,11 @@ class SchedulerStub:
                 request_serializer=ares__pb2.MigrateRequest.SerializeToString,
                 response_deserializer=ares__pb2.MigrateResponse.FromString,
                 _registered_method=True)
+        self.Configure = channel.unary_unary(
+                '/ares.v1.Scheduler/Configure',
+                request_serializer=ares__pb2.ConfigureRequest.SerializeToString,
+                response_deserializer=ares__pb2.ConfigureResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -113,6 +118,13 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Configure(self, request, context):
+        """Operator action: switch the scheduling policy while no request is in flight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +157,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Migrate,
                     request_deserializer=ares__pb2.MigrateRequest.FromString,
                     response_serializer=ares__pb2.MigrateResponse.SerializeToString,
+            ),
+            'Configure': grpc.unary_unary_rpc_method_handler(
+                    servicer.Configure,
+                    request_deserializer=ares__pb2.ConfigureRequest.FromString,
+                    response_serializer=ares__pb2.ConfigureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +328,33 @@ class Scheduler:
             '/ares.v1.Scheduler/Migrate',
             ares__pb2.MigrateRequest.SerializeToString,
             ares__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Configure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ares.v1.Scheduler/Configure',
+            ares__pb2.ConfigureRequest.SerializeToString,
+            ares__pb2.ConfigureResponse.FromString,
             options,
             channel_credentials,
             insecure,

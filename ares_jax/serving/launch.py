@@ -23,12 +23,26 @@ from pathlib import Path
 log = logging.getLogger("ares_jax.serve")
 
 
+def enable_compilation_cache() -> None:
+    """Share compiled steps between processes through JAX's persistent cache: the decode
+    replicas of one host compile the same programs, so all but the first load them."""
+    import jax
+
+    from ares_jax.kernels.build import cache_dir
+
+    if os.environ.get("ARES_JAX_NO_COMPILE_CACHE"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def run_replica(args: argparse.Namespace, roles: list[str]) -> int:
     from ares_jax.serving.cli import engine_config, install_stop_handlers
     from ares_jax.serving.models import EMBEDDED, load_serving_model, resolve_head
     from ares_jax.serving.replica_server import ReplicaProcess, serve_replica
     from ares_jax.serving.transport import make_transport
 
+    enable_compilation_cache()
     ecfg = engine_config(args)
     model = load_serving_model(args.model, dtype=args.dtype)
     predictor = None if str(args.predictor).lower() == "none" else args.predictor

@@ -37,6 +37,10 @@ from ares_jax.serving.replica_server import GRPC_OPTIONS
 
 log = logging.getLogger("ares_jax.scheduler")
 RPC_TIMEOUT_S = 10.0
+# Commands that run the model or move KV report through events; their RPC deadline only
+# guards against a replica that never answers (the first prefill of a shape compiles, which
+# can take minutes on a loaded CPU). A replica that dies ends its event stream sooner.
+WORK_TIMEOUT_S = 900.0
 
 
 class ReplicaLink:
@@ -116,7 +120,7 @@ class RemoteReplica:
     def _async(self, call, msg, on_error: Callable[[str], Event | None]) -> None:
         """Send ``msg`` without waiting; a failed RPC (or a refused command) becomes the
         event ``on_error`` makes."""
-        fut = call.future(msg, timeout=RPC_TIMEOUT_S * 6)
+        fut = call.future(msg, timeout=WORK_TIMEOUT_S)
 
         def done(f) -> None:
             try:

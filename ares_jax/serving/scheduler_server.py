@@ -10,6 +10,7 @@ its request on every replica that holds it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -148,6 +149,30 @@ class Scheduler:
         state["ready"] = True  # type: ignore[index]
         return state  # type: ignore[return-value]
 
+    def configure(self, policy: str, dispatch_policy: str | None = None) -> None:
+        """Switch policies: a fresh core over the same replicas, when nothing is in flight
+        (so the new policy starts from the state it would start from after a restart)."""
+        from ares_jax.scheduler.registry import POLICY_NAMES
+
+        for name in (policy, dispatch_policy):
+            if name is not None and name not in POLICY_NAMES:
+                raise ValueError(f"unknown policy {name!r}; one of {', '.join(POLICY_NAMES)}")
+        runner = self.runner
+        if runner is None:
+            raise RuntimeError("the cluster is not ready")
+        cluster = dataclasses.replace(self.cluster, policy=policy,
+                                      dispatch_policy=dispatch_policy)
+
+        def swap(core: ClusterCore) -> None:
+            if core.has_work:
+                raise RuntimeError(f"{len(core.trackers)} requests are in flight; configure "
+                                   "an idle cluster")
+            runner.core = ClusterCore(core.prefill, core.decode, core.tokenizer,
+                                      vocab_size=core.vocab_size, cluster=cluster)
+
+        runner.call(swap)
+        self.cluster = cluster
+
     def close(self) -> None:
         if self.runner is not None:
             self.runner.stop()
@@ -276,6 +301,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
         started, reason = self.s.runner.call(start)  # type: ignore[misc]
         return pb.MigrateResponse(started=started, reason=reason)
+
+    def Configure(self, request, context):
+        try:
+            self.s.configure(request.policy, request.dispatch_policy or None)
+        except (ValueError, RuntimeError) as err:
+            return pb.ConfigureResponse(ok=False, error=str(err))
+        return pb.ConfigureResponse(ok=True)
 
 
 def start_scheduler_server(scheduler: Scheduler, host: str, port: int
