@@ -1,11 +1,21 @@
-"""A KV source in its own process, for the cross-process transfer test.
+"""A KV source in its own process, for the cross-process transfer tests.
 
-Offers a deterministic page block, prints its ticket as one JSON line, then waits for "quit".
+Commands, one per stdin line; every answer is one JSON line on stdout:
+
+- ``offer SEED TTL_S``: offer the deterministic block of ``SEED`` (2-device mesh, heads sharded
+  over ``model``) for ``TTL_S`` seconds; answers ``{"ticket": "<KvTicket JSON>"}``.
+- ``offer_replicated SEED TTL_S``: the same, replicated on both devices.
+- ``ack UUID`` / ``release UUID``: answers ``{"ok": bool, "pending": n}``.
+- ``status``: ``{"pending": n, "expired": [uuids whose on_expire fired]}``.
+- ``quit``: exit.
+
 Importing this module (for ``SHAPE``/``block``) must not touch JAX's configuration.
 """
 
+import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -21,20 +31,42 @@ def block(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # This checkout's package, not whichever one the environment has installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from ares_jax.transfer.remote import KVTransferServer
+    from ares_jax.transfer.remote import JaxTransferTransport
 
-    server = KVTransferServer()
+    transport = JaxTransferTransport()
     mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
-    sharding = NamedSharding(mesh, PartitionSpec(None, None, None, "model", None))
-    k, v = block(int(sys.argv[1]))
-    ticket = server.offer(jax.device_put(k, sharding), jax.device_put(v, sharding))
-    print(ticket.to_json(), flush=True)
+    sharded = NamedSharding(mesh, PartitionSpec(None, None, None, "model", None))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    expired: list[int] = []
+
+    def answer(obj: object) -> None:
+        print(json.dumps(obj), flush=True)
+
     for line in sys.stdin:
-        if line.strip() == "quit":
+        words = line.split()
+        if not words:
+            continue
+        cmd = words[0]
+        if cmd == "quit":
             break
+        if cmd in ("offer", "offer_replicated"):
+            sharding = sharded if cmd == "offer" else replicated
+            k, v = block(int(words[1]))
+            ticket = transport.offer(jax.device_put(k, sharding), jax.device_put(v, sharding),
+                                     ttl_s=float(words[2]), on_expire=expired.append)
+            answer({"ticket": ticket.to_json()})
+        elif cmd in ("ack", "release"):
+            ok = getattr(transport, cmd)(int(words[1]))
+            answer({"ok": ok, "pending": transport.pending_offers()})
+        elif cmd == "status":
+            answer({"pending": transport.pending_offers(), "expired": list(expired)})
+        else:
+            answer({"error": f"unknown command {line.strip()!r}"})
 
 
 if __name__ == "__main__":

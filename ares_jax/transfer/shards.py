@@ -1,0 +1,97 @@
+"""Shard bookkeeping shared by the transports: which shards travel, and how the receiver puts
+the block back together.
+
+A KV block on a mesh whose ``model`` axis does not divide the KV heads is *replicated*; sending
+every replica would move the same bytes once per device. So the source sends each distinct
+shard once, as a single-device array (no copy: ``shard.data`` is the device buffer), and the
+receiver rebuilds the source's layout on its own devices, duplicating shards locally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ares_jax.transfer.errors import TransferError, TransferShapeMismatch
+from ares_jax.transfer.kv_transport import KvTicket, ShardIndex
+
+
+def spec_entries(spec: PartitionSpec) -> tuple[str | None, ...]:
+    out = []
+    for entry in spec:
+        if entry is not None and not isinstance(entry, str):
+            raise TransferError(f"multi-axis partition entries are not supported: {spec}")
+        out.append(entry)
+    return tuple(out)
+
+
+def shard_index(index: tuple[slice, ...], shape: Sequence[int]) -> ShardIndex:
+    """A ``devices_indices_map`` entry as plain (start, stop) pairs (JSON-friendly)."""
+    out = []
+    for sl, dim in zip(index, shape):
+        start = 0 if sl.start is None else int(sl.start)
+        stop = int(dim) if sl.stop is None else int(sl.stop)
+        out.append((start, stop))
+    return tuple(out)
+
+
+def distinct_shards(x: jax.Array) -> tuple[list[jax.Array], tuple[ShardIndex, ...]]:
+    """One single-device array per distinct shard of ``x``, in mesh order, and their indices."""
+    sharding = x.sharding
+    assert isinstance(sharding, NamedSharding)
+    by_device = {s.device: s.data for s in x.addressable_shards}
+    indices = sharding.devices_indices_map(x.shape)
+    seen: dict[ShardIndex, jax.Array] = {}
+    for device in sharding.mesh.devices.flat:
+        idx = shard_index(indices[device], x.shape)
+        if idx not in seen:
+            if device not in by_device:
+                raise TransferError(f"shard {idx} of the offered block lives on {device}, which "
+                                    "this process cannot address")
+            seen[idx] = by_device[device]
+    return list(seen.values()), tuple(seen)
+
+
+def as_source_sharding(ticket: KvTicket, devices: Sequence[jax.Device]) -> NamedSharding:
+    """The source's sharding re-created on this process's first devices."""
+    n = int(np.prod(ticket.mesh_shape))
+    if n > len(devices):
+        raise TransferShapeMismatch(f"the source block is sharded over {n} devices; this "
+                                    f"process has {len(devices)}")
+    mesh = Mesh(np.array(list(devices)[:n]).reshape(ticket.mesh_shape), ticket.mesh_axes)
+    return NamedSharding(mesh, PartitionSpec(*ticket.spec))
+
+
+def landing_devices(ticket: KvTicket, layout: NamedSharding) -> list[jax.Device]:
+    """For each distinct shard of the ticket, the local device it is pulled onto."""
+    first: dict[ShardIndex, jax.Device] = {}
+    for device, index in layout.devices_indices_map(ticket.shape).items():
+        first.setdefault(shard_index(index, ticket.shape), device)
+    try:
+        return [first[idx] for idx in ticket.shards]
+    except KeyError as err:
+        raise TransferShapeMismatch(f"the ticket's shards {ticket.shards} do not match its own "
+                                    f"sharding {ticket.spec} on {ticket.mesh_shape}") from err
+
+
+def assemble(ticket: KvTicket, pieces: Sequence[jax.Array], layout: NamedSharding,
+             target: NamedSharding | None) -> jax.Array:
+    """One of K/V from its distinct shards, on ``target`` (default: ``layout``).
+
+    A single full shard (the replicated case) goes straight to ``target`` with one
+    ``device_put``; otherwise the source layout is rebuilt locally first.
+    """
+    if len(pieces) == 1 and pieces[0].shape == ticket.shape:
+        return jax.device_put(pieces[0], layout if target is None else target)
+    by_index = dict(zip(ticket.shards, pieces))
+    arrays = []
+    for device, index in layout.devices_indices_map(ticket.shape).items():
+        piece = by_index[shard_index(index, ticket.shape)]
+        arrays.append(piece if piece.devices() == {device} else jax.device_put(piece, device))
+    whole = jax.make_array_from_single_device_arrays(ticket.shape, layout, arrays)
+    if target is not None and target != layout:
+        whole = jax.device_put(whole, target)
+    return whole
