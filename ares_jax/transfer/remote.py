@@ -56,6 +56,7 @@ from ares_jax.transfer.offers import Offer, OfferBook
 from ares_jax.transfer.shards import (
     as_source_sharding,
     assemble,
+    direct_layout,
     distinct_shards,
     landing_devices,
     spec_entries,
@@ -191,7 +192,7 @@ class JaxTransferTransport:
             raise TransferShapeMismatch(
                 f"the source sends {ticket.chunk_bytes}-byte chunks; this transport receives at "
                 f"most {self.settings.transfer_size} (set TransferSettings.transfer_size alike)")
-        layout = as_source_sharding(ticket, self.devices)
+        layout = direct_layout(ticket, target) or as_source_sharding(ticket, self.devices)
         dtype_np = np.dtype(ticket.dtype)
         specs = []
         for index, device in zip(ticket.shards, landing_devices(ticket, layout)):

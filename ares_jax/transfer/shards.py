@@ -65,6 +65,19 @@ def as_source_sharding(ticket: KvTicket, devices: Sequence[jax.Device]) -> Named
     return NamedSharding(mesh, PartitionSpec(*ticket.spec))
 
 
+def direct_layout(ticket: KvTicket, target: NamedSharding | None) -> NamedSharding | None:
+    """``target`` itself when every shard of the ticket is a shard of ``target`` too: the
+    shards then land on the target's own devices and only duplicates are copied locally."""
+    if target is None:
+        return None
+    try:
+        indices = {shard_index(index, ticket.shape)
+                   for index in target.devices_indices_map(ticket.shape).values()}
+    except (ValueError, TypeError):
+        return None
+    return target if set(ticket.shards) <= indices else None
+
+
 def landing_devices(ticket: KvTicket, layout: NamedSharding) -> list[jax.Device]:
     """For each distinct shard of the ticket, the local device it is pulled onto."""
     first: dict[ShardIndex, jax.Device] = {}
@@ -79,13 +92,13 @@ def landing_devices(ticket: KvTicket, layout: NamedSharding) -> list[jax.Device]
 
 def assemble(ticket: KvTicket, pieces: Sequence[jax.Array], layout: NamedSharding,
              target: NamedSharding | None) -> jax.Array:
-    """One of K/V from its distinct shards, on ``target`` (default: ``layout``).
+    """One of K/V from its distinct shards (pulled onto ``landing_devices(ticket, layout)``),
+    on ``target`` (default: ``layout``).
 
-    A single full shard (the replicated case) goes straight to ``target`` with one
-    ``device_put``; otherwise the source layout is rebuilt locally first.
+    Each device of ``layout`` gets its shard: the pulled piece itself where it landed there,
+    a local copy elsewhere (a replica). Only when ``layout`` is not ``target`` does the whole
+    block move once more, with ``device_put``.
     """
-    if len(pieces) == 1 and pieces[0].shape == ticket.shape:
-        return jax.device_put(pieces[0], layout if target is None else target)
     by_index = dict(zip(ticket.shards, pieces))
     arrays = []
     for device, index in layout.devices_indices_map(ticket.shape).items():
