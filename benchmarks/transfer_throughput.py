@@ -50,6 +50,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -238,6 +239,15 @@ class SourceProcess:
             raise RuntimeError(f"the source process died (exit {self.proc.poll()})")
         return json.loads(line)
 
+    def cpu_s(self) -> float:
+        """CPU seconds the source's live threads have used (``/proc``, nanosecond counters)."""
+        total = 0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            # A thread that exits just now is skipped.
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
+                total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e9
+
     def close(self) -> None:
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
@@ -311,18 +321,22 @@ def remote_pulls(source: SourceProcess, transport: JaxTransferTransport, legacy:
         "memcpy": lambda: np.copyto(host_dst, host_src),
     }
     seconds: dict[str, list[float]] = {name: [] for name in modes}
+    cpu: dict[str, list[float]] = {name: [] for name in modes}
     first: dict[str, float] = {}
     names = list(modes)
     for r in range(repeats + 1):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            cpu_start = time.process_time() + source.cpu_s()
             start = time.perf_counter()
             jax.block_until_ready(modes[name]())
             elapsed = time.perf_counter() - start
+            cpu_used = time.process_time() + source.cpu_s() - cpu_start
             if r == 0:
                 first[name] = elapsed
             else:
                 seconds[name].append(elapsed)
+                cpu[name].append(cpu_used)
     for name in ("legacy", "pool", "one"):
         k, v = (np.asarray(x) for x in last[name])
         sums = (float(k.sum(dtype=np.float64)), float(v.sum(dtype=np.float64)))
@@ -334,13 +348,21 @@ def remote_pulls(source: SourceProcess, transport: JaxTransferTransport, legacy:
     memcpy = seconds["memcpy"]
     out: dict[str, Any] = {"memcpy_payload": {**summarize_ms(memcpy),
                                               "gbs_median": payload / statistics.median(memcpy)
-                                              / 1e9}}
+                                              / 1e9,
+                                              "cpu_ms_median": 1e3 * statistics.median(
+                                                  cpu["memcpy"])}}
     for name in names[:-1]:
         row = rate(payload, seconds[name], memcpy_gbs)
         # The ratios that matter: against the same payload copied in the same rounds.
         row["fraction_of_memcpy_median"] = statistics.median(memcpy) / statistics.median(
             seconds[name])
         row["fraction_of_memcpy_best_same_round"] = min(memcpy) / min(seconds[name])
+        # CPU time of both processes per pull against the memcpy's: how many copies' worth of
+        # work a pull is, which CPU contention from other jobs distorts far less than the
+        # wall clock (a pull needs several threads scheduled in turn, a memcpy one).
+        row["cpu_ms_median"] = 1e3 * statistics.median(cpu[name])
+        row["fraction_of_memcpy_cpu"] = statistics.median(cpu["memcpy"]) / statistics.median(
+            cpu[name])
         row["first_pull_ms"] = 1e3 * first[name]
         row["checksum_ok"] = True
         out[name] = row
@@ -379,7 +401,8 @@ def run(opts: Options) -> dict[str, Any]:
                                         opts.pull_timeout_s))
             rows.append(row)
             parts = [f"{k} {row[k]['gbs_median']:.2f} GB/s"
-                     + (f" ({row[k]['fraction_of_memcpy_median']:.0%} of memcpy)"
+                     + (f" ({row[k]['fraction_of_memcpy_median']:.0%} of memcpy, "
+                        f"{row[k]['fraction_of_memcpy_cpu']:.0%} by CPU time)"
                         if "fraction_of_memcpy_median" in row[k] else "")
                      for k in ("handoff", "copy_path", "copy_path_runs", "legacy_pull",
                                "remote_pull", "remote_pull_one_device") if k in row]
