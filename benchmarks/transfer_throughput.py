@@ -20,11 +20,23 @@ Measured, for every size:
 - ``copy_path_runs``: the same for a contiguous page run, as a fresh allocator hands them out
   and as ``ares_jax.transfer.migration.copy_pages`` sends it: power-of-two chunks, each a
   ``read_page_run`` slice + ``handoff`` + ``write_page_run`` slice update (donated).
-- ``remote_pull``: ``KVTransferServer.pull`` in this process of a block offered with
-  ``KVTransferServer.offer`` by a spawned source process (``benchmarks/kv_transfer_source.py``)
-  over localhost, pulled with the source's sharding onto 2 local devices. Each pull includes the
-  API's connect and waiter thread; the first pull of a run (connection set-up) is reported apart.
-  The pulled data is checked against the source's checksums.
+- Across processes, a spawned source process (``benchmarks/kv_transfer_source.py``) offers the
+  block over localhost and this process pulls it, four modes round-robin in a rotating order
+  (so load drift hits all alike), each mode's first call (connection set-up) reported apart:
+
+  - ``legacy_pull``: the receiver as before the ``KvTransport`` seam: runtime defaults with one
+    bulk socket (256 MiB chunks, staging copies), a connect and a waiter thread per pull, the
+    source's full replicated sharding on the wire (2 copies of the block);
+  - ``remote_pull``: ``JaxTransferTransport.pull`` (tuned settings, one copy on the wire)
+    onto the receiver's KV-pool sharding on 2 devices, i.e. including the local copy that
+    makes the second replica;
+  - ``remote_pull_one_device``: the same onto one device (the transfer alone);
+  - ``memcpy``: a numpy copy of the same payload between warm buffers.
+
+  Each pull's ``fraction_of_memcpy_median`` divides the memcpy's median time by the pull's;
+  ``fraction_of_memcpy_cpu`` does the same with CPU time (this process plus the source's
+  threads), which other jobs on a shared machine distort far less than wall time. The
+  pulled data is checked against the source's checksums.
 - The memory copy bandwidth: ``benchmarks.common.copy_bandwidth_gbs`` (a numpy copy, read + write
   bytes), at the start and at the end of the run. A payload copied at that rate moves
   ``bandwidth / 2`` bytes per second (``memcpy_payload_gbs``); each throughput is reported as a
@@ -38,6 +50,7 @@ Run (repository root; about 2-3 minutes on 2 shared cores)::
     .venv/bin/python benchmarks/transfer_throughput.py > /tmp/transfer_throughput.json
     .venv/bin/python benchmarks/transfer_throughput.py --quick          # ~40 s
     .venv/bin/python benchmarks/transfer_throughput.py --sizes-mb 1,64 --repeats 5
+    .venv/bin/python benchmarks/transfer_throughput.py --remote-only --pages 64 --repeats 15
 
 JSON goes to stdout, progress to stderr.
 """

@@ -103,7 +103,8 @@ class KvTransport(Protocol):
               on_expire: ExpiryCallback | None = None) -> KvTicket:
         """Make K/V (``[layers, n_pages, page_size, kv_heads, head_dim]`` each, one
         ``NamedSharding``) pullable until acknowledged, released, or ``ttl_s`` passes (then
-        ``on_expire(uuid)`` fires)."""
+        ``on_expire(uuid)`` fires, on the transport's expiry thread: an owner that is not
+        thread-safe should hand the freeing to its own loop)."""
         ...
 
     def pull(self, ticket: KvTicket, *, target: NamedSharding | None = None,

@@ -123,6 +123,9 @@ class JaxTransferTransport:
             with self._conn_lock:
                 self._uuid_count += 1
                 uuid = self._uuid_base + self._uuid_count
+        elif self._book.get(uuid) is not None or uuid == _SWEEP_UUID:
+            # Re-offering would silently replace (and so drop) the pending block.
+            raise ValueError(f"uuid {uuid} is already offered or reserved")
         # The runtime's own timeout backs ours up, should this process stop ticking.
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=ttl_s)
         with self._server_lock:
