@@ -6,6 +6,9 @@ Commands, one per stdin line; every answer is one JSON line on stdout:
   over ``model``) for ``TTL_S`` seconds; answers ``{"ticket": "<KvTicket JSON>"}``.
 - ``offer_replicated SEED TTL_S``: the same, replicated on both devices.
 - ``ack UUID`` / ``release UUID``: answers ``{"ok": bool, "pending": n}``.
+- ``offer_big MIB TTL_S``: offer K and V of ``MIB`` MiB each (ones, one device), keeping no
+  reference of our own; answers ``{"ticket": ..}``.
+- ``rss``: ``{"rss_mib": resident set size}``.
 - ``status``: ``{"pending": n, "expired": [uuids whose on_expire fired]}``.
 - ``quit``: exit.
 
@@ -60,6 +63,21 @@ def main() -> None:
             ticket = transport.offer(jax.device_put(k, sharding), jax.device_put(v, sharding),
                                      ttl_s=float(words[2]), on_expire=expired.append)
             answer({"ticket": ticket.to_json()})
+        elif cmd == "offer_big":
+            n = int(words[1]) * 2**20 // 4
+            single = NamedSharding(Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
+                                        ("data", "model")), PartitionSpec())
+            # Made on the device, not device_put from numpy: on CPU that aliases the numpy
+            # buffer, whose release jaxlib defers to a later garbage collection.
+            ones = jax.jit(lambda: jax.numpy.ones((1, 1, 1, 1, n), np.float32),  # noqa: B023
+                           out_shardings=single)
+            k, v = jax.block_until_ready((ones(), ones()))
+            ticket = transport.offer(k, v, ttl_s=float(words[2]), on_expire=expired.append)
+            del k, v  # from here on only the transfer server holds the buffers
+            answer({"ticket": ticket.to_json()})
+        elif cmd == "rss":
+            with open("/proc/self/statm") as f:
+                answer({"rss_mib": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20})
         elif cmd in ("ack", "release"):
             ok = getattr(transport, cmd)(int(words[1]))
             answer({"ok": ok, "pending": transport.pending_offers()})

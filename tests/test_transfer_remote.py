@@ -43,6 +43,9 @@ class Source:
         cmd = "offer_replicated" if replicated else "offer"
         return KvTicket.from_json(self.ask(f"{cmd} {seed} {ttl_s}")["ticket"])
 
+    def offer_big(self, mib: int, ttl_s: float) -> KvTicket:
+        return KvTicket.from_json(self.ask(f"offer_big {mib} {ttl_s}")["ticket"])
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.write("quit\n")
@@ -62,6 +65,15 @@ def source():
 @pytest.fixture(scope="module")
 def receiver():
     return JaxTransferTransport()
+
+
+def wait_for_expiry(source: Source, uuid: int, within_s: float = 10.0) -> None:
+    """Until the source's on_expire callback has fired for ``uuid`` (it runs right after the
+    offer leaves the pending count)."""
+    deadline = time.monotonic() + within_s
+    while uuid not in source.ask("status")["expired"]:
+        assert time.monotonic() < deadline, f"offer {uuid} did not expire"
+        time.sleep(0.05)
 
 
 def target_sharding() -> NamedSharding:
@@ -115,11 +127,8 @@ def test_mismatched_pull_is_refused_before_any_byte_moves(source, receiver):
 
 def test_unpulled_offer_expires_and_calls_back(source, receiver):
     ticket = source.offer(seed=14, ttl_s=0.3)
-    deadline = time.monotonic() + 10
-    while source.ask("status")["pending"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    status = source.ask("status")
-    assert status["pending"] == 0 and ticket.uuid in status["expired"]
+    wait_for_expiry(source, ticket.uuid)
+    assert source.ask("status")["pending"] == 0
     assert source.ask(f"ack {ticket.uuid}")["ok"] is False  # too late: the handoff failed
     with pytest.raises(TransferTimeout):
         receiver.pull(ticket, timeout_s=0.5)
@@ -136,6 +145,24 @@ def test_pull_of_a_never_offered_block_times_out_within_its_timeout(source, rece
     k, _ = receiver.pull(real, timeout_s=20)
     np.testing.assert_array_equal(np.asarray(k), block(15)[0])
     assert source.ask(f"release {real.uuid}") == {"ok": True, "pending": 0}
+
+
+def test_release_and_expiry_free_the_runtime_buffers(source):
+    # The transfer server holds an offered block's buffers until it is pulled or replaced;
+    # dropping an offer must give the memory back, not just forget the uuid.
+    def rss() -> float:
+        return source.ask("rss")["rss_mib"]
+
+    base = rss()
+    ticket = source.offer_big(mib=48, ttl_s=30)
+    held = rss()
+    assert held > base + 80  # K and V, 48 MiB each, held by the runtime alone
+    assert source.ask(f"release {ticket.uuid}")["ok"] is True
+    assert rss() < held - 80
+    expiring = source.offer_big(mib=48, ttl_s=0.3)
+    held = rss()
+    wait_for_expiry(source, expiring.uuid)
+    assert rss() < held - 80
 
 
 def test_local_transport_round_trip_across_two_meshes():

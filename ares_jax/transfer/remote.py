@@ -202,9 +202,11 @@ class JaxTransferTransport:
             shard_shape = tuple(stop - start for start, stop in index)
             specs.append(jax.ShapeDtypeStruct(shard_shape, dtype_np,
                                               sharding=SingleDeviceSharding(device)))
-        start = time.monotonic()
-        deadline = start + timeout_s
-        runtime_deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        # The source answers a pull still waiting past this with "Pull expired" (at its next
+        # sweep), which frees our landing buffers; a little after our own deadline, so that we
+        # normally time out first and the runtime only cleans up.
+        runtime_deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s + 1)
         try:
             conn = self._connection(ticket.address)
             pulled = conn.pull(ticket.uuid, specs + specs,  # type: ignore[attr-defined]
@@ -221,10 +223,14 @@ class JaxTransferTransport:
         try:
             jax.block_until_ready(pulled)
         except Exception as err:  # noqa: BLE001
-            if "closed" in str(err).lower():
+            message = str(err)
+            if "Pull expired" in message:
+                raise TransferTimeout(f"pull of block {ticket.uuid} from {ticket.address} "
+                                      f"expired at the source: {message}") from err
+            if "closed" in message.lower():
                 self._forget_connection(ticket.address)  # the next pull reconnects
             raise TransferError(f"pull of block {ticket.uuid} from {ticket.address} failed: "
-                                f"{err}") from err
+                                f"{message}") from err
         n = len(ticket.shards)
         k = assemble(ticket, pulled[:n], layout, target)
         v = assemble(ticket, pulled[n:], layout, target)

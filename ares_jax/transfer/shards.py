@@ -42,7 +42,10 @@ def distinct_shards(x: jax.Array) -> tuple[list[jax.Array], tuple[ShardIndex, ..
     """One single-device array per distinct shard of ``x``, in mesh order, and their indices."""
     sharding = x.sharding
     assert isinstance(sharding, NamedSharding)
-    by_device = {s.device: s.data for s in x.addressable_shards}
+    # ``addressable_data`` rather than ``addressable_shards``: the Shard objects form a
+    # reference cycle with ``x``, which would keep a dropped block alive until the next gc.
+    pieces = [x.addressable_data(i) for i in range(len(x.sharding.addressable_devices))]
+    by_device = {next(iter(p.devices())): p for p in pieces}
     indices = sharding.devices_indices_map(x.shape)
     seen: dict[ShardIndex, jax.Array] = {}
     for device in sharding.mesh.devices.flat:
