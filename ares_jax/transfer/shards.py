@@ -42,8 +42,7 @@ def distinct_shards(x: jax.Array) -> tuple[list[jax.Array], tuple[ShardIndex, ..
     """One single-device array per distinct shard of ``x``, in mesh order, and their indices."""
     sharding = x.sharding
     assert isinstance(sharding, NamedSharding)
-    # ``addressable_data`` rather than ``addressable_shards``: the Shard objects form a
-    # reference cycle with ``x``, which would keep a dropped block alive until the next gc.
+    # Each addressable buffer as its own single-device array (no copy), keyed by its device.
     pieces = [x.addressable_data(i) for i in range(len(x.sharding.addressable_devices))]
     by_device = {next(iter(p.devices())): p for p in pieces}
     indices = sharding.devices_indices_map(x.shape)
