@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -145,6 +146,18 @@ def test_pull_of_a_never_offered_block_times_out_within_its_timeout(source, rece
     k, _ = receiver.pull(real, timeout_s=20)
     np.testing.assert_array_equal(np.asarray(k), block(15)[0])
     assert source.ask(f"release {real.uuid}") == {"ok": True, "pending": 0}
+
+
+def test_concurrent_pulls_share_one_connection(source, receiver):
+    tickets = [source.offer(seed=seed) for seed in (16, 17, 18)]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda t: receiver.pull(t, timeout_s=20), tickets))
+    for seed, (k, v) in zip((16, 17, 18), results):
+        np.testing.assert_array_equal(np.asarray(k), block(seed)[0])
+        np.testing.assert_array_equal(np.asarray(v), block(seed)[1])
+    for ticket in tickets:
+        assert source.ask(f"ack {ticket.uuid}")["ok"] is True
+    assert source.ask("status")["pending"] == 0
 
 
 def test_release_and_expiry_free_the_runtime_buffers(source):
