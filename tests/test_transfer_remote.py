@@ -102,6 +102,17 @@ def test_pull_reshards_exact_data_and_ack_frees_the_offer(source, receiver):
     assert source.ask(f"ack {ticket.uuid}")["ok"] is False
 
 
+def test_pull_onto_a_differently_split_target_reassembles_then_reshards(source, receiver):
+    ticket = source.offer(seed=19)  # split over KV heads at the source
+    mesh = Mesh(np.array(jax.devices()[4:8]).reshape(2, 2), ("data", "model"))
+    by_layer = NamedSharding(mesh, PartitionSpec("model", None, None, None, None))
+    k, v = receiver.pull(ticket, target=by_layer, timeout_s=20)
+    assert k.sharding == by_layer
+    np.testing.assert_array_equal(np.asarray(k), block(19)[0])
+    np.testing.assert_array_equal(np.asarray(v), block(19)[1])
+    assert source.ask(f"ack {ticket.uuid}")["ok"] is True
+
+
 def test_replicated_block_travels_once_and_lands_in_the_source_layout(source, receiver):
     ticket = source.offer(seed=12, replicated=True)
     assert len(ticket.shards) == 1  # one copy on the wire, not one per replica
