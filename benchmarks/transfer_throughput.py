@@ -437,6 +437,8 @@ def run(opts: Options) -> dict[str, Any]:
         "page_geometry": dict(zip(("layers", "page_size", "kv_heads", "head_dim"),
                                   PAGE_GEOMETRY)),
         "page_kv_bytes": 2 * page_bytes(),
+        "transfer_settings": dataclasses.asdict(transport.settings) if transport else None,
+        "legacy_settings": LEGACY,
         "results": rows,
         "wall_s": time.perf_counter() - started,
     }
