@@ -1,12 +1,16 @@
 """The source process for ``benchmarks/transfer_throughput.py``'s cross-process pulls.
 
-Offers K/V page blocks with ``KVTransferServer.offer`` on demand. Commands, one per stdin line:
+Holds two transfer servers side by side: the tuned ``JaxTransferTransport`` and, for the
+comparison, the pre-seam configuration (``legacy``: one bulk socket, 256 MiB chunks, staging
+copies, every replica of a replicated block offered). Commands, one per stdin line:
 
 - ``offer PAGES COUNT SEED``: build K and V blocks ``[L, PAGES, S, KVH, K]`` (float32, random
-  normal from ``SEED``) on a 2-device mesh in the KV pool's sharding, offer them ``COUNT`` times
-  (one uuid per pull), and print one JSON line: ``{"tickets": [...], "k_sum": .., "v_sum": ..}``
+  normal from ``SEED``) on a 2-device mesh in the KV pool's sharding; offer them ``COUNT`` times
+  on each server (one uuid per pull), and print one JSON line:
+  ``{"tickets": [...], "legacy": {"address": .., "uuids": [...]}, "k_sum": .., "v_sum": ..}``
   (float64 sums for the receiver's integrity check).
-- ``drop``: forget the blocks (after the receiver pulled them all); prints ``{"dropped": true}``.
+- ``drop``: ack every tuned offer still pending and forget the blocks; prints
+  ``{"dropped": true, "pending": n}``.
 - ``quit``: exit.
 
 Run by the benchmark (``--shape L,S,KVH,K``), not by hand. Importing this module does not touch
@@ -16,10 +20,13 @@ JAX's configuration.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 from pathlib import Path
+
+LEGACY = {"bulk_connections": 1, "transfer_size": 256 << 20, "use_raw_buffers": False}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,17 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import jax
     import numpy as np
+    from jax.experimental import transfer as jax_transfer
 
     from ares_jax.model.sharding import kv_pool_sharding, make_mesh
-    from ares_jax.transfer.remote import KVTransferServer
+    from ares_jax.transfer.remote import JaxTransferTransport
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", required=True, help="L,S,KVH,K of one page block")
     a = p.parse_args(argv)
     layers, page_size, kv_heads, head_dim = (int(x) for x in a.shape.split(","))
-    server = KVTransferServer()
+    transport = JaxTransferTransport()
+    legacy = jax_transfer.start_transfer_server(
+        jax.devices()[0].client, "127.0.0.1:0", ["127.0.0.1:0"] * LEGACY["bulk_connections"],
+        transfer_size=LEGACY["transfer_size"], use_raw_buffers=LEGACY["use_raw_buffers"])
+    legacy_uuids = itertools.count(1)
     mesh = make_mesh(jax.devices()[:2])
     held: list[jax.Array] = []
+    pending: list[int] = []
     for line in sys.stdin:
         words = line.split()
         if not words:
@@ -46,8 +59,12 @@ def main(argv: list[str] | None = None) -> None:
         if words[0] == "quit":
             break
         if words[0] == "drop":
+            for uuid in pending:
+                transport.ack(uuid)
+            pending.clear()
             held.clear()
-            print(json.dumps({"dropped": True}), flush=True)
+            print(json.dumps({"dropped": True, "pending": transport.pending_offers()}),
+                  flush=True)
             continue
         if words[0] != "offer":
             print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
@@ -59,9 +76,15 @@ def main(argv: list[str] | None = None) -> None:
         v_host = rng.standard_normal(shape, np.float32)
         sharding = kv_pool_sharding(shape, mesh)
         k, v = jax.block_until_ready(jax.device_put((k_host, v_host), sharding))
-        tickets = [server.offer(k, v).to_json() for _ in range(count)]
+        tickets = [transport.offer(k, v, ttl_s=600.0) for _ in range(count)]
+        pending += [t.uuid for t in tickets]
+        uuids = [next(legacy_uuids) for _ in range(count)]
+        for uuid in uuids:
+            legacy.await_pull(uuid, [k, v])
         held += [k, v]
-        print(json.dumps({"tickets": tickets, "k_sum": float(k_host.sum(dtype=np.float64)),
+        print(json.dumps({"tickets": [t.to_json() for t in tickets],
+                          "legacy": {"address": legacy.address(), "uuids": uuids},
+                          "k_sum": float(k_host.sum(dtype=np.float64)),
                           "v_sum": float(v_host.sum(dtype=np.float64))}), flush=True)
 
 

@@ -20,11 +20,23 @@ Measured, for every size:
 - ``copy_path_runs``: the same for a contiguous page run, as a fresh allocator hands them out
   and as ``ares_jax.transfer.migration.copy_pages`` sends it: power-of-two chunks, each a
   ``read_page_run`` slice + ``handoff`` + ``write_page_run`` slice update (donated).
-- ``remote_pull``: ``KVTransferServer.pull`` in this process of a block offered with
-  ``KVTransferServer.offer`` by a spawned source process (``benchmarks/kv_transfer_source.py``)
-  over localhost, pulled with the source's sharding onto 2 local devices. Each pull includes the
-  API's connect and waiter thread; the first pull of a run (connection set-up) is reported apart.
-  The pulled data is checked against the source's checksums.
+- Across processes, a spawned source process (``benchmarks/kv_transfer_source.py``) offers the
+  block over localhost and this process pulls it, four modes round-robin in a rotating order
+  (so load drift hits all alike), each mode's first call (connection set-up) reported apart:
+
+  - ``legacy_pull``: the receiver as before the ``KvTransport`` seam: runtime defaults with one
+    bulk socket (256 MiB chunks, staging copies), a connect and a waiter thread per pull, the
+    source's full replicated sharding on the wire (2 copies of the block);
+  - ``remote_pull``: ``JaxTransferTransport.pull`` (tuned settings, one copy on the wire)
+    onto the receiver's KV-pool sharding on 2 devices, i.e. including the local copy that
+    makes the second replica;
+  - ``remote_pull_one_device``: the same onto one device (the transfer alone);
+  - ``memcpy``: a numpy copy of the same payload between warm buffers.
+
+  Each pull's ``fraction_of_memcpy_median`` divides the memcpy's median time by the pull's;
+  ``fraction_of_memcpy_cpu`` does the same with CPU time (this process plus the source's
+  threads), which other jobs on a shared machine distort far less than wall time. The
+  pulled data is checked against the source's checksums.
 - The memory copy bandwidth: ``benchmarks.common.copy_bandwidth_gbs`` (a numpy copy, read + write
   bytes), at the start and at the end of the run. A payload copied at that rate moves
   ``bandwidth / 2`` bytes per second (``memcpy_payload_gbs``); each throughput is reported as a
@@ -38,6 +50,7 @@ Run (repository root; about 2-3 minutes on 2 shared cores)::
     .venv/bin/python benchmarks/transfer_throughput.py > /tmp/transfer_throughput.json
     .venv/bin/python benchmarks/transfer_throughput.py --quick          # ~40 s
     .venv/bin/python benchmarks/transfer_throughput.py --sizes-mb 1,64 --repeats 5
+    .venv/bin/python benchmarks/transfer_throughput.py --remote-only --pages 64 --repeats 15
 
 JSON goes to stdout, progress to stderr.
 """
@@ -50,12 +63,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -64,13 +79,26 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 try:
-    from benchmarks.common import copy_bandwidth_gbs, load_average, log  # noqa: E402
+    from benchmarks.common import (  # noqa: E402
+        copy_bandwidth_gbs,
+        load_average,
+        log,
+        summarize_ms,
+    )
+    from benchmarks.kv_transfer_source import LEGACY  # noqa: E402
 except ImportError:  # run as a script: put the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.common import copy_bandwidth_gbs, load_average, log  # noqa: E402
+    from benchmarks.common import (  # noqa: E402
+        copy_bandwidth_gbs,
+        load_average,
+        log,
+        summarize_ms,
+    )
+    from benchmarks.kv_transfer_source import LEGACY  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.experimental import transfer as jax_transfer  # noqa: E402
 
 from ares_jax.engine.kv_pool import (  # noqa: E402
     SCRATCH_PAGE,
@@ -81,9 +109,10 @@ from ares_jax.engine.kv_pool import (  # noqa: E402
     write_pages,
 )
 from ares_jax.model.sharding import kv_pool_sharding, make_mesh  # noqa: E402
+from ares_jax.transfer.kv_transport import KvTicket  # noqa: E402
 from ares_jax.transfer.local import handoff  # noqa: E402
 from ares_jax.transfer.migration import pow2_chunks  # noqa: E402
-from ares_jax.transfer.remote import KVTransferServer, PageTicket  # noqa: E402
+from ares_jax.transfer.remote import JaxTransferTransport  # noqa: E402
 
 # SmolLM2-135M's page geometry: layers, page size, KV heads, head dim.
 PAGE_GEOMETRY = (30, 16, 3, 64)
@@ -96,6 +125,7 @@ class Options:
     repeats: int = 5
     large_repeats: int = 3  # for blocks of >= 64 MiB
     remote: bool = True
+    in_process: bool = True
     copy_path: bool = True
     pull_timeout_s: float = 120.0
 
@@ -205,9 +235,10 @@ def _pad(k: jax.Array, v: jax.Array, pages: int) -> tuple[jax.Array, jax.Array]:
 class SourceProcess:
     """The spawned offering process, driven over its stdin/stdout."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
         shape = ",".join(str(x) for x in PAGE_GEOMETRY)
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(extra_env or {})
         self.proc = subprocess.Popen([sys.executable, str(SOURCE_SCRIPT), "--shape", shape],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
@@ -221,6 +252,15 @@ class SourceProcess:
             raise RuntimeError(f"the source process died (exit {self.proc.poll()})")
         return json.loads(line)
 
+    def cpu_s(self) -> float:
+        """CPU seconds the source's live threads have used (``/proc``, nanosecond counters)."""
+        total = 0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            # A thread that exits just now is skipped.
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
+                total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e9
+
     def close(self) -> None:
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
@@ -229,33 +269,117 @@ class SourceProcess:
             self.proc.wait(timeout=30)
 
 
-def remote_pulls(source: SourceProcess, server: KVTransferServer, pages: int, repeats: int,
-                 memcpy_gbs: float, timeout_s: float) -> dict[str, Any]:
-    offer = source.ask(f"offer {pages} {repeats + 1} {pages}")
-    tickets = [PageTicket.from_json(t) for t in offer["tickets"]]
+class LegacyPuller:
+    """The receiver as it was before the seam, for the side-by-side: default transfer-server
+    options with one bulk socket, a fresh connection and a waiter thread per pull, and the
+    source's full (replicated) sharding on the wire."""
+
+    def __init__(self) -> None:
+        self.server = jax_transfer.start_transfer_server(
+            jax.devices()[0].client, "127.0.0.1:0", ["127.0.0.1:0"] * LEGACY["bulk_connections"],
+            transfer_size=LEGACY["transfer_size"], use_raw_buffers=LEGACY["use_raw_buffers"])
+
+    def pull(self, address: str, uuid: int, spec: jax.ShapeDtypeStruct, timeout_s: float
+             ) -> list[jax.Array]:
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            conn = self.server.connect(address)
+            out["arrays"] = jax.block_until_ready(conn.pull(uuid, [spec, spec]))
+
+        waiter = threading.Thread(target=run, daemon=True)
+        waiter.start()
+        waiter.join(timeout_s)
+        if "arrays" not in out:
+            raise RuntimeError(f"legacy pull {uuid} failed or timed out")
+        return out["arrays"]
+
+
+def remote_pulls(source: SourceProcess, transport: JaxTransferTransport, legacy: LegacyPuller,
+                 pages: int, repeats: int, memcpy_gbs: float, timeout_s: float
+                 ) -> dict[str, Any]:
+    """Legacy pull, tuned pull onto the pool's 2-device layout, tuned pull onto one device and
+    a memcpy of the same payload, round-robin in a rotating order (so drifting load hits all
+    alike); each mode's first call (connection set-up, first allocation) is reported apart."""
     shape = block_shape(pages)
-    seconds = []
-    first_s = float("nan")
-    arrays = None
-    for i, ticket in enumerate(tickets):
-        start = time.perf_counter()
-        arrays = server.pull(ticket, shape=shape, dtype="float32", timeout_s=timeout_s)
-        elapsed = time.perf_counter() - start
-        if i == 0:
-            first_s = elapsed
-        else:
-            seconds.append(elapsed)
-    assert arrays is not None
-    k_sum = float(np.asarray(arrays[0]).sum(dtype=np.float64))
-    v_sum = float(np.asarray(arrays[1]).sum(dtype=np.float64))
-    if (k_sum, v_sum) != (offer["k_sum"], offer["v_sum"]):
-        raise RuntimeError(f"pulled block differs from the source's: {(k_sum, v_sum)} vs "
-                           f"{(offer['k_sum'], offer['v_sum'])}")
-    del arrays
-    source.ask("drop")
-    out = rate(2 * int(np.prod(shape)) * 4, seconds, memcpy_gbs)
-    out["first_pull_ms"] = 1e3 * first_s
-    out["checksum_ok"] = True
+    offer = source.ask(f"offer {pages} {2 * (repeats + 1)} {pages}")
+    tickets = [KvTicket.from_json(t) for t in offer["tickets"]]
+    legacy_uuids = list(offer["legacy"]["uuids"])
+    devices = jax.devices()
+    pool = kv_pool_sharding(shape, make_mesh(devices[0:2]))
+    one = kv_pool_sharding(shape, make_mesh(devices[0:1]))
+    legacy_spec = jax.ShapeDtypeStruct(shape, np.float32, sharding=pool)
+    payload = 2 * int(np.prod(shape)) * 4
+    host_src = np.ones(payload // 4, np.float32)
+    host_dst = np.empty_like(host_src)
+    np.copyto(host_dst, host_src)
+    last: dict[str, Any] = {}
+
+    def legacy_pull() -> object:
+        last["legacy"] = legacy.pull(offer["legacy"]["address"], legacy_uuids.pop(0),
+                                     legacy_spec, timeout_s)
+        return last["legacy"]
+
+    def tuned(target: Any, name: str) -> Callable[[], object]:
+        def run() -> object:
+            last[name] = transport.pull(tickets.pop(0), target=target, shape=shape,
+                                        dtype="float32", timeout_s=timeout_s)
+            return last[name]
+        return run
+
+    modes: dict[str, Callable[[], object]] = {
+        "legacy_pull": legacy_pull,
+        "remote_pull": tuned(pool, "pool"),
+        "remote_pull_one_device": tuned(one, "one"),
+        "memcpy": lambda: np.copyto(host_dst, host_src),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in modes}
+    cpu: dict[str, list[float]] = {name: [] for name in modes}
+    first: dict[str, float] = {}
+    names = list(modes)
+    for r in range(repeats + 1):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            cpu_start = time.process_time() + source.cpu_s()
+            start = time.perf_counter()
+            jax.block_until_ready(modes[name]())
+            elapsed = time.perf_counter() - start
+            cpu_used = time.process_time() + source.cpu_s() - cpu_start
+            if r == 0:
+                first[name] = elapsed
+            else:
+                seconds[name].append(elapsed)
+                cpu[name].append(cpu_used)
+    for name in ("legacy", "pool", "one"):
+        k, v = (np.asarray(x) for x in last[name])
+        sums = (float(k.sum(dtype=np.float64)), float(v.sum(dtype=np.float64)))
+        if sums != (offer["k_sum"], offer["v_sum"]):
+            raise RuntimeError(f"{name}: pulled block differs from the source's: {sums} vs "
+                               f"{(offer['k_sum'], offer['v_sum'])}")
+    last.clear()
+    dropped = source.ask("drop")
+    memcpy = seconds["memcpy"]
+    out: dict[str, Any] = {"memcpy_payload": {**summarize_ms(memcpy),
+                                              "gbs_median": payload / statistics.median(memcpy)
+                                              / 1e9,
+                                              "cpu_ms_median": 1e3 * statistics.median(
+                                                  cpu["memcpy"])}}
+    for name in names[:-1]:
+        row = rate(payload, seconds[name], memcpy_gbs)
+        # The ratios that matter: against the same payload copied in the same rounds.
+        row["fraction_of_memcpy_median"] = statistics.median(memcpy) / statistics.median(
+            seconds[name])
+        row["fraction_of_memcpy_best_same_round"] = min(memcpy) / min(seconds[name])
+        # CPU time of both processes per pull against the memcpy's: how many copies' worth of
+        # work a pull is, which CPU contention from other jobs distorts far less than the
+        # wall clock (a pull needs several threads scheduled in turn, a memcpy one).
+        row["cpu_ms_median"] = 1e3 * statistics.median(cpu[name])
+        row["fraction_of_memcpy_cpu"] = statistics.median(cpu["memcpy"]) / statistics.median(
+            cpu[name])
+        row["first_pull_ms"] = 1e3 * first[name]
+        row["checksum_ok"] = True
+        out[name] = row
+    out["source_pending_after_ack"] = dropped["pending"]
     return out
 
 
@@ -272,7 +396,8 @@ def run(opts: Options) -> dict[str, Any]:
     log(f"copy bandwidth {bandwidth_start:.1f} GB/s read+write = {memcpy_gbs:.1f} GB/s payload; "
         f"load {load_average()}")
     source = SourceProcess() if opts.remote else None
-    server = KVTransferServer() if opts.remote else None
+    transport = JaxTransferTransport() if opts.remote else None
+    legacy = LegacyPuller() if opts.remote else None
     rows = []
     try:
         for mb in opts.sizes_mb:
@@ -282,13 +407,18 @@ def run(opts: Options) -> dict[str, Any]:
             t0 = time.perf_counter()
             row: dict[str, Any] = {"target_mib": mb, "pages": pages, "tokens": 16 * pages,
                                    "payload_mb": payload / 1e6, "replicas": 2}
-            row.update(in_process(pages, repeats, memcpy_gbs, opts.copy_path))
-            if source is not None and server is not None:
-                row["remote_pull"] = remote_pulls(source, server, pages, repeats, memcpy_gbs,
-                                                  opts.pull_timeout_s)
+            if opts.in_process:
+                row.update(in_process(pages, repeats, memcpy_gbs, opts.copy_path))
+            if source is not None and transport is not None and legacy is not None:
+                row.update(remote_pulls(source, transport, legacy, pages, repeats, memcpy_gbs,
+                                        opts.pull_timeout_s))
             rows.append(row)
-            parts = [f"{k} {row[k]['gbs_best']:.2f} GB/s"
-                     for k in ("handoff", "copy_path", "copy_path_runs", "remote_pull") if k in row]
+            parts = [f"{k} {row[k]['gbs_median']:.2f} GB/s"
+                     + (f" ({row[k]['fraction_of_memcpy_median']:.0%} of memcpy, "
+                        f"{row[k]['fraction_of_memcpy_cpu']:.0%} by CPU time)"
+                        if "fraction_of_memcpy_median" in row[k] else "")
+                     for k in ("handoff", "copy_path", "copy_path_runs", "legacy_pull",
+                               "remote_pull", "remote_pull_one_device") if k in row]
             log(f"{payload / 1e6:7.1f} MB ({pages} pages): " + " | ".join(parts) +
                 f" [{time.perf_counter() - t0:.0f} s]")
     finally:
@@ -307,6 +437,8 @@ def run(opts: Options) -> dict[str, Any]:
         "page_geometry": dict(zip(("layers", "page_size", "kv_heads", "head_dim"),
                                   PAGE_GEOMETRY)),
         "page_kv_bytes": 2 * page_bytes(),
+        "transfer_settings": dataclasses.asdict(transport.settings) if transport else None,
+        "legacy_settings": LEGACY,
         "results": rows,
         "wall_s": time.perf_counter() - started,
     }
@@ -319,15 +451,23 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--repeats", type=int)
     p.add_argument("--no-remote", action="store_true", help="skip the cross-process pulls")
     p.add_argument("--no-copy-path", action="store_true", help="skip gather+handoff+scatter")
+    p.add_argument("--remote-only", action="store_true",
+                   help="only the cross-process pulls (and their memcpy)")
+    p.add_argument("--pages", help="comma-separated block sizes in pages (64 = 1k tokens), "
+                   "instead of --sizes-mb")
     a = p.parse_args(argv)
     opts = Options()
     if a.quick:
         opts = dataclasses.replace(opts, sizes_mb=(1, 64), repeats=3, large_repeats=2)
     if a.sizes_mb:
         opts = dataclasses.replace(opts, sizes_mb=tuple(float(x) for x in a.sizes_mb.split(",")))
+    if a.pages:
+        opts = dataclasses.replace(opts, sizes_mb=tuple(
+            int(x) * 2 * page_bytes() / 2**20 for x in a.pages.split(",")))
     if a.repeats:
         opts = dataclasses.replace(opts, repeats=a.repeats, large_repeats=a.repeats)
-    return dataclasses.replace(opts, remote=not a.no_remote, copy_path=not a.no_copy_path)
+    return dataclasses.replace(opts, remote=not a.no_remote, copy_path=not a.no_copy_path,
+                               in_process=not a.remote_only)
 
 
 def main(argv: list[str] | None = None) -> None:
