@@ -5,11 +5,6 @@ migration between two decode processes, errors, cancellation, and a clean shutdo
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,69 +20,29 @@ from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig, Request
 from ares_jax.serving import ares_pb2 as pb
 from ares_jax.serving import ares_pb2_grpc as pb_grpc
+from ares_jax.serving.local_cluster import LocalCluster, process_alive
 
 ECFG = EngineConfig(page_size=8, num_pages=64, max_num_seqs=8, max_model_len=256)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompt(i: int, n: int = 12) -> list[int]:
     return np.random.default_rng(100 + i).integers(4, 500, size=n).tolist()
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) is gone for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    port = free_port()
     logs = tmp_path_factory.mktemp("serve-logs")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ares_jax.cli", "serve", "--model", "random:tiny",
-         "--prefill-replicas", "1", "--decode-replicas", "2", "--grpc-port", str(port),
+    local = LocalCluster(
+        ["--model", "random:tiny", "--prefill-replicas", "1", "--decode-replicas", "2",
          "--predictor", "none", "--num-pages", "64", "--max-model-len", "256",
          "--page-size", "8", "--max-num-seqs", "8", "--policy", "least-load",
-         "--log-dir", str(logs), "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("ares-jax serving"):
-            break
-    else:
-        proc.kill()
-    if proc.poll() is not None or not lines or not lines[-1].startswith("ares-jax serving"):
-        proc.kill()
-        pytest.fail("ares-jax serve did not start:\n" + "".join(lines[-40:]))
-    client = Client(f"127.0.0.1:{port}", timeout_s=120)
-    pids = [r["process_id"] for r in client.stats()["replicas"]]
-    yield client, proc, pids
-    client.close()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+         "--log-dir", str(logs), "--log-level", "WARNING"], start_timeout_s=300)
+    yield local.client, local.proc, local.pids
+    out = local.close()  # raises if a replica process outlives the cluster
+    assert local.proc.returncode == 0, out
     assert "every replica process has exited" in out
-    left = [pid for pid in pids if alive(pid)]
-    assert not left, f"replica processes left behind: {left}"
+    assert not [pid for pid in local.pids if process_alive(pid)]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +65,7 @@ def test_replicas_registered_with_their_processes(cluster):
     assert stats["ready"] and len(set(pids)) == 3
     roles = sorted(r["role"] for r in stats["replicas"])
     assert roles == ["decode", "decode", "prefill"]
-    assert all(alive(pid) for pid in pids)
+    assert all(process_alive(pid) for pid in pids)
 
 
 def test_greedy_tokens_equal_the_in_process_engine(cluster, reference):

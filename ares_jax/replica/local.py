@@ -17,7 +17,7 @@ import numpy as np
 from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.kv_pool import OutOfPages, pages_for
 from ares_jax.engine.prefill import PrefillEngine
-from ares_jax.engine.slots import DecodeLoad, SlotState
+from ares_jax.engine.slots import DecodeLoad, SlotState, SlotTable
 from ares_jax.engine.types import Request, StepOutput
 from ares_jax.replica.types import (
     Detached,
@@ -90,6 +90,48 @@ class EventQueue:
         self.drop_kv(request_id)
 
 
+class DecodeSlots(EventQueue):
+    """What every decode replica in this process does the same way, whatever computes its
+    tokens: bookkeeping on its ``SlotTable`` (an engine's, or a simulated replica's)."""
+
+    slots: SlotTable
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._detached: dict[str, SlotState] = {}
+
+    def load(self) -> DecodeLoad:
+        return self.slots.load()
+
+    def release(self, request_id: str) -> None:
+        self._detached.pop(request_id, None)
+        self.slots.release(request_id)
+
+    def reserve(self, request_id: str, pages: int) -> bool:
+        try:
+            self.slots.reserve(request_id, pages)
+        except OutOfPages:
+            return False
+        return True
+
+    def detach(self, request_id: str) -> Detached | None:
+        if not self.slots.is_running(request_id):
+            return None
+        st = self.slots.detach(request_id)
+        self._detached[request_id] = st
+        return Detached(request_id=request_id, num_cached=st.num_cached,
+                        last_token=st.last_token, generated=st.generated,
+                        predicted_remaining=st.predicted_remaining)
+
+    def reattach(self, request_id: str) -> None:
+        self.slots.reattach(self._detached.pop(request_id))
+
+    def adopt(self, request: Request, state: Detached) -> None:
+        self.slots.adopt(request, num_cached=state.num_cached, last_token=state.last_token,
+                         generated=state.generated,
+                         predicted_remaining=state.predicted_remaining)
+
+
 class LocalPrefillReplica(EventQueue):
     """A prefill engine; each result's pages stay on its mesh until ``drop_kv``."""
 
@@ -146,13 +188,14 @@ class LocalPrefillReplica(EventQueue):
     def block(self, request_id: str) -> KvBlock | None:
         return self._blocks.get(request_id)
 
-class LocalDecodeReplica(EventQueue):
+class LocalDecodeReplica(DecodeSlots):
     """A decode engine behind the replica protocol."""
 
     def __init__(self, engine: DecodeEngine, replica_id: int, pull: PullFn = local_chunks,
                  **info: object) -> None:
         super().__init__()
         self.engine = engine
+        self.slots = engine
         self.pull = pull
         self.info = ReplicaInfo(replica_id=replica_id, role="decode",
                                 page_size=engine.page_size, capacity_pages=engine.capacity_pages,
@@ -160,12 +203,8 @@ class LocalDecodeReplica(EventQueue):
                                 max_model_len=engine.max_model_len,
                                 kv_bytes_per_token=engine.cfg.kv_bytes_per_token,
                                 devices=engine.model.mesh.devices.size, **info)  # type: ignore
-        self._detached: dict[str, SlotState] = {}
         self.last_step_s = 0.0
         self.last_output: StepOutput | None = None  # device outputs, for in-process hooks
-
-    def load(self) -> DecodeLoad:
-        return self.engine.load()
 
     def advance(self) -> None:
         """One decode step of the whole batch, if anything runs here."""
@@ -205,18 +244,7 @@ class LocalDecodeReplica(EventQueue):
             return
         self._events.append(InsertDone(replica_id=self.info.replica_id, request_id=rid, ok=True))
 
-    def release(self, request_id: str) -> None:
-        self._detached.pop(request_id, None)
-        self.engine.release(request_id)
-
     # migration --------------------------------------------------------------------------
-
-    def reserve(self, request_id: str, pages: int) -> bool:
-        try:
-            self.engine.reserve(request_id, pages)
-        except OutOfPages:
-            return False
-        return True
 
     def export(self, request_id: str, start: int, end: int,
                to: ReplicaInfo | None = None) -> KvBlock:
@@ -242,20 +270,3 @@ class LocalDecodeReplica(EventQueue):
         self._events.append(ImportDone(replica_id=self.info.replica_id, request_id=request_id,
                                        start=start, pages=block.pages, nbytes=block.nbytes,
                                        ok=True))
-
-    def detach(self, request_id: str) -> Detached | None:
-        if not self.engine.is_running(request_id):
-            return None
-        st = self.engine.detach(request_id)
-        self._detached[request_id] = st
-        return Detached(request_id=request_id, num_cached=st.num_cached,
-                        last_token=st.last_token, generated=st.generated,
-                        predicted_remaining=st.predicted_remaining)
-
-    def reattach(self, request_id: str) -> None:
-        self.engine.reattach(self._detached.pop(request_id))
-
-    def adopt(self, request: Request, state: Detached) -> None:
-        self.engine.adopt(request, num_cached=state.num_cached, last_token=state.last_token,
-                          generated=state.generated,
-                          predicted_remaining=state.predicted_remaining)

@@ -16,13 +16,12 @@ import numpy as np
 
 from ares_jax.engine.kv_pool import OutOfPages
 from ares_jax.engine.sampling import TokenInfo
-from ares_jax.engine.slots import DecodeLoad, SlotState, SlotTable
+from ares_jax.engine.slots import DecodeLoad, SlotTable
 from ares_jax.engine.stops import token_stop
 from ares_jax.engine.types import Request
 from ares_jax.paging import pages_for
-from ares_jax.replica.local import EventQueue
+from ares_jax.replica.local import DecodeSlots, EventQueue
 from ares_jax.replica.types import (
-    Detached,
     ImportDone,
     InsertDone,
     KvBlock,
@@ -91,7 +90,7 @@ class SimulatedPrefillReplica(EventQueue):
         return set(self._blocks)
 
 
-class SimulatedDecodeReplica(EventQueue):
+class SimulatedDecodeReplica(DecodeSlots):
     def __init__(self, replica_id: int, *, num_pages: int, page_size: int, max_num_seqs: int,
                  max_model_len: int, kv_bytes_per_token: int,
                  eos_token_ids: Sequence[int] = (), token: TokenFn = _token,
@@ -105,11 +104,8 @@ class SimulatedDecodeReplica(EventQueue):
                                 capacity_pages=self.table.capacity_pages,
                                 max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 kv_bytes_per_token=kv_bytes_per_token, process="simulated")
+        self.slots = self.table
         self.token, self.predict, self.step_time = token, predict, step_time
-        self._detached: dict[str, SlotState] = {}
-
-    def load(self) -> DecodeLoad:
-        return self.table.load()
 
     def advance(self) -> None:
         t = self.table
@@ -147,17 +143,6 @@ class SimulatedDecodeReplica(EventQueue):
             return
         self._events.append(InsertDone(replica_id=self.info.replica_id, request_id=rid, ok=True))
 
-    def release(self, request_id: str) -> None:
-        self._detached.pop(request_id, None)
-        self.table.release(request_id)
-
-    def reserve(self, request_id: str, pages: int) -> bool:
-        try:
-            self.table.reserve(request_id, pages)
-        except OutOfPages:
-            return False
-        return True
-
     def export(self, request_id: str, start: int, end: int,
                to: ReplicaInfo | None = None) -> KvBlock:
         n = end - start
@@ -171,20 +156,3 @@ class SimulatedDecodeReplica(EventQueue):
             replica_id=self.info.replica_id, request_id=request_id, start=start,
             pages=block.pages, nbytes=block.nbytes if ok else 0, ok=ok,
             error="" if ok else "IndexError: importing past the reserved pages"))
-
-    def detach(self, request_id: str) -> Detached | None:
-        if not self.table.is_running(request_id):
-            return None
-        st = self.table.detach(request_id)
-        self._detached[request_id] = st
-        return Detached(request_id=request_id, num_cached=st.num_cached,
-                        last_token=st.last_token, generated=st.generated,
-                        predicted_remaining=st.predicted_remaining)
-
-    def reattach(self, request_id: str) -> None:
-        self.table.reattach(self._detached.pop(request_id))
-
-    def adopt(self, request: Request, state: Detached) -> None:
-        self.table.adopt(request, num_cached=state.num_cached, last_token=state.last_token,
-                         generated=state.generated,
-                         predicted_remaining=state.predicted_remaining)

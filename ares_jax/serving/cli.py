@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 
@@ -90,36 +89,51 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "127.0.0.1 for 0.0.0.0)")
     rep.add_argument("--transport", default="jax", choices=("jax", "none"))
     rep.set_defaults(func=_run_replica)
-    for p in (serve, sched, rep):
-        _ALL_SETTINGS.update(a.dest for a in p._actions)
+    for name, p in (("serve", serve), ("scheduler", sched), ("replica", rep)):
+        _PARSERS[name] = p
+        _ALL_SETTINGS.update(a.dest for a in p._actions if a.dest not in _NOT_SETTINGS)
 
 
 # Settings of any serving command: one config file can feed them all (a setting another
 # command uses is skipped; one that none uses is refused).
+_PARSERS: dict[str, argparse.ArgumentParser] = {}
 _ALL_SETTINGS: set[str] = set()
+_NOT_SETTINGS = {"help", "func", "command", "config", "argv"}
 
 
-def apply_config_file(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
-    """Fill flags not given on the command line from ``--config``."""
+def apply_config_file(args: argparse.Namespace) -> argparse.Namespace:
+    """Re-parse the command line with ``--config``'s values as defaults: flags given on the
+    command line win, and file values get the flags' types and choices."""
     if getattr(args, "config", None) is None:
         return args
-    text = Path(args.config).read_text()
-    if args.config.suffix in (".yaml", ".yml"):
+    path = Path(args.config)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
         import yaml
 
         data = yaml.safe_load(text) or {}
     else:
         data = json.loads(text)
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    parser = _PARSERS[args.command]
+    actions = {a.dest: a for a in parser._actions if a.dest not in _NOT_SETTINGS}
+    defaults = {}
     for key, value in data.items():
-        name = key.replace("-", "_")
-        if not hasattr(args, name):
+        name = str(key).replace("-", "_")
+        action = actions.get(name)
+        if action is None:
             if name in _ALL_SETTINGS:
-                continue
-            raise ValueError(f"{args.config}: unknown setting {key!r}")
-        if name not in given:
-            setattr(args, name, value)
-    return args
+                continue  # a setting of another serving command
+            raise ValueError(f"{path}: unknown setting {key!r} for 'ares-jax {args.command}'")
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{path}: {key} must be one of {list(action.choices)}, got "
+                             f"{value!r}")
+        # argparse converts string defaults with the flag's type; other values pass as they are.
+        defaults[name] = str(value) if action.type is not None and not isinstance(
+            value, str) and not isinstance(value, bool) else value
+    parser.set_defaults(**defaults)
+    return parser.parse_args(list(getattr(args, "argv", []))[1:])
 
 
 def engine_config(args: argparse.Namespace):
@@ -148,7 +162,7 @@ def _logging(args: argparse.Namespace) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from ares_jax.serving.launch import serve
 
-    args = apply_config_file(args, sys.argv)
+    args = apply_config_file(args)
     _logging(args)
     return serve(args)
 
@@ -156,13 +170,13 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_scheduler(args: argparse.Namespace) -> int:
     from ares_jax.serving.launch import run_scheduler
 
-    args = apply_config_file(args, sys.argv)
+    args = apply_config_file(args)
     _logging(args)
     return run_scheduler(args)
 
 
 def _run_replica(args: argparse.Namespace) -> int:
-    args = apply_config_file(args, sys.argv)
+    args = apply_config_file(args)
     _logging(args)
     roles = args.roles.split(",") if args.roles else [args.role] * args.meshes
     need = len(roles) * args.devices_per_replica

@@ -41,7 +41,8 @@ from ares_jax.serving import ares_pb2 as pb
 from ares_jax.serving import ares_pb2_grpc as pb_grpc
 from ares_jax.serving import codec
 from ares_jax.serving.models import head_on, model_on
-from ares_jax.serving.transport import KvTransport, make_transport
+from ares_jax.serving.transport import Offers, make_transport
+from ares_jax.transfer.kv_transport import KvTransport
 
 log = logging.getLogger("ares_jax.replica")
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
@@ -63,7 +64,7 @@ class ReplicaProcess:
                              f"devices; this process sees {len(devs)} (on CPU set XLA_FLAGS="
                              f"--xla_force_host_platform_device_count={need})")
         self.lock = threading.RLock()
-        self.transport = transport
+        self.offers = Offers(transport) if transport is not None else None
         self.replicas: list[LocalPrefillReplica | LocalDecodeReplica] = []
         for i, role in enumerate(roles):
             mesh = make_mesh(devs[i * devices_per_mesh:(i + 1) * devices_per_mesh])
@@ -124,38 +125,48 @@ class ReplicaProcess:
             return list(block.arrays)
         sibling = self.by_id.get(block.source)
         if sibling is not None and not block.tickets:
-            if isinstance(sibling, LocalPrefillReplica):
-                held = sibling.block(block.request_id)
-                if held is None or held.arrays is None:
-                    raise ValueError(f"request {block.request_id}: no prefill block held on "
-                                     f"replica {block.source}")
-                return list(held.arrays)
-            return list(sibling.export(block.request_id, block.start,
-                                       block.start + block.pages).arrays or ())
-        if self.transport is None:
+            # Under the lock: the step loop donates a decode mesh's pool to every step, and a
+            # read dispatched meanwhile would find its buffers deleted. The read itself is only
+            # dispatched here (asynchronous), so the lock is held briefly.
+            with self.lock:
+                if isinstance(sibling, LocalPrefillReplica):
+                    held = sibling.block(block.request_id)
+                    if held is None or held.arrays is None:
+                        raise ValueError(f"request {block.request_id}: no prefill block held "
+                                         f"on replica {block.source}")
+                    return list(held.arrays)
+                return list(sibling.export(block.request_id, block.start,
+                                           block.start + block.pages).arrays or ())
+        if self.offers is None:
             raise ValueError(f"request {block.request_id}: its KV is in another process and "
                              "this one has no KV transport")
         out = []
         for ticket, n in zip(block.tickets, block.chunk_pages):
-            k, v = self.transport.pull(ticket, timeout_s=PULL_TIMEOUT_S)
+            k, v = self.offers.pull(ticket, timeout_s=PULL_TIMEOUT_S)
             out.append((k, v, n))
         return out
 
     def offer(self, block: KvBlock) -> KvBlock:
         """A block with device arrays -> the same block as transport tickets."""
-        if block.arrays is None or self.transport is None:
+        if block.arrays is None or self.offers is None:
             return block
         import dataclasses
 
-        tickets = tuple(self.transport.offer(k, v) for k, v, _ in block.arrays)
+        tickets = tuple(self.offers.offer(block.request_id, k, v) for k, v, _ in block.arrays)
         return dataclasses.replace(block, arrays=None, tickets=tickets,
                                    chunk_pages=tuple(n for _, _, n in block.arrays))
+
+    def forget_offers(self, request_id: str) -> None:
+        if self.offers is not None:
+            self.offers.drop(request_id)
 
     def resolved(self, block: KvBlock) -> KvBlock:
         """``block`` with its arrays pulled here (done outside the lock)."""
         import dataclasses
 
-        return dataclasses.replace(block, arrays=tuple(self.pull(block)))
+        chunks = self.pull(block)
+        nbytes = block.nbytes or int(sum(k.nbytes + v.nbytes for k, v, _ in chunks))
+        return dataclasses.replace(block, arrays=tuple(chunks), nbytes=nbytes)
 
     # ------------------------------------------------------------------ the step loop
 
@@ -217,6 +228,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return self._run(lambda: self.proc.replica(request.replica_id).prefill(reqs))
 
     def DropKv(self, request, context) -> pb.Ack:
+        self.proc.forget_offers(request.request_id)
         return self._run(lambda: self.proc.replica(request.replica_id).drop_kv(
             request.request_id))
 
@@ -242,6 +254,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return self._run(lambda: target.insert(req, prefilled))
 
     def Release(self, request, context) -> pb.Ack:
+        self.proc.forget_offers(request.request_id)
         return self._run(lambda: self.proc.replica(request.replica_id).release(
             request.request_id))
 
@@ -258,6 +271,8 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         if request.same_process:  # the destination reads it itself, device to device
             return pb.KvBlock(source=request.replica_id, request_id=request.request_id,
                               pages=request.end - request.start, start=request.start)
+        # Copy stages run one at a time: a new export means the last one has been imported.
+        self.proc.forget_offers(request.request_id)
         try:
             with self.proc.lock:
                 block = src.export(request.request_id, request.start, request.end)
@@ -347,15 +362,15 @@ def serve_replica(proc: ReplicaProcess, *, scheduler: str, host: str = "127.0.0.
         server.stop(grace=1.0).wait()
         channel.close()
         stepper.join(timeout=5)
-        if proc.transport is not None:
-            proc.transport.close()
+        if proc.offers is not None:
+            proc.offers.close()
 
 
 def _register(proc: ReplicaProcess, stub, address: str, timeout_s: float) -> float:
     deadline = time.monotonic() + timeout_s
     req = pb.RegisterRequest(address=address, process_id=os.getpid(), host=socket.gethostname(),
                              meshes=proc.mesh_infos(),
-                             transfer_address=proc.transport.address if proc.transport else "")
+                             transfer_address=proc.offers.address if proc.offers else "")
     while True:
         try:
             reply = stub.Register(req, timeout=10)

@@ -26,6 +26,8 @@ from ares_jax.engine.types import Request
 
 log = logging.getLogger("ares_jax.scheduler")
 IDLE_WAIT_S = 0.05
+# Where a request's chunks go (called on the core's thread); None ends the stream.
+Deliver = Callable[[StreamChunk | None], None]
 BUSY_WAIT_S = 0.002
 
 
@@ -43,7 +45,7 @@ class CoreRunner:
         self.max_waiting = max_waiting
         self.wake = threading.Event()
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
-        self._streams: dict[str, queue.Queue[StreamChunk | None]] = {}
+        self._streams: dict[str, Deliver] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the inbox and the stream table
         self._thread = threading.Thread(target=self._run, name="scheduler-core", daemon=True)
@@ -56,15 +58,16 @@ class CoreRunner:
 
     # ------------------------------------------------------------------ the front
 
-    def submit(self, request: Request, prompt_text: str | None = None
-               ) -> queue.Queue[StreamChunk | None]:
-        """Queue ``request``; returns the queue its chunks arrive on (``None`` ends it).
-        Raises ValueError (the request can never be served) or Overloaded, before anything
-        is queued."""
+    def submit(self, request: Request, prompt_text: str | None = None,
+               deliver: Deliver | None = None) -> queue.Queue[StreamChunk | None]:
+        """Queue ``request``; its chunks go to ``deliver`` (called on the core's thread; None
+        ends the stream), by default onto the returned queue. Raises ValueError (the request
+        can never be served) or Overloaded, before anything is queued."""
         if len(self.core.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.core.waiting)} requests are waiting (the limit is "
                              f"{self.max_waiting}); retry later")
         out: queue.Queue[StreamChunk | None] = queue.Queue()
+        sink = deliver or out.put
         accepted: Future[None] = Future()
 
         def add() -> None:
@@ -73,7 +76,7 @@ class CoreRunner:
             except Exception as err:  # noqa: BLE001 - handed back to the caller
                 accepted.set_exception(err)
                 return
-            self._streams[request.request_id] = out
+            self._streams[request.request_id] = sink
             accepted.set_result(None)
 
         self._call(add)
@@ -84,9 +87,9 @@ class CoreRunner:
         def cancel() -> None:
             self.core.abort(request_id)
             self.core.finished.pop(request_id, None)
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                stream.put(None)
+            sink = self._streams.pop(request_id, None)
+            if sink is not None:
+                sink(None)
 
         self._call(cancel)
 
@@ -132,12 +135,12 @@ class CoreRunner:
                 chunks = self.core.step()
                 self.iterations += 1
                 for ch in chunks:
-                    stream = self._streams.get(ch.request_id)
-                    if stream is not None:
-                        stream.put(ch)
+                    sink = self._streams.get(ch.request_id)
+                    if sink is not None:
+                        sink(ch)
                         if ch.finished:
                             del self._streams[ch.request_id]
-                            stream.put(None)
+                            sink(None)
                             self.core.finished.pop(ch.request_id, None)
                 if not chunks:
                     self.wake.wait(BUSY_WAIT_S)
@@ -145,8 +148,8 @@ class CoreRunner:
         except BaseException as err:  # the core failed: fail every stream, loudly
             self.error = err
             log.exception("the scheduler core stopped")
-            for stream in self._streams.values():
-                stream.put(None)
+            for sink in self._streams.values():
+                sink(None)
             raise
         finally:
             self._finish_streams()
@@ -154,5 +157,5 @@ class CoreRunner:
     def _finish_streams(self) -> None:
         deadline = time.monotonic() + 1.0
         while self._streams and time.monotonic() < deadline:
-            _, stream = self._streams.popitem()
-            stream.put(None)
+            _, sink = self._streams.popitem()
+            sink(None)

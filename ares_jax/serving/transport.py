@@ -1,53 +1,72 @@
-"""The KV transport a replica process uses for blocks that cross process boundaries.
+"""The KV transport of a replica process, and the bookkeeping of what it has offered.
 
-A thin seam over ``ares_jax.transfer.remote`` (``jax.experimental.transfer``): ``offer``
-makes a block pullable once and returns a ticket (bytes, carried in a protobuf field);
-``pull`` fetches it with the source's exact sharding. Another transport (e.g. NIXL on GPUs)
-plugs in by implementing the same three calls.
+Blocks leave the process as ``KvTicket``s of the ``KvTransport`` seam
+(``ares_jax/transfer/kv_transport.py``; ``jax.experimental.transfer`` by default). The
+process remembers which offers belong to which request, so an offer is dropped as soon as the
+scheduler says the block is no longer needed (the decode side took it, the request moved on or
+ended) instead of waiting for its expiry.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import threading
 
 import jax
 
-from ares_jax.transfer.remote import KVTransferServer, PageTicket
+from ares_jax.transfer.kv_transport import KvTicket, KvTransport
 
-
-class KvTransport(Protocol):
-    address: str
-
-    def offer(self, k: jax.Array, v: jax.Array) -> bytes: ...
-
-    def pull(self, ticket: bytes, *, timeout_s: float) -> tuple[jax.Array, jax.Array]: ...
-
-    def close(self) -> None: ...
-
-
-class JaxTransferTransport:
-    """``jax.experimental.transfer`` between processes (one server per process)."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self._server = KVTransferServer(f"{host}:0")
-
-    @property
-    def address(self) -> str:
-        return self._server.address
-
-    def offer(self, k: jax.Array, v: jax.Array) -> bytes:
-        return self._server.offer(k, v).to_json().encode()
-
-    def pull(self, ticket: bytes, *, timeout_s: float) -> tuple[jax.Array, jax.Array]:
-        return self._server.pull(PageTicket.from_json(ticket.decode()), timeout_s=timeout_s)
-
-    def close(self) -> None:
-        pass  # the runtime's server lives as long as the process
+OFFER_TTL_S = 120.0  # an offer nobody pulls is dropped after this (the pull deadline is 30 s)
 
 
 def make_transport(kind: str, host: str = "127.0.0.1") -> KvTransport | None:
     if kind == "none":
         return None
     if kind == "jax":
-        return JaxTransferTransport(host)
+        from ares_jax.transfer.remote import JaxTransferTransport
+
+        return JaxTransferTransport(f"{host}:0")
     raise ValueError(f"unknown KV transport {kind!r} (jax | none)")
+
+
+class Offers:
+    """Offers by request over one transport."""
+
+    def __init__(self, transport: KvTransport) -> None:
+        self.transport = transport
+        self._by_request: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    def offer(self, request_id: str, k: jax.Array, v: jax.Array) -> bytes:
+        ticket = self.transport.offer(k, v, ttl_s=OFFER_TTL_S,
+                                      on_expire=lambda uuid: self._forget_uuid(request_id, uuid))
+        with self._lock:
+            self._by_request.setdefault(request_id, []).append(ticket.uuid)
+        return ticket.to_bytes()
+
+    def pull(self, ticket: bytes, *, timeout_s: float) -> tuple[jax.Array, jax.Array]:
+        return self.transport.pull(KvTicket.from_bytes(ticket), timeout_s=timeout_s)
+
+    def drop(self, request_id: str) -> None:
+        """The request's offered blocks are no longer needed (pulled, or never will be)."""
+        with self._lock:
+            uuids = self._by_request.pop(request_id, [])
+        for uuid in uuids:
+            self.transport.release(uuid)
+
+    def _forget_uuid(self, request_id: str, uuid: int) -> None:
+        with self._lock:
+            left = [u for u in self._by_request.get(request_id, []) if u != uuid]
+            if left:
+                self._by_request[request_id] = left
+            else:
+                self._by_request.pop(request_id, None)
+
+    def pending(self) -> int:
+        return self.transport.pending_offers()
+
+    def close(self) -> None:
+        self.transport.close()
