@@ -14,8 +14,9 @@ than prefilling 8k tokens on a CPU. ``--background`` short requests (256 tokens 
 same way) run on *each* engine, so both step a realistic batch and the migrated request's batch
 has the same size before and after the move.
 
-One trial, on a fresh loop (placement, then ``loop.step()`` only; each iteration runs the
-migration's next stage, then one decode step of every engine with work, source first):
+One trial, on fresh decode engines and a fresh loop (so every trial lays its pages out as the
+warm-up did; then placement, then ``loop.step()`` only: each iteration runs the migration's
+next stage, then one decode step of every engine with work, source first):
 
 1. ``--normal-steps`` iterations with nothing migrating: the request's normal inter-token gap
    (median).
@@ -100,7 +101,7 @@ from ares_jax.engine.outputs import RequestTracker  # noqa: E402
 from ares_jax.engine.prefill import PrefillEngine  # noqa: E402
 from ares_jax.engine.sampling import SamplingParams  # noqa: E402
 from ares_jax.engine.types import EngineConfig, Request  # noqa: E402
-from ares_jax.model.loader import on_mesh  # noqa: E402
+from ares_jax.model.loader import LoadedModel, on_mesh  # noqa: E402
 from ares_jax.model.sharding import make_mesh  # noqa: E402
 from ares_jax.paging import pages_for  # noqa: E402
 from ares_jax.replica.local import pow2_chunks  # noqa: E402
@@ -202,12 +203,28 @@ def assert_all_free(*engines: DecodeEngine) -> None:
 # ----------------------------------------------------------------------------- one trial
 
 
-def run_trial(engines: tuple[PrefillEngine, DecodeEngine, DecodeEngine], mode: str,
-              length: int, kv: tuple[np.ndarray, ...], bg_kv: tuple[np.ndarray, ...],
-              opts: Options, normal_steps: int, dst_steps: int, check_kv: bool = False
-              ) -> Trial:
-    prefill, src, dst = engines
-    loop = make_loop(prefill, src, dst, mode)
+@dataclasses.dataclass
+class Setup:
+    """What every trial's engines are made from: the source's and destination's meshes (as
+    the model placed on each), the engine settings, and the (unused) prefill engine."""
+
+    prefill: PrefillEngine
+    src_model: LoadedModel
+    dst_model: LoadedModel
+    ecfg: EngineConfig
+
+    def decode_engines(self) -> tuple[DecodeEngine, DecodeEngine]:
+        """Fresh engines (compiled steps are cached per shape, not per engine): every trial
+        starts from the same page allocator state, so its pages are laid out as in the
+        warm-up (contiguous runs or not) and no measured trial compiles a new copy path."""
+        return DecodeEngine(self.src_model, self.ecfg), DecodeEngine(self.dst_model, self.ecfg)
+
+
+def run_trial(setup: Setup, mode: str, length: int, kv: tuple[np.ndarray, ...],
+              bg_kv: tuple[np.ndarray, ...], opts: Options, normal_steps: int, dst_steps: int,
+              check_kv: bool = False) -> Trial:
+    src, dst = setup.decode_engines()
+    loop = make_loop(setup.prefill, src, dst, mode)
     clock = loop.clock
     rid = f"migrant-{mode}-{length}"
     for replica in (SRC, DST):
@@ -304,11 +321,11 @@ def run(opts: Options) -> dict[str, Any]:
                         max_num_seqs=max(8, opts.background + 2), max_model_len=max_len)
     # The prefill engine is never used (requests are placed without a prefill): it shares the
     # source's mesh and weights rather than taking devices of its own.
-    engines = (PrefillEngine(model, ecfg), DecodeEngine(model, ecfg),
-               DecodeEngine(on_mesh(model, make_mesh(devices[2:4])), ecfg))
-    src = engines[1]
+    setup = Setup(prefill=PrefillEngine(model, ecfg), src_model=model,
+                  dst_model=on_mesh(model, make_mesh(devices[2:4])), ecfg=ecfg)
+    page_kv_bytes = model.cfg.kv_bytes_per_token * opts.page_size
     log(f"model {model.source} loaded; {num_pages} pages per engine "
-        f"({src.kv_bytes_per_page / 1e6:.3f} MB K+V each, {model.cfg.kv_bytes_per_token} "
+        f"({page_kv_bytes / 1e6:.3f} MB K+V each, {model.cfg.kv_bytes_per_token} "
         f"B/token); lengths {lengths}")
     bg_kv = synthetic_pages(model.cfg, pages_for(BACKGROUND_TOKENS + 1, opts.page_size),
                             opts.page_size, seed=7)
@@ -319,13 +336,13 @@ def run(opts: Options) -> dict[str, Any]:
         kv = synthetic_pages(model.cfg, pages_for(length + 1, opts.page_size), opts.page_size,
                              seed=length)
         for mode in MODES:  # warm-up: compiles at this width on both meshes, copy shapes
-            run_trial(engines, mode, length, kv, bg_kv, opts, normal_steps=1, dst_steps=0,
+            run_trial(setup, mode, length, kv, bg_kv, opts, normal_steps=1, dst_steps=0,
                       check_kv=True)
         warm_s = time.perf_counter() - t0
         trials: dict[str, list[Trial]] = {m: [] for m in MODES}
         for _ in range(opts.repeats):
             for mode in MODES:
-                trial = run_trial(engines, mode, length, kv, bg_kv, opts, opts.normal_steps,
+                trial = run_trial(setup, mode, length, kv, bg_kv, opts, opts.normal_steps,
                                   opts.dst_steps)
                 trials[mode].append(trial)
                 all_trials.append({**dataclasses.asdict(trial),
@@ -349,7 +366,7 @@ def run(opts: Options) -> dict[str, Any]:
                     "copy_bandwidth_gbs": bandwidth_gbs, "load_average_end": load_average()},
         "model": {"source": model.source, "dtype": model.cfg.dtype,
                   "kv_bytes_per_token": model.cfg.kv_bytes_per_token,
-                  "page_kv_bytes": src.kv_bytes_per_page, "num_pages": num_pages},
+                  "page_kv_bytes": page_kv_bytes, "num_pages": num_pages},
         "setup": "ServingLoop over a prefill engine and two decode engines; synthetic K/V "
                  "imported + adopt (no prefill); background requests of "
                  f"{BACKGROUND_TOKENS} tokens on each engine: {opts.background}; a step is one "
