@@ -84,7 +84,9 @@ class ServerMetrics:
                                [*labels, "finished_reason"], registry=reg)
         self._lock = threading.Lock()
         self._seen_migrations: set[tuple] = set()
-        self.registry.register(_ClusterCollector(self, state_fn))
+        self._state_fn = state_fn
+        self._cluster = _ClusterCollector(self, state_fn)
+        self.registry.register(self._cluster)
 
     # ------------------------------------------------------------------ from the streams
 
@@ -128,7 +130,16 @@ class ServerMetrics:
             self._seen_migrations = current
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """One scrape: read the cluster state once, fold its new migrations into the downtime
+        histogram *before* the histograms are written, and give the same state to the
+        collector."""
+        state = self._state_fn() or {}
+        self.observe_cluster(state)
+        self._cluster.pending = state
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._cluster.pending = None
 
 
 class _ClusterCollector(Collector):
@@ -137,13 +148,16 @@ class _ClusterCollector(Collector):
     def __init__(self, metrics: ServerMetrics, state_fn: Callable[[], dict]) -> None:
         self.metrics = metrics
         self.state_fn = state_fn
+        self.pending: dict | None = None  # the state of the scrape in progress, if any
 
     def describe(self) -> Iterable[Metric]:
         return []  # families depend on the state; registering must not call the backend
 
     def collect(self) -> Iterable[Metric]:
-        state = self.state_fn() or {}
-        self.metrics.observe_cluster(state)
+        state = self.pending
+        if state is None:  # collected directly (not through render)
+            state = self.state_fn() or {}
+            self.metrics.observe_cluster(state)
         name = self.metrics.model_name
         running = GaugeMetricFamily("ares:num_requests_running",
                                     "Requests admitted and not yet finished.",
