@@ -6,7 +6,11 @@ from __future__ import annotations
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from ares_jax.engine.types import EngineConfig
 from ares_jax.model.tokenizer import Tokenizer
+
+# One engine config for every tiny-model frontend test, so they share compiled steps.
+ECFG = EngineConfig(page_size=8, num_pages=128, max_num_seqs=8, max_model_len=256)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -7,15 +7,13 @@ import threading
 import httpx
 import openai
 import pytest
-from frontend_support import idle, metric, openai_client, wait_until, with_tokenizer
+from frontend_support import ECFG, idle, metric, openai_client, wait_until, with_tokenizer
 
 from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.loop import ServingLoop
 from ares_jax.engine.prefill import PrefillEngine
-from ares_jax.engine.types import EngineConfig
 from ares_jax.frontend import HTTPServerThread, LoopBackend
 
-ECFG = EngineConfig(page_size=8, num_pages=128, max_num_seqs=8, max_model_len=256)
 MODEL = "tiny-random"
 CHAT = [{"role": "user", "content": "hello there"}]
 

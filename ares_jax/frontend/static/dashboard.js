@@ -102,11 +102,13 @@ function renderReplica(r, now) {
   while (h.length && h[0].t < now - WINDOW_S) h.shift();
   history.set(r.replica_id, h);
   const maxRun = Math.max(4, ...h.map((p) => p.running));
+  // The window grows from one minute to WINDOW_S as history accumulates.
+  const span = Math.min(WINDOW_S, Math.max(60, now - h[0].t));
   lineChart(card.querySelector("canvas.history"), [
     {points: h.map((p) => [p.t - now, p.kvPct]), color: "#2563eb"},
     {points: h.map((p) => [p.t - now, p.running]), color: "#f59e0b", axis: "right"},
-  ], {x: [-WINDOW_S, 0], left: [0, 100], right: [0, maxRun], xLabel: "seconds ago → now",
-      leftLabel: "KV %"});
+  ], {x: [-span, 0], left: [0, 100], right: [0, maxRun],
+      xLabel: `last ${Math.round(span)} s → now`, leftLabel: "KV %"});
 
   const pred = r.predicted_kv_pages || [];
   const horizon = pred.length ? pred[pred.length - 1][0] : 1;
