@@ -7,6 +7,7 @@ clean stop (tests, notebooks, a scheduler process that has its own main loop).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -96,7 +97,10 @@ def serve_http(backend: GenerationBackend, host: str = "127.0.0.1", port: int = 
                served_model_name: str | None = None, log_level: str = "info") -> None:
     """Serve in the foreground until interrupted (Ctrl-C / SIGTERM)."""
     app = create_app(backend, served_model_name=served_model_name)
-    uvicorn.Server(_uvicorn_config(app, log_level, host=host, port=port)).run()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: that is
+    # the normal way out of a foreground server, not an error.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(_uvicorn_config(app, log_level, host=host, port=port)).run()
 
 
 class HTTPServerThread:
