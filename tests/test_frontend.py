@@ -250,3 +250,33 @@ def test_concurrent_requests_and_metrics(served, client):
     assert metric(text, "ares:predictor_abs_error_tokens_count") == 0
     state = json.loads(httpx.get(server.url + "/cluster").text)
     assert state["counters"]["requests_finished"] >= 4
+
+
+def test_close_ends_open_streams_and_refuses_new_ones(tiny_model):
+    import asyncio
+
+    from ares_jax.engine.sampling import SamplingParams
+    from ares_jax.frontend import BackendClosed
+
+    model = with_tokenizer(tiny_model)
+    loop = ServingLoop(PrefillEngine(model, ECFG), [DecodeEngine(model, ECFG)], model.tokenizer)
+    backend = LoopBackend(loop, model_name="closing")
+    hook = _slow_steps(loop, 0.02)
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        stream = backend.generate("a", [5, 6, 7], params)
+        assert not (await anext(stream)).finished
+        closer = threading.Thread(target=backend.close)  # close() joins the loop thread
+        closer.start()
+        with pytest.raises(BackendClosed):
+            async for _ in stream:
+                pass
+        closer.join()
+        with pytest.raises(BackendClosed):
+            await anext(backend.generate("b", [5], params))
+
+    asyncio.run(main())
+    loop.on_step.remove(hook)
+    assert not backend.health()[0]
+    assert loop.decoders[0].allocator.num_used == 0 and not loop.trackers

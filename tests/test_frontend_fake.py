@@ -135,3 +135,26 @@ def test_metrics_from_cluster_state_and_streams(served):
     assert metric(text, "ares:predicted_remaining_tokens_count") == before_pred + 2
     assert metric(text, "ares:time_to_first_token_seconds_count") >= 1
     assert metric(text, "ares:request_queue_time_seconds_sum") > 0
+
+
+def test_grafana_dashboard_queries_only_exported_metrics(served):
+    import json
+    import re
+    from pathlib import Path
+
+    server, backend, _ = served
+    replica = {"replica_id": 0, "role": "decode", "process_id": 1, "address": "a",
+               "healthy": True, "running": 0, "kv_pages_used": 0, "kv_pages_free": 8,
+               "kv_pages_total": 8, "page_size": 16, "predicted_kv_pages": [[0, 0]]}
+    backend.state = dict(backend.state, replicas=[replica])
+    exported = {s.split("{")[0].split(" ")[0] for s in
+                httpx.get(server.url + "/metrics").text.splitlines()
+                if s and not s.startswith("#")}
+    exported |= {"ares:request_success_total"}  # labelled: present once a request finished
+    dash = json.loads((Path(__file__).parents[1] / "docs/grafana/ares-jax.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"ares:[a-z0-9_]+", e)}
+    assert used and used <= exported, used - exported
+    titles = {p["title"] for p in dash["panels"]}
+    assert {"KV-cache usage per replica", "Migration downtime",
+            "Predictor absolute error"} <= titles
