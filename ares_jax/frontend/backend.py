@@ -295,17 +295,19 @@ class LoopBackend:
                 log.exception("abort of %s failed during shutdown", rid)
             stream.put(reason)
         self._streams.clear()
-        try:
-            self._publish_state()
-        except Exception:
-            log.exception("could not publish the final cluster state")
+        self._publish_state()
 
     def _publish_state(self) -> None:
-        """Called on the loop thread only."""
+        """Called on the loop thread only. A failure here must not stop serving: the page and
+        the gauges keep the last good state, and the failure is logged."""
         from ares_jax.frontend.loop_state import loop_cluster_state
 
-        state = dict(loop_cluster_state(self.loop, self._counters))
-        if hasattr(self.loop, "health"):
-            state["_health"] = self.loop.health()
-        self._state = state  # one reference swap: readers see the old or the new dict
         self._state_at = time.monotonic()
+        try:
+            state = dict(loop_cluster_state(self.loop, self._counters))
+            if hasattr(self.loop, "health"):
+                state["_health"] = self.loop.health()
+        except Exception:
+            log.exception("could not read the cluster state")
+            return
+        self._state = state  # one reference swap: readers see the old or the new dict
