@@ -10,7 +10,10 @@ from ares_jax.frontend import HTTPServerThread, LoopBackend
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
-PROMPT = "The three primary colours are"
+# 33-64 tokens, like the chat prompt above (37 with the template): one prefill bucket to compile.
+PROMPT = ("Here is a short list of facts about the planets of the solar system, written for a "
+          "curious child who loves astronomy and wants to learn more about space. The first "
+          "fact is that")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,15 @@ from ares_jax.frontend.errors import from_backend_value_error
 from ares_jax.frontend.metrics import ServerMetrics
 
 T = TypeVar("T")
+# Tasks that must outlive a cancelled request handler (aborts); referenced until done.
+_BACKGROUND: set[asyncio.Future] = set()
+
+
+def _spawn(coro: Awaitable[None]) -> asyncio.Future:
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,15 +80,22 @@ class ChoiceStream:
         return self
 
     async def close(self) -> None:
-        """End the backend stream; a request that did not finish is aborted."""
+        """End the backend stream; a request that did not finish is aborted.
+
+        This runs in ``finally`` blocks of cancelled tasks (client gone), where any await may
+        raise CancelledError again; the abort is therefore its own task, started first and
+        shielded, so that it completes whatever happens to this one."""
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(Exception):
-            await self._agen.aclose()  # the seam: leaving the stream aborts the request
+        abort = None
         if not self.finished:
-            await self.backend.abort(self.choice.request_id)
             self.metrics.observe_aborted(len(self.tokens))
+            abort = _spawn(self.backend.abort(self.choice.request_id))
+        with contextlib.suppress(Exception):
+            await self._agen.aclose()  # the seam: leaving the stream aborts the request too
+        if abort is not None:
+            await asyncio.shield(abort)
 
 
 async def start_one(backend: GenerationBackend, metrics: ServerMetrics, choice: Choice,
