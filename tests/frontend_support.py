@@ -90,12 +90,18 @@ def metric(text: str, sample: str, **labels: str) -> float:
     return total
 
 
+# What the engine streams for "Hello world\n\nBye" with stop="\n\n": the tokens before the stop
+# string is complete are streamed as they come; the last token's delta is empty (the text is cut).
+STOP_DELTAS = ["Hello", " wor", "ld\n", ""]
+
+
 class ScriptedBackend:
     """A GenerationBackend without a model: prompt ids pick the behaviour, so the server's
     mapping of every backend outcome can be tested without compiling anything.
 
     prompt [1, ...]: n tokens then finish; [2]: ValueError; [3]: Overloaded; [4]: one token
-    then BackendClosed mid-stream; [5]: endless (until aborted)."""
+    then BackendClosed mid-stream; [5]: endless (until aborted); [6]: the text deltas of
+    ``STOP_DELTAS`` then a finish at the stop string "\n\n", as the engine reports it."""
 
     model_name = "scripted"
     max_model_len = 64
@@ -119,6 +125,21 @@ class ScriptedBackend:
             raise ValueError("SamplingParams.top_k is not what this backend wants")
         if kind == 3:
             raise Overloaded("queue full", retry_after_s=2.5)
+        if kind == 6:
+            text = ""
+            for i, delta in enumerate(STOP_DELTAS):
+                text += delta
+                done = i == len(STOP_DELTAS) - 1
+                out = RequestOutput(request_id=request_id, prompt=None,
+                                    prompt_token_ids=list(prompt_ids),
+                                    text=text[: text.find("\n\n")], token_ids=list(range(i + 1)),
+                                    logprobs=None, finish_reason="stop",
+                                    metrics=RequestMetrics(arrival_time=0.0),
+                                    stop_reason="\n\n") if done else None
+                yield StreamChunk(request_id=request_id, index=0, token_id=i, text_delta=delta,
+                                  finished=done, finish_reason="stop" if done else None,
+                                  output=out)
+            return
         n = params.max_tokens
         metrics = RequestMetrics(arrival_time=0.0, first_token_time=0.5, finish_time=2.0,
                                  scheduled_time=0.25,

@@ -158,3 +158,12 @@ def test_grafana_dashboard_queries_only_exported_metrics(served):
     titles = {p["title"] for p in dash["panels"]}
     assert {"KV-cache usage per replica", "Migration downtime",
             "Predictor absolute error"} <= titles
+
+
+def test_stream_holds_back_a_possible_stop_string(served):
+    _, _, client = served
+    full = client.completions.create(model="alias", prompt=[6], max_tokens=8, stop=["\n\n"])
+    assert full.choices[0].text == "Hello world"
+    deltas = [c.choices[0].text for c in client.completions.create(
+        model="alias", prompt=[6], max_tokens=8, stop=["\n\n"], stream=True)]
+    assert "".join(deltas) == "Hello world" and not any("\n" in d for d in deltas), deltas

@@ -148,8 +148,9 @@ async def _sse(streams: Sequence[ChoiceStream], fmt: _Format,
             for event in fmt.opening(s):
                 yield _event({**event, **extra})
         async for s, chunk in merged(streams):
-            if chunk.text_delta or chunk.finished or chunk.logprob is not None:
-                yield _event({**fmt.delta(s, chunk), **extra})
+            text = s.stream_text(chunk)
+            if text or chunk.finished or chunk.logprob is not None:
+                yield _event({**fmt.delta(s, chunk, text), **extra})
             # else: an incomplete UTF-8 sequence; its text comes with the next token
         if include_usage:
             yield _event(fmt.usage_chunk(_usage(streams)))
@@ -219,7 +220,7 @@ class _Format:
     def full(self, streams: Sequence[ChoiceStream], usage: dict) -> dict:
         raise NotImplementedError
 
-    def delta(self, s: ChoiceStream, chunk: StreamChunk) -> dict:
+    def delta(self, s: ChoiceStream, chunk: StreamChunk, text: str) -> dict:
         raise NotImplementedError
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -253,12 +254,12 @@ class _CompletionFormat(_Format):
                    for s in streams]
         return {**self.head("text_completion"), "choices": choices, "usage": usage}
 
-    def delta(self, s: ChoiceStream, chunk: StreamChunk) -> dict:
+    def delta(self, s: ChoiceStream, chunk: StreamChunk, text: str) -> dict:
         logprobs = None
         if self.logprobs:
             logprobs = self._logprobs([chunk], s.text_offset)
             s.text_offset += len(logprobs["tokens"][0])
-        choice = {"index": s.choice.index, "text": chunk.text_delta, "logprobs": logprobs,
+        choice = {"index": s.choice.index, "text": text, "logprobs": logprobs,
                   "finish_reason": chunk.finish_reason}
         return {**self.head("text_completion"), "choices": [choice]}
 
@@ -299,8 +300,8 @@ class _ChatFormat(_Format):
                    for s in streams]
         return {**self.head("chat.completion"), "choices": choices, "usage": usage}
 
-    def delta(self, s: ChoiceStream, chunk: StreamChunk) -> dict:
-        delta = {"content": chunk.text_delta} if chunk.text_delta or not chunk.finished else {}
+    def delta(self, s: ChoiceStream, chunk: StreamChunk, text: str) -> dict:
+        delta = {"content": text} if text or not chunk.finished else {}
         choice = {"index": s.choice.index, "delta": delta,
                   "logprobs": self._content([chunk]), "finish_reason": chunk.finish_reason}
         return {**self.head("chat.completion.chunk"), "choices": [choice]}

@@ -58,6 +58,8 @@ class ChoiceStream:
         self.output: RequestOutput | None = None
         self.finished = False
         self.text_offset = 0  # completions' streamed logprobs.text_offset
+        self._sent = ""  # text streamed so far
+        self._held = ""  # text held back: it may begin a stop string
         self._closed = False
 
     async def chunks(self) -> AsyncIterator[StreamChunk]:
@@ -73,6 +75,23 @@ class ChoiceStream:
             if chunk.finished:
                 return
             chunk = await anext(self._agen, None)
+
+    def stream_text(self, chunk: StreamChunk) -> str:
+        """The text to send for ``chunk``; call once per chunk, in order.
+
+        Text that could be the start of a stop string is held back until the next token
+        shows whether it is one (vLLM does the same), so a stream never shows text that the
+        full answer does not have. On the last chunk the rest of the final text is sent:
+        ``output.text`` is authoritative (it is already cut at the stop string)."""
+        out = chunk.output
+        if chunk.finished and out is not None and out.text.startswith(self._sent):
+            text = out.text[len(self._sent):]
+        else:
+            text = self._held + chunk.text_delta
+            keep = 0 if chunk.finished else _stop_prefix_len(text, self.choice.params.stop)
+            text, self._held = text[: len(text) - keep], text[len(text) - keep:]
+        self._sent += text
+        return text
 
     async def collect(self) -> ChoiceStream:
         async for _ in self.chunks():
@@ -96,6 +115,17 @@ class ChoiceStream:
             await self._agen.aclose()  # the seam: leaving the stream aborts the request too
         if abort is not None:
             await asyncio.shield(abort)
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is a proper start of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
 
 
 async def start_one(backend: GenerationBackend, metrics: ServerMetrics, choice: Choice,
