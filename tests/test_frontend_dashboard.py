@@ -96,6 +96,7 @@ def test_page_renders_replicas_and_follows_traffic(served, page, tmp_path):
     page.wait_for_function(
         "+document.querySelector('.replica[data-replica=\"0\"] .kv-used').textContent > 0",
         timeout=60_000)
+    page.screenshot(path=str(tmp_path / "during.png"), full_page=True)
     traffic.join()
     wait_until(lambda: idle(backend.cluster_state()), 10.0)
     page.wait_for_function(
