@@ -18,7 +18,7 @@ Measured, for every size:
   kernels of ``DecodeEngine.export_pages``/``import_pages`` for scattered page ids. Page ids
   are padded to a power of two exactly as ``export_pages`` does.
 - ``copy_path_runs``: the same for a contiguous page run, as a fresh allocator hands them out
-  and as ``ares_jax.transfer.migration.copy_pages`` sends it: power-of-two chunks, each a
+  and as a migration copy stage sends it (``ares_jax.replica.local``): power-of-two chunks, each a
   ``read_page_run`` slice + ``handoff`` + ``write_page_run`` slice update (donated).
 - Across processes, a spawned source process (``benchmarks/kv_transfer_source.py``) offers the
   block over localhost and this process pulls it, four modes round-robin in a rotating order
@@ -109,9 +109,9 @@ from ares_jax.engine.kv_pool import (  # noqa: E402
     write_pages,
 )
 from ares_jax.model.sharding import kv_pool_sharding, make_mesh  # noqa: E402
+from ares_jax.replica.local import pow2_chunks  # noqa: E402
 from ares_jax.transfer.kv_transport import KvTicket  # noqa: E402
 from ares_jax.transfer.local import handoff  # noqa: E402
-from ares_jax.transfer.migration import pow2_chunks  # noqa: E402
 from ares_jax.transfer.remote import JaxTransferTransport  # noqa: E402
 
 # SmolLM2-135M's page geometry: layers, page size, KV heads, head dim.

@@ -7,10 +7,10 @@ import threading
 import httpx
 import openai
 import pytest
+from ares_jax.engine.loop import ServingLoop
 from frontend_support import ECFG, idle, metric, openai_client, wait_until, with_tokenizer
 
 from ares_jax.engine.decode import DecodeEngine
-from ares_jax.engine.loop import ServingLoop
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.frontend import HTTPServerThread, LoopBackend
 

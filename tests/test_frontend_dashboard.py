@@ -9,10 +9,10 @@ import threading
 import httpx
 import numpy as np
 import pytest
+from ares_jax.cluster.live import ClusterLoop
 from frontend_support import ECFG, idle, metric, wait_until, with_tokenizer
 
 from ares_jax.cluster import ClusterConfig
-from ares_jax.cluster.live import ClusterLoop
 from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.frontend import HTTPServerThread, LoopBackend

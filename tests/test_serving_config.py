@@ -7,12 +7,6 @@ SIGTERM."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +14,6 @@ import pytest
 import yaml
 
 from ares_jax.cli import build_parser, main
-from ares_jax.client import Client
 from ares_jax.cluster import ServingLoop
 from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.prefill import PrefillEngine
@@ -28,6 +21,7 @@ from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig, Request
 from ares_jax.scheduler.registry import POLICY_NAMES
 from ares_jax.serving.cli import apply_config_file, cluster_config, engine_config
+from ares_jax.serving.local_cluster import LocalCluster, process_alive
 
 # Settings as a config file writes them: dashes and underscores both accepted.
 SETTINGS = {
@@ -64,12 +58,14 @@ def write(path: Path, data: dict) -> Path:
 def serve_args(*argv: str):
     """``ares-jax serve ARGV`` parsed, with ``--config`` applied as the command does."""
     argv_list = ["serve", *argv]
-    return apply_config_file(build_parser().parse_args(argv_list), argv_list)
+    args = build_parser().parse_args(argv_list)
+    args.argv = argv_list
+    return apply_config_file(args)
 
 
 def settings(args) -> dict:
     """Everything a serve run is configured by (not where the settings came from)."""
-    return {k: v for k, v in vars(args).items() if k not in ("config", "func")}
+    return {k: v for k, v in vars(args).items() if k not in ("config", "func", "argv", "command")}
 
 
 # ----------------------------------------------------------------------------- merging
@@ -141,17 +137,12 @@ def test_serve_refuses_a_bad_policy_or_file_before_starting_anything(tmp_path, m
     assert started == []
 
 
-@pytest.mark.xfail(strict=True, reason="apply_config_file does not convert file values with "
-                   "the flag's type: --log-dir from a file stays a str and serve() calls "
-                   ".mkdir on it")
 def test_file_values_get_the_flags_types(tmp_path):
     args = serve_args("--config", str(write(tmp_path / "serve.yaml",
                                             {"log-dir": str(tmp_path / "logs")})))
     assert isinstance(args.log_dir, Path)
 
 
-@pytest.mark.xfail(strict=True, reason="_run_serve merges the file against sys.argv, not the "
-                   "argv given to ares_jax.cli.main, so flags passed to main() lose to the file")
 def test_flags_given_to_main_win_over_the_file(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr("ares_jax.serving.launch.serve", lambda args: seen.append(args) or 0)
@@ -163,59 +154,18 @@ def test_flags_given_to_main_win_over_the_file(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- a real run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie (exited, not yet reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """``ares-jax serve --config serve.yaml --policy static``: (client, the line it printed
     when ready, replica pids). Stopped with SIGTERM afterwards; nothing may be left behind."""
     tmp = tmp_path_factory.mktemp("serve-config")
     config = write(tmp / "serve.yaml", SETTINGS)
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ares_jax.cli", "serve", "--config", str(config),
-         "--grpc-port", str(port), "--policy", "static", "--log-dir", str(tmp / "logs")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("ares-jax serving"):
-            break
-    if proc.poll() is not None or not lines or not lines[-1].startswith("ares-jax serving"):
-        proc.kill()
-        proc.wait()
-        pytest.fail("ares-jax serve --config did not start:\n" + "".join(lines[-40:]))
-    client = Client(f"127.0.0.1:{port}", timeout_s=120)
-    pids = [r["process_id"] for r in client.stats()["replicas"]]
-    yield client, lines[-1], pids
-    client.close()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+    cluster = LocalCluster(["--config", str(config), "--policy", "static",
+                            "--log-dir", str(tmp / "logs")], start_timeout_s=300)
+    yield cluster.client, cluster.banner, cluster.pids
+    out = cluster.close()  # raises if a replica process outlives it
+    assert cluster.proc.returncode == 0, out
     assert "every replica process has exited" in out
-    left = [pid for pid in [proc.pid, *pids] if alive(pid)]
-    assert not left, f"processes left behind: {left}"
 
 
 def test_serve_runs_with_the_file_settings_and_the_flag_override(served, tiny_model):
@@ -228,7 +178,7 @@ def test_serve_runs_with_the_file_settings_and_the_flag_override(served, tiny_mo
     assert stats["ready"]
     assert (stats["policy"], stats["dispatch_policy"]) == ("static", "static")
     assert sorted(r["role"] for r in stats["replicas"]) == ["decode", "prefill"]
-    assert len(set(pids)) == 2 and all(alive(pid) for pid in pids)
+    assert len(set(pids)) == 2 and all(process_alive(pid) for pid in pids)
     (decode,) = [r for r in stats["replicas"] if r["role"] == "decode"]
     # Engine settings from the file reached the replica processes (page 0 is scratch).
     assert (decode["page_size"], decode["kv_pages_total"]) == (8, 63), decode

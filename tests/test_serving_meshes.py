@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig, Request
+from ares_jax.serving.local_cluster import free_port, process_alive
 
 # Must match the replica's flags below: the reference runs the same engines in this process.
 ECFG = EngineConfig(page_size=8, num_pages=64, max_num_seqs=8, max_model_len=256)
@@ -36,27 +36,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 READY_TIMEOUT_S = 300.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prompt(i: int, n: int = 12) -> list[int]:
     return np.random.default_rng(300 + i).integers(4, 500, size=n).tolist()
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie (exited, not yet reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def child_env() -> dict[str, str]:
@@ -127,7 +108,7 @@ def meshes(tmp_path_factory):
             codes.append("hung")
     assert codes == [0, 0], (f"exit codes {codes}\n--- scheduler\n{tail(sched_log)}\n"
                              f"--- replica\n{tail(rep_log)}")
-    left = [p.pid for p in procs if alive(p.pid)]
+    left = [p.pid for p in procs if process_alive(p.pid)]
     assert not left, f"processes left behind: {left}"
 
 
@@ -216,8 +197,6 @@ def test_migration_between_meshes_of_one_process_keeps_tokens(meshes, reference)
                for r in stats["replicas"] if r["role"] == "decode"), stats["replicas"]
 
 
-@pytest.mark.xfail(strict=True, reason="a same-process Export carries no nbytes, so the "
-                   "migration record counts 0 bytes moved (see the report / fix below)")
 def test_same_process_migration_counts_the_bytes_it_moved(meshes):
     """The KV of a migrated request does move (device to device), so the record and the
     ``migration_bytes`` counter must count it, as they do across processes.
