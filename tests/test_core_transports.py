@@ -99,3 +99,31 @@ def test_same_scenario_same_decisions(in_process, tiny_model):
         assert s.metrics.num_migrations == t.metrics.num_migrations
     for h in sim.decode:
         assert h.load().used_pages == 0
+
+
+class SlowPrefill(SimulatedPrefillReplica):
+    """A prefill replica whose results have not come back yet (a remote one, busy)."""
+
+    def poll(self):
+        return []
+
+
+def test_abort_while_prefilling_is_safe(tiny_model):
+    """A request aborted while its prefill is in flight must not break the next iteration
+    (the core once looked its tracker up while budgeting admissions)."""
+    cfg = tiny_model.cfg
+    kw = dict(page_size=8, max_model_len=256, kv_bytes_per_token=cfg.kv_bytes_per_token)
+    core = ClusterCore([SlowPrefill(1, **kw)],
+                       [SimulatedDecodeReplica(0, num_pages=40, max_num_seqs=1, **kw)], None,
+                       vocab_size=cfg.vocab_size, cluster=CLUSTER)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for i in range(3):
+        core.add_request(Request(request_id=f"r{i}", prompt_ids=[5, 6, 7], params=params))
+    core.step()
+    assert set(core.prefilling) == {"r0"}  # one decode slot: one admitted
+    core.abort("r0")
+    core.step()  # budgets admissions around the aborted, still-prefilling request
+    assert core.finished["r0"].finish_reason == "abort"
+    # The aborted request's slot is no longer promised: the next one goes to prefill.
+    assert set(core.prefilling) == {"r0", "r1"}
+    assert [r.request_id for r in core.waiting] == ["r2"]

@@ -20,7 +20,7 @@ from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig, Request
 from ares_jax.serving import ares_pb2 as pb
 from ares_jax.serving import ares_pb2_grpc as pb_grpc
-from ares_jax.serving.local_cluster import LocalCluster, process_alive
+from ares_jax.serving.local_cluster import LocalCluster, free_port, process_alive
 
 ECFG = EngineConfig(page_size=8, num_pages=64, max_num_seqs=8, max_model_len=256)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -34,10 +34,12 @@ def prompt(i: int, n: int = 12) -> list[int]:
 def cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve-logs")
     local = LocalCluster(
-        ["--model", "random:tiny", "--prefill-replicas", "1", "--decode-replicas", "2",
+        ["--port", str(free_port()), "--model", "random:tiny", "--prefill-replicas", "1",
+         "--decode-replicas", "2",
          "--predictor", "none", "--num-pages", "64", "--max-model-len", "256",
          "--page-size", "8", "--max-num-seqs", "8", "--policy", "least-load",
          "--log-dir", str(logs), "--log-level", "WARNING"], start_timeout_s=300)
+    local.client.http_port = local.http_port  # for the HTTP test
     yield local.client, local.proc, local.pids
     out = local.close()  # raises if a replica process outlives the cluster
     assert local.proc.returncode == 0, out
@@ -158,3 +160,28 @@ def test_concurrent_clients_all_complete(cluster, reference):
     for t in threads:
         t.join(timeout=120)
     assert [results[i] for i in range(len(prompts))] == reference(prompts)
+
+
+def test_http_front_door_of_the_scheduler_process(cluster, reference):
+    """The scheduler process also serves the OpenAI-compatible API, /health, /cluster and
+    /metrics, over the same core as gRPC."""
+    import httpx
+
+    client, _, _ = cluster
+    base = f"http://127.0.0.1:{client.http_port}"
+    assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+    state = httpx.get(f"{base}/cluster", timeout=30).json()
+    assert sorted(r["role"] for r in state["replicas"]) == ["decode", "decode", "prefill"]
+    p = prompt(40, 9)
+    r = httpx.post(f"{base}/v1/completions", timeout=120, json={
+        "model": "random:tiny", "prompt": p, "max_tokens": 12, "temperature": 0.0,
+        "ignore_eos": True, "logprobs": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+    assert body["choices"][0]["finish_reason"] == "length"
+    bad = httpx.post(f"{base}/v1/completions", timeout=30, json={
+        "model": "random:tiny", "prompt": p, "max_tokens": 12, "top_p": 0.0})
+    assert bad.status_code == 400 and "top_p" in bad.text
+    metrics = httpx.get(f"{base}/metrics", timeout=30).text
+    assert "ares:generation_tokens_total" in metrics

@@ -136,6 +136,9 @@ class ClusterCore:
                                         transfer=self.transfer_cost, ares=self.cluster.ares)
         self.policy = make(self.cluster.policy)
         self.dispatch_policy = make(self.cluster.dispatch_policy or self.cluster.policy)
+        # Only policies that forecast step times (ARES) read the cost model worth refitting.
+        self._refits = any(getattr(p, "cost", None) is not None
+                           for p in (self.policy, self.dispatch_policy))
 
     # ------------------------------------------------------------------ intake
 
@@ -200,7 +203,8 @@ class ClusterCore:
         self.iterations += 1
         if self.policy.migrates and self.iterations % self.cluster.reschedule_every == 0:
             self._reschedule()
-        if len(self.step_samples) >= self.cluster.refit_after_steps and \
+        if self._refits and len(self.step_samples) >= \
+                self.cluster.refit_after_steps and \
                 self.iterations % self.cluster.refit_after_steps == 0:
             self._refit_cost()
         return out
@@ -233,20 +237,24 @@ class ClusterCore:
         already promised to requests prefilling, held or being inserted."""
         if not self.waiting:
             return
-        budget = {h.info.replica_id: [ld.free_slots, ld.free_pages]
-                  for h in self.decode for ld in (h.load(),)}
+        loads = [h.load() for h in self.decode]
+        slots = np.fromiter((ld.free_slots for ld in loads), np.int64, len(loads))
+        pages = np.fromiter((ld.free_pages for ld in loads), np.int64, len(loads))
 
-        def take(pages: int) -> bool:
-            best = max(budget, key=lambda k: (budget[k][0] > 0 and budget[k][1] >= pages,
-                                              budget[k][1]))
-            if budget[best][0] <= 0 or budget[best][1] < pages:
+        def take(need: int) -> bool:
+            # The replica with the most free pages among those with a slot and room.
+            room = np.where((slots > 0) & (pages >= need), pages, -1)
+            best = int(np.argmax(room))
+            if room[best] < 0:
                 return False
-            budget[best][0] -= 1
-            budget[best][1] -= pages
+            slots[best] -= 1
+            pages[best] -= need
             return True
 
         for rid in [*self.prefilling, *self.held, *self.inserting]:
-            take(pages_for(len(self.trackers[rid].request.context_ids) + 1, self.page_size))
+            tracker = self.trackers.get(rid)  # None: aborted, its event not back yet
+            if tracker is not None:
+                take(pages_for(len(tracker.request.context_ids) + 1, self.page_size))
         batch: list[Request] = []
         while self.waiting and take(pages_for(len(self.waiting[0].context_ids) + 1,
                                               self.page_size)):

@@ -32,19 +32,12 @@ from ares_jax.engine.outputs import StreamChunk
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import Request
 from ares_jax.model.tokenizer import Tokenizer
+from ares_jax.serving.runner import Overloaded  # one "full, retry later" for every door
 
 log = logging.getLogger(__name__)
 
 # How often the loop thread refreshes its published cluster state while it is busy.
 STATE_PERIOD_S = 0.25
-
-
-class Overloaded(RuntimeError):
-    """The backend's queue is full; the client should retry after ``retry_after_s``."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class BackendClosed(RuntimeError):

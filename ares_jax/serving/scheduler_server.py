@@ -312,7 +312,10 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
 def start_scheduler_server(scheduler: Scheduler, host: str, port: int
                            ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=GRPC_OPTIONS)
+    # gRPC's sync server holds a thread per open stream: size the pool for every request that
+    # may be waiting or running, or streams past the pool's size would wait for a thread.
+    workers = scheduler.max_waiting + 1024
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
     pb_grpc.add_SchedulerServicer_to_server(SchedulerService(scheduler), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
