@@ -15,10 +15,11 @@ just enough for the real scheduler (``ares_jax.serving.scheduler_server``):
 - ``Release``/``DropKv`` forget a request; migration commands are refused (``Reserve`` says
   the pages are not free), so a migrating policy's attempts end at once.
 
-Timing: every token's ``logprob`` field carries the fake's send time, ``time.time() - epoch``
-in seconds (``--epoch``, shared with the clients; a float32 keeps ~8 us resolution for runs
-under ~2 minutes), so a client computes the orchestration's added latency per token as its
-receive time minus that stamp. Both ends are processes of this host, on one clock.
+Timing: every token's ``logprob`` field carries the fake's send time, stamped as the
+``Events`` stream hands the message to gRPC: ``time.time() - epoch`` in seconds (``--epoch``,
+shared with the clients; a float32 keeps ~8 us resolution for runs under ~2 minutes). A client
+computes the orchestration's added latency per token as its receive time minus that stamp.
+Both ends are processes of this host, on one clock.
 
 It imports only the generated protobuf modules (not jax), so it starts in well under a second.
 """
@@ -183,9 +184,19 @@ class FakeReplicaService(pb_grpc.ReplicaServicer):
     def Events(self, request, context):
         while context.is_active() and not self.p.stopped.is_set():
             try:
-                yield self.p.events.get(timeout=0.1)
+                msg = self.p.events.get(timeout=0.1)
             except queue.Empty:
                 continue
+            # Stamp at the last moment this process touches the message, so time spent in
+            # this (CPU-starved) fake's own queue is not charged to the scheduler.
+            now = self.p.stamp()
+            kind = msg.WhichOneof("event")
+            if kind == "stepped":
+                for t in msg.stepped.tokens:
+                    t.logprob = now
+            elif kind == "prefilled":
+                msg.prefilled.first.logprob = now
+            yield msg
 
     def Prefill(self, request, context):
         for r in request.requests:

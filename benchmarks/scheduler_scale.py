@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -89,7 +90,8 @@ class ThreadCpu:
     """Per-thread CPU between ``start()`` and ``stop()``, grouped by what the thread does."""
 
     def __init__(self) -> None:
-        self.names: dict[int, str] = {}
+        self.names: dict[int, str] = {}  # by native (OS) thread id
+        self.idents: dict[int, str] = {}  # by pthread id, as py-spy names threads
         self.t0: dict[int, float] = {}
 
     def _names(self) -> None:
@@ -98,6 +100,8 @@ class ThreadCpu:
         for t in th.enumerate():
             if t.native_id is not None:
                 self.names[t.native_id] = t.name
+            if t.ident is not None:
+                self.idents[t.ident] = t.name
 
     def start(self) -> None:
         self._names()
@@ -160,7 +164,8 @@ def run_scheduler(args: argparse.Namespace) -> int:
     # SIGUSR1 / SIGUSR2: the measured window starts / ends; SIGTERM: write the results, exit.
     signal.signal(signal.SIGUSR1, lambda *_: window.set())
     signal.signal(signal.SIGUSR2, lambda *_: window_end.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM also ends the window, so a driver that stops early never leaves this behind.
+    signal.signal(signal.SIGTERM, lambda *_: (window.set(), window_end.set(), stop.set()))
     while not window.wait(0.2):
         pass
     cpu.start()
@@ -170,6 +175,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
         pass
     out = {
         "threads_cpu_s": cpu.stop(),
+        "thread_names": {str(k): v for k, v in {**cpu.names, **cpu.idents}.items()},
         "process_cpu_s": round(time.process_time() - cpu0, 3),
         "runner_iterations": (sched.runner.iterations if sched.runner else 0) - iters0,
     }
@@ -351,7 +357,10 @@ def run_scenario(name: str, args: argparse.Namespace, tmp: Path, tag: str) -> di
         time.sleep(max(0.0, w0 - time.time()))
         load0 = os.getloadavg()
         sched.send_signal(signal.SIGUSR1)
+        spy = _start_py_spy(args, sched.pid, tmp / f"{tag}-py-spy.txt")
         time.sleep(max(0.0, w1 - time.time()))
+        if spy is not None:
+            _finish_py_spy(spy, args.duration_s)
         sched.send_signal(signal.SIGUSR2)
         load1 = os.getloadavg()
         for c in clients:
@@ -368,6 +377,77 @@ def run_scenario(name: str, args: argparse.Namespace, tmp: Path, tag: str) -> di
             except subprocess.TimeoutExpired:
                 p.kill()
     return _collect(name, tag, args, tmp, workers or 64, policy, (load0, load1))
+
+
+def _start_py_spy(args: argparse.Namespace, pid: int, out: Path) -> subprocess.Popen | None:
+    """Sample every thread of the scheduler process over the window (py-spy, if present)."""
+    exe = args.py_spy or shutil.which("py-spy")
+    if not exe:
+        return None
+    # Blocking mode (the process is paused per sample): py-spy then tells a thread waiting in C
+    # (a lock, gRPC's completion queue) from one running, so idle waits are left out.
+    cmd = [exe, "record", "--format", "raw", "--rate", str(args.py_spy_rate), "--threads",
+           "--duration", str(int(args.duration_s)), "--pid", str(pid), "--output", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _finish_py_spy(spy: subprocess.Popen, duration_s: float) -> None:
+    """Let py-spy write its samples; one that overruns is interrupted (it writes on SIGINT)."""
+    try:
+        spy.wait(timeout=duration_s + 30)
+    except subprocess.TimeoutExpired:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
+def _py_spy_summary(path: Path, names: dict[str, str], top: int = 20) -> dict | None:
+    """py-spy's raw stacks -> samples per thread group, and per group the functions with the
+    most samples on top of the stack (self) and anywhere in it (inclusive)."""
+    if not path.exists():
+        return None
+    groups: dict[str, dict] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        frames = stack.split(";")
+        tid = frames[0].split("(")[-1].rstrip(")").strip()
+        try:
+            tid_n = str(int(tid, 0))
+        except ValueError:
+            tid_n = tid
+        g = groups.setdefault(_thread_group(names.get(tid_n, "?")),
+                              {"samples": 0, "self": {}, "inclusive": {}})
+        g["samples"] += count
+        total += count
+        funcs = [_frame(f) for f in frames[1:]]
+        if funcs:
+            g["self"][funcs[-1]] = g["self"].get(funcs[-1], 0) + count
+        for f in set(funcs):
+            g["inclusive"][f] = g["inclusive"].get(f, 0) + count
+
+    def ranked(d: dict[str, int]) -> list[list]:
+        return [[f, n, round(n / total, 4)] for f, n in
+                sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"samples": total, "groups": {
+        k: {"samples": g["samples"], "share": round(g["samples"] / max(total, 1), 4),
+            "self": ranked(g["self"]), "inclusive": ranked(g["inclusive"])}
+        for k, g in sorted(groups.items(), key=lambda kv: -kv[1]["samples"])}}
+
+
+def _frame(frame: str) -> str:
+    """``fn (path/file.py:123)`` -> ``fn (file.py)``: one entry per function."""
+    fn, _, where = frame.partition(" (")
+    file = where.rstrip(")").rsplit(":", 1)[0]
+    file = file.split("ares_jax/", 1)[1] if "ares_jax/" in file else Path(file).name
+    return f"{fn} ({file})"
 
 
 def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: int,
@@ -411,6 +491,9 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
     }
     if "profile" in sched:
         res["runner_profile"] = sched["profile"]
+    spy = _py_spy_summary(tmp / f"{tag}-py-spy.txt", sched.get("thread_names", {}))
+    if spy is not None:
+        res["py_spy"] = spy
     note(f"[{tag}] {rate:,.0f} token events/s (offered {offered:,.0f}); added latency "
          f"p50 {res['added_latency_all']['p50_ms']} ms p99 {res['added_latency_all']['p99_ms']} "
          f"ms; scheduler {res['scheduler_cpu_s_per_1k_tokens']} CPU s / 1k tokens; "
@@ -486,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration-s", type=float, default=15.0)
     ap.add_argument("--profile", action="store_true",
                     help="cProfile the scheduler's runner thread (slows it: a separate run)")
+    ap.add_argument("--py-spy", default=None,
+                    help="py-spy executable to sample the scheduler process with over the "
+                         "window (default: py-spy on PATH, if any)")
+    ap.add_argument("--py-spy-rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     args = ap.parse_args(argv)
     if args.cmd == "scheduler":
