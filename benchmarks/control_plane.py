@@ -249,14 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cp-logs-") as logs:
         cluster = Cluster(args.model, args, Path(logs))
         try:
-            warm = make_prompts(max(levels), lo, hi, inproc.vocab, seed=99)
-            for path in (inproc, cluster):  # compile every shape bucket on both paths
-                for c in levels:
-                    path.run(warm[:c], params)
-                    path.run(warm[:c], params)
+            sets = {c: make_prompts(args.requests, lo, hi, inproc.vocab, seed=c) for c in levels}
+            for path in (inproc, cluster):  # compile every shape the rounds will meet, on both
+                for c, prompts in sets.items():
+                    for i in range(0, len(prompts), c):
+                        path.run(prompts[i:i + c], params)
             results = []
             for level in levels:
-                prompts = make_prompts(args.requests, lo, hi, inproc.vocab, seed=level)
+                prompts = sets[level]
                 runs: dict[str, list[dict]] = {"in_process": [], "cluster": []}
                 for rnd in range(args.rounds):
                     for name, path in (("in_process", inproc), ("cluster", cluster)):
