@@ -274,6 +274,62 @@ def run_client(args: argparse.Namespace) -> int:
     return 0
 
 
+# ====================================================================== per-hop micro costs
+
+
+def micro_costs(rows: int = 32, repeats: int = 7) -> dict[str, float]:
+    """Microseconds per token of each Python hop a token takes through the scheduler, on one
+    thread (no GIL contention, no thread handoffs): the floor the process cannot go below
+    while it does this work per token. Best of ``repeats``."""
+    import queue
+    import timeit
+
+    sys.path.insert(0, str(ROOT))
+    from ares_jax.engine.outputs import RequestTracker
+    from ares_jax.engine.sampling import SamplingParams
+    from ares_jax.engine.types import Request
+    from ares_jax.serving import ares_pb2 as pb
+    from ares_jax.serving import codec
+    from ares_jax.serving.scheduler_server import chunk_to_pb
+
+    ids = [f"req-{i:016x}" for i in range(rows)]
+    batch = pb.ReplicaEvent(stepped=pb.StepBatch(
+        replica_id=3, request_ids=ids,
+        tokens=[pb.TokenInfo(token_id=7 + i, logprob=0.5) for i in range(rows)],
+        finish_reasons=[""] * rows, stop_reasons=[-1] * rows, elapsed_s=0.04, kv_tokens=4096,
+        load=pb.Load(replica_id=3, free_pages=8000, used_pages=192, capacity_pages=8192,
+                     free_slots=0, request_ids=ids, kv_tokens=[100] * rows,
+                     generated=[50] * rows, max_tokens=[128] * rows)))
+    wire = batch.SerializeToString()
+    params = SamplingParams(temperature=0.0, max_tokens=10**6, ignore_eos=True)
+    trackers = [RequestTracker(Request(request_id=r, prompt_ids=[5] * 16, params=params), None)
+                for r in ids]
+    ev, _ = codec.event_from_pb(batch)
+    q: queue.Queue = queue.Queue()
+
+    def per_token(fn, per: int = rows, number: int = 200) -> float:
+        return round(min(timeit.repeat(fn, number=number, repeat=repeats)) / number / per
+                     * 1e6, 2)
+
+    def track() -> None:
+        for t, info in zip(trackers, ev.tokens):
+            t.add(info, 0.0, None, None)
+            t.chunk(info)
+        for t in trackers:  # keep the trackers small between repeats
+            t.token_ids.clear()
+            t.metrics.token_times.clear()
+
+    chunk = trackers[0].chunk(ev.tokens[0])
+    return {
+        "replica_event_parse_us": per_token(lambda: pb.ReplicaEvent.FromString(wire)),
+        "codec_event_from_pb_us": per_token(lambda: codec.event_from_pb(batch)),
+        "tracker_add_and_chunk_us": per_token(track),
+        "queue_put_get_us": per_token(lambda: (q.put(chunk), q.get()), per=1, number=20000),
+        "chunk_to_pb_and_serialize_us": per_token(
+            lambda: chunk_to_pb(chunk, False, []).SerializeToString(), per=1, number=20000),
+    }
+
+
 # ====================================================================== the driver
 
 SCENARIOS = {
@@ -417,13 +473,11 @@ def _py_spy_summary(path: Path, names: dict[str, str], top: int = 20) -> dict | 
             continue
         count = int(n)
         frames = stack.split(";")
-        tid = frames[0].split("(")[-1].rstrip(")").strip()
-        try:
-            tid_n = str(int(tid, 0))
-        except ValueError:
-            tid_n = tid
-        g = groups.setdefault(_thread_group(names.get(tid_n, "?")),
-                              {"samples": 0, "self": {}, "inclusive": {}})
+        # "thread (<native id>): <python name>", the name only when py-spy could read it
+        head, _, name = frames[0].partition("): ")
+        tid = head.rpartition("(")[2]
+        name = name or names.get(tid, "?")
+        g = groups.setdefault(_thread_group(name), {"samples": 0, "self": {}, "inclusive": {}})
         g["samples"] += count
         total += count
         funcs = [_frame(f) for f in frames[1:]]
@@ -491,7 +545,11 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
     }
     if "profile" in sched:
         res["runner_profile"] = sched["profile"]
-    spy = _py_spy_summary(tmp / f"{tag}-py-spy.txt", sched.get("thread_names", {}))
+    raw = tmp / f"{tag}-py-spy.txt"
+    spy = _py_spy_summary(raw, sched.get("thread_names", {}))
+    if args.keep_dir and raw.exists():
+        Path(args.keep_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy(raw, Path(args.keep_dir) / raw.name)
     if spy is not None:
         res["py_spy"] = spy
     note(f"[{tag}] {rate:,.0f} token events/s (offered {offered:,.0f}); added latency "
@@ -502,9 +560,12 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
 
 
 def run_driver(args: argparse.Namespace) -> int:
-    scenarios = args.scenario or ["stock", "big"]
+    scenarios = args.scenario if args.scenario is not None else ["stock", "big"]
     full = args.decode * args.rows + args.decode * args.rows // 8  # every slot kept busy
     levels = [int(c) for c in args.concurrency.split(",")] if args.concurrency else [full]
+    micro = micro_costs(args.rows) if args.micro else None  # first: a quiet process
+    if micro is not None:
+        note(f"micro costs, us per token: {micro}")
     results = []
     with tempfile.TemporaryDirectory(prefix="sched-scale-") as tmp:
         for name in scenarios:
@@ -514,6 +575,7 @@ def run_driver(args: argparse.Namespace) -> int:
                 results.append(run_scenario(name, run, Path(tmp), tag))
     report = {
         "benchmark": "scheduler_scale",
+        "micro_costs_us_per_token": micro,
         "machine": {"cpus": os.cpu_count(), "loadavg_end": [round(x, 2) for x in
                                                               os.getloadavg()],
                     "python": sys.version.split()[0]},
@@ -552,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True)
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
-                    help="repeatable; default: stock, big")
+                    help="repeatable; default: stock, big (none with --micro-only)")
+    ap.add_argument("--micro-only", action="store_true", help="only the per-hop micro costs")
     ap.add_argument("--decode", type=int, default=64, help="fake decode replicas (meshes)")
     ap.add_argument("--prefill", type=int, default=1, help="fake prefill replicas")
     ap.add_argument("--replica-procs", type=int, default=8,
@@ -572,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--py-spy", default=None,
                     help="py-spy executable to sample the scheduler process with over the "
                          "window (default: py-spy on PATH, if any)")
+    ap.add_argument("--micro", action="store_true",
+                    help="also time each per-token hop on one thread (micro_costs)")
+    ap.add_argument("--keep-dir", default=None, help="keep py-spy's raw stacks here")
     ap.add_argument("--py-spy-rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     args = ap.parse_args(argv)
@@ -579,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_scheduler(args)
     if args.cmd == "client":
         return run_client(args)
+    if args.micro_only:
+        args.scenario, args.micro = [], True
     return run_driver(args)
 
 
