@@ -173,7 +173,12 @@ def run_scheduler(args: argparse.Namespace) -> int:
     iters0 = sched.runner.iterations if sched.runner else 0
     while not window_end.wait(0.2):
         pass
+    core = sched.runner.core if sched.runner else None
     out = {
+        # requests on decode replicas / waiting at the window's end (read without the runner's
+        # lock: two len() calls, good enough for a count)
+        "running_at_end": len(core.location) if core else 0,
+        "waiting_at_end": len(core.waiting) if core else 0,
         "threads_cpu_s": cpu.stop(),
         "thread_names": {str(k): v for k, v in {**cpu.names, **cpu.idents}.items()},
         "process_cpu_s": round(time.process_time() - cpu0, 3),
@@ -537,6 +542,8 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
         "one_core_ceiling_tokens_per_s": None if not cpu_per_1k else round(1e3 / cpu_per_1k),
         "scheduler_threads_cpu_s": sched["threads_cpu_s"],
         "runner_iterations": sched["runner_iterations"],
+        "running_at_end": sched.get("running_at_end"),
+        "waiting_at_end": sched.get("waiting_at_end"),
         "scheduler_counters": sched.get("counters", {}),
         "client_cpu_s": counts["cpu_s"],
         "fake_replica_cpu_s": round(sum(f["cpu_s"] for f in fakes), 3),
@@ -555,6 +562,7 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
     note(f"[{tag}] {rate:,.0f} token events/s (offered {offered:,.0f}); added latency "
          f"p50 {res['added_latency_all']['p50_ms']} ms p99 {res['added_latency_all']['p99_ms']} "
          f"ms; scheduler {res['scheduler_cpu_s_per_1k_tokens']} CPU s / 1k tokens; "
+         f"running {res['running_at_end']}, waiting {res['waiting_at_end']}; "
          f"load {res['loadavg_window']}")
     return res
 
