@@ -524,7 +524,8 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
     fakes = [json.loads(p.read_text()) for p in sorted(tmp.glob(f"{tag}-fake*.json"))]
     tokens = counts["tokens"]
     rate = tokens / args.duration_s
-    offered = args.decode * args.rows / (args.step_ms / 1e3)
+    # what the fakes would send with every open stream running (capped by the slots)
+    offered = min(args.concurrency, args.decode * args.rows) / (args.step_ms / 1e3)
     cpu_per_1k = sched["process_cpu_s"] / tokens * 1e3 if tokens else None
     res = {
         "scenario": name, "policy": policy, "grpc_handler_threads": workers,
