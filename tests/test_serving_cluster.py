@@ -185,3 +185,33 @@ def test_http_front_door_of_the_scheduler_process(cluster, reference):
     assert bad.status_code == 400 and "top_p" in bad.text
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
     assert "ares:generation_tokens_total" in metrics
+
+
+def test_decode_process_killed_mid_stream_loses_nothing(cluster, reference):
+    """SIGKILL the decode process a request runs on: the scheduler sees its event stream
+    break, recomputes the request on the other decode process from prompt + tokens so far,
+    and the client's stream goes on: greedy tokens identical to an unfaulted run, none
+    repeated or missing. (Last in this module: it takes a replica away.)"""
+    import os
+    import signal
+
+    client, _, _ = cluster
+    params = SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True)
+    p = prompt(77, 20)
+    tokens, killed = [], []
+    for chunk in client.stream(p, params):
+        if chunk.token_id >= 0:
+            tokens.append(chunk.token_id)
+        if len(tokens) == 15 and not killed:
+            (victim,) = [r for r in client.stats()["replicas"]
+                         if r["role"] == "decode" and r["running"] == 1]
+            os.kill(victim["process_id"], signal.SIGKILL)
+            killed.append(victim)
+    assert killed and tokens == reference([p], params)[0]
+    stats = client.stats()
+    assert stats["counters"]["replica_failures"] == 1
+    assert stats["counters"]["recovered_requests"] >= 1
+    # The cluster serves on with the processes that are left.
+    again = client.generate([prompt(78, 10)], GREEDY)[0]
+    assert again.token_ids == reference([prompt(78, 10)])[0]
+    assert not process_alive(killed[0]["process_id"])

@@ -43,6 +43,7 @@ from ares_jax.cluster.migration import (
 )
 from ares_jax.cluster.snapshot import build_snapshot
 from ares_jax.engine.outputs import RequestTracker, StreamChunk
+from ares_jax.engine.slots import DecodeLoad
 from ares_jax.engine.types import Request
 from ares_jax.model.tokenizer import Tokenizer
 from ares_jax.paging import pages_for
@@ -129,6 +130,7 @@ class ClusterCore:
         self.step_seconds = {h.info.replica_id: 0.0 for h in self.decode}
         self.replica_time: dict[str, float] = collections.defaultdict(float)
         self.on_stepped: list[Callable[[ReplicaHandle, Stepped], None]] = []
+        self.dead: set[int] = set()  # replicas that failed; nothing is placed there again
         self._late_chunks: list[StreamChunk] = []  # chunks made outside step()
 
     def _make_policies(self) -> None:
@@ -215,6 +217,8 @@ class ClusterCore:
                 self._on_event(h, ev, out)
 
     def _on_event(self, h: ReplicaHandle, ev: Event, out: list[StreamChunk]) -> None:
+        if ev.replica_id in self.dead and not isinstance(ev, ReplicaFailed):
+            return  # what a failed replica said last is void: its requests are recomputed
         if isinstance(ev, Stepped):
             self._on_stepped(h, ev, out)
         elif isinstance(ev, Prefilled):
@@ -226,8 +230,7 @@ class ClusterCore:
         elif isinstance(ev, PrefillFailed):
             self._on_prefill_failed(ev)
         elif isinstance(ev, ReplicaFailed):
-            self.counters["replica_failures"] += 1
-            log.error("replica %d failed: %s", ev.replica_id, ev.error)
+            self._on_replica_failed(ev)
 
     # ------------------------------------------------------------------ admission + prefill
 
@@ -237,7 +240,7 @@ class ClusterCore:
         already promised to requests prefilling, held or being inserted."""
         if not self.waiting:
             return
-        loads = [h.load() for h in self.decode]
+        loads = list(self.loads().values())
         slots = np.fromiter((ld.free_slots for ld in loads), np.int64, len(loads))
         pages = np.fromiter((ld.free_pages for ld in loads), np.int64, len(loads))
 
@@ -313,7 +316,7 @@ class ClusterCore:
                 request_id=rid, kv_tokens=ev.num_tokens,
                 generated_tokens=len(req.resumed_ids) + 1, max_tokens=req.params.max_tokens,
                 predicted_remaining=self.trackers[rid].predicted_remaining))
-        loads = {h.info.replica_id: h.load() for h in self.decode}
+        loads = self.loads()
         room = {i: [ld.free_slots, ld.free_pages] for i, ld in loads.items()}
         snap = build_snapshot(self, loads, pending,
                               with_table=self.dispatch_policy.needs_request_table)
@@ -437,7 +440,7 @@ class ClusterCore:
     # ------------------------------------------------------------------ migration
 
     def _reschedule(self) -> None:
-        loads = {h.info.replica_id: h.load() for h in self.decode}
+        loads = self.loads()
         snap = build_snapshot(self, loads, (), with_table=True)
         decisions, self.policy_state = self.policy.reschedule(snap, self.policy_state)
         for m in decisions.migrations:
@@ -586,11 +589,58 @@ class ClusterCore:
         self.counters["migration_bytes"] += rec.bytes_moved
         return rec
 
+    # ------------------------------------------------------------------ failures
+
+    def loads(self) -> dict[int, DecodeLoad]:
+        """Every decode replica's load by id; a dead replica shows no room (so no policy
+        places or moves anything there) and nothing running."""
+        return {h.info.replica_id: (_dead_load(h.load()) if h.info.replica_id in self.dead
+                                    else h.load()) for h in self.decode}
+
+    def _on_replica_failed(self, ev: ReplicaFailed) -> None:
+        """A replica stopped answering: everything it held is recomputed elsewhere from the
+        prompt plus the tokens already streamed (so a client's stream goes on with no token
+        repeated or missing), and nothing is placed on it again."""
+        dead = ev.replica_id
+        if dead in self.dead:
+            return
+        self.dead.add(dead)
+        self.counters["replica_failures"] += 1
+        lost = [rid for rid, at in self.location.items() if at == dead]
+        lost += [rid for rid, at in self.prefilling.items() if at == dead]
+        lost += [rid for rid, held in self.held.items() if held.replica_id == dead]
+        lost += [rid for rid, at in self.kv_source.items() if at == dead and
+                 rid in self.inserting]
+        for rid, rec in list(self.migrations.items()):
+            if dead not in (rec.src, rec.dst):
+                continue
+            del self.migrations[rid]
+            state = self.detached.pop(rid, None)
+            rec.in_flight = None
+            if rec.src == dead:  # the request is recomputed; drop the partial copy
+                self.by_id[rec.dst].release(rid)
+                outcome = MigrationOutcome.ABORTED_SOURCE
+            else:  # it goes on decoding where it was
+                if state is not None:
+                    self.by_id[rec.src].reattach(rid)
+                outcome = MigrationOutcome.ABORTED_DESTINATION
+            self._end(rec, outcome, f"replica {dead} failed")
+        log.error("replica %d failed (%s); recomputing %d request(s) elsewhere", dead,
+                  ev.error, len(set(lost)))
+        for rid in dict.fromkeys(lost):
+            if rid not in self.trackers:
+                continue
+            for table in (self.location, self.prefilling, self.held, self.inserting,
+                          self.kv_source):
+                table.pop(rid, None)
+            self.counters["recovered_requests"] += 1
+            self._requeue(rid, preempted=False)
+
     # ------------------------------------------------------------------ observation
 
     def snapshot(self, pending: Sequence[PendingDispatch] = ()) -> ClusterSnapshot:
         """The decode side as the policies see it (columnar, built from replica loads)."""
-        loads = {h.info.replica_id: h.load() for h in self.decode}
+        loads = self.loads()
         return build_snapshot(self, loads, pending, with_table=True)
 
     def held_kv_tokens(self, rid: str) -> int:
@@ -670,3 +720,11 @@ def _predicted_pages(load, page_size: int, points: int = 8) -> list[list[int]]:
         alive = rem >= t
         out.append([int(t), int(np.sum(-(-(load.kv_tokens[alive] + t) // page_size)))])
     return out
+
+
+def _dead_load(ld: DecodeLoad) -> DecodeLoad:
+    z = np.zeros(0, np.int64)
+    return DecodeLoad(free_pages=0, used_pages=ld.capacity_pages,
+                      capacity_pages=ld.capacity_pages, reserved_pages=0, free_slots=0,
+                      request_ids=(), kv_tokens=z, generated=z, max_tokens=z,
+                      predicted_remaining=z.astype(np.float64))

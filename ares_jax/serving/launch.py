@@ -227,11 +227,13 @@ def serve(args: argparse.Namespace) -> int:
               + (f" and http://{args.host}:{args.port}" if http is not None else "")
               + f" ({args.prefill_replicas} prefill + {args.decode_replicas} decode replica "
               f"processes on {platform}, policy {args.policy}; logs in {log_dir})", flush=True)
+        reported: set[str] = set()
         while not stop.wait(0.5):
-            dead = children.dead()
-            if dead:
-                log.error("replica process %s exited:\n%s", dead[0], children.tail(dead[0]))
-                return 1
+            # A replica process that dies is the scheduler's to recover from (its requests are
+            # recomputed elsewhere); the cluster serves on with the rest.
+            for name in set(children.dead()) - reported:
+                reported.add(name)
+                log.error("replica process %s exited:\n%s", name, children.tail(name))
         return 0
     finally:
         _stop_http(http)
