@@ -7,9 +7,9 @@ import threading
 import httpx
 import openai
 import pytest
-from ares_jax.engine.loop import ServingLoop
 from frontend_support import ECFG, idle, metric, openai_client, wait_until, with_tokenizer
 
+from ares_jax.cluster import ServingLoop
 from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.frontend import HTTPServerThread, LoopBackend
@@ -283,4 +283,4 @@ def test_close_ends_open_streams_and_refuses_new_ones(tiny_model):
     asyncio.run(main())
     loop.on_step.remove(hook)
     assert not backend.health()[0]
-    assert loop.decoders[0].allocator.num_used == 0 and not loop.trackers
+    assert loop.decoders[0].num_used_pages == 0 and not loop.trackers

@@ -9,10 +9,9 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from ares_jax.cluster.live import ClusterLoop
 from frontend_support import ECFG, idle, metric, wait_until, with_tokenizer
 
-from ares_jax.cluster import ClusterConfig
+from ares_jax.cluster import ClusterConfig, ServingLoop
 from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.frontend import HTTPServerThread, LoopBackend
@@ -30,7 +29,7 @@ def served(tiny_model):
     # moves some away (the set-up of the migration tests). The three replicas share one
     # device, so they share compiled steps with test_frontend.py (same engine config).
     model = with_tokenizer(tiny_model)
-    loop = ClusterLoop(PrefillEngine(model, ECFG), [DecodeEngine(model, ECFG) for _ in range(3)],
+    loop = ServingLoop(PrefillEngine(model, ECFG), [DecodeEngine(model, ECFG) for _ in range(3)],
                        model.tokenizer, ClusterConfig(policy="ares", dispatch_policy="static",
                                                       reschedule_every=2))
     backend = LoopBackend(loop, model_name="tiny-cluster")

@@ -3,7 +3,7 @@
 ``GenerationBackend`` is what the server needs: an async token stream per request, abort,
 health and a JSON picture of the cluster. The multi-process scheduler implements it across
 processes; ``LoopBackend`` implements it here over an in-process serving loop
-(``ServingLoop``/``ClusterLoop``, e.g. ``LLM(...).loop``).
+(``ares_jax.cluster.ServingLoop``, e.g. ``LLM(...).loop``).
 
 LoopBackend flow: the loop is not thread-safe, so one background thread owns it. Callers post
 commands (add, abort, close) to an inbox under a condition variable; the thread drains the inbox,
@@ -293,11 +293,9 @@ class LoopBackend:
     def _publish_state(self) -> None:
         """Called on the loop thread only. A failure here must not stop serving: the page and
         the gauges keep the last good state, and the failure is logged."""
-        from ares_jax.frontend.loop_state import loop_cluster_state
-
         self._state_at = time.monotonic()
         try:
-            state = dict(loop_cluster_state(self.loop, self._counters))
+            state = dict(self.loop.cluster_state())  # the core's own (cluster/core.py)
             if hasattr(self.loop, "health"):
                 state["_health"] = self.loop.health()
         except Exception:
