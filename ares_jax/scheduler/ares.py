@@ -183,8 +183,7 @@ class AresPolicy:
 
     def _candidates(self, board: Board, movable: np.ndarray, src: int) -> np.ndarray:
         """Movable rows of ``src``, longest predicted remaining first (ties: lower row)."""
-        rows = board.rows_of(src)
-        return rows[movable[rows]][: self.config.candidates_per_replica]
+        return board.candidates(src, movable, self.config.candidates_per_replica)
 
     def _move(self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]],
               row: int, dst: int) -> None:
@@ -200,7 +199,6 @@ class AresPolicy:
         overflow = board.peak - board.budget
         if not board.could_take(np.zeros(1)).any():
             return  # no replica has headroom: nowhere to move anything
-        everyone = np.arange(board.n)
         for src in [int(i) for i in np.argsort(-overflow) if overflow[i] > 0]:
             while (
                 board.peak[src] > board.budget[src]
@@ -212,14 +210,24 @@ class AresPolicy:
                 kv, rem = board.kv[rows], board.rem[rows]
                 fits = board.could_take(kv)  # [rows, replicas]
                 fits[:, src] = False
-                pairs = fits.any(axis=1)
-                if pairs.any():  # the exact peak only where the cheap bound lets it fit
-                    some = np.flatnonzero(pairs)
-                    fits[some] &= board.peak_with(kv[some], rem[some], everyone) <= board.budget
-                hit = np.flatnonzero(fits.any(axis=1))
-                if hit.size == 0:
+                # The new peak is at least its value at the old peak: a cheap first filter,
+                # then the exact peak for the pairs left: of the first candidate alone (it
+                # usually fits somewhere), then of all the others at once.
+                fits &= board.old_peak_bound(kv, rem) <= board.budget
+                c = None
+                for first, last in ((0, 1), (1, rows.shape[0])):
+                    c_idx, p_idx = np.nonzero(fits[first:last])
+                    c_idx += first
+                    if c_idx.size:
+                        over = (board.peak_pairs(kv[c_idx], rem[c_idx], p_idx)
+                                > board.budget[p_idx])
+                        fits[c_idx[over], p_idx[over]] = False
+                    hit = np.flatnonzero(fits[first:last].any(axis=1))
+                    if hit.size:
+                        c = first + int(hit[0])  # the first candidate that fits somewhere
+                        break
+                if c is None:
                     break
-                c = int(hit[0])  # the first candidate (longest remaining) that fits somewhere
                 dests = np.flatnonzero(fits[c])
                 tpot = board.tpot_with(kv[c:c + 1], rem[c:c + 1], dests)[0]
                 self._move(board, movable, moves, int(rows[c]), int(dests[np.argmin(tpot)]))
@@ -341,10 +349,8 @@ class AresPolicy:
         if rows.size == 0:
             return None
         kv, rem = board.kv[rows], board.rem[rows]
-        dst = np.array([best])
-        fits = board.peak_with(kv, rem, dst)[:, 0] <= board.budget[best]
-        tpot_dst = board.tpot_with(kv, rem, dst)[:, 0]
-        tpot_src = board.tpot_without(rows)
+        fits = board.peak_pairs(kv, rem, np.full(rows.shape[0], best)) <= board.budget[best]
+        tpot_src, tpot_dst = board.tpot_moved(rows, best)
         before = board.tpot[worst]
         improves = np.maximum(tpot_src, tpot_dst) < before  # the pair must improve
         if cfg.net_gain:

@@ -88,7 +88,7 @@ def _one_replica(kv: np.ndarray, rem: np.ndarray, times: np.ndarray,
     memory = (kv[:, None] * alive).sum(axis=0) + batch * times
     if kv.shape[0] == 0:
         return batch, memory, 0.0, 0.0
-    finish = np.clip(rem, 0.0, float(horizon))
+    finish = np.minimum(np.maximum(rem, 0.0), float(horizon))
     m = np.cumsum(kv) + np.arange(1, kv.shape[0] + 1) * finish
     peak = float(m.max())
     return batch, memory, peak, float(finish[m == peak].max())
@@ -125,11 +125,17 @@ class Board:
         fixed = snapshot.used_tokens - snapshot.running_kv_tokens + snapshot.queued_kv_tokens
         self.budget = cfg.memory_target * snapshot.kv_capacity_tokens - fixed
         self._rows: dict[int, np.ndarray] = {}  # changed replicas: rows, longest remaining first
+        # Rows that left their table replica (moved) or joined one (moved, placed): what the
+        # grouping no longer says. A row moves at most once per call (it is then not movable).
+        self._base_rep = base.rep
+        self._left: list[int] = []
+        self._joined: list[int] = []
         self._crossing: np.ndarray | None = None
+        self._stale: set[int] = set()
 
     # ------------------------------------------------------------------ rows of a replica
     def rows_of(self, pos: int) -> np.ndarray:
-        """Rows of ``pos``, longest remaining first (ties: lower row first)."""
+        """Rows of ``pos``, longest remaining first (ties in no particular order)."""
         rows = self._rows.get(pos)
         if rows is None:
             start = self.groups.starts[pos]
@@ -137,7 +143,14 @@ class Board:
         return rows
 
     def _set_rows(self, pos: int, rows: np.ndarray) -> None:
-        self._rows[pos] = rows[np.lexsort((rows, -self.rem[rows]))]
+        self._rows[pos] = rows[np.argsort(-self.rem[rows], kind="stable")]
+
+    def candidates(self, pos: int, movable: np.ndarray, limit: int) -> np.ndarray:
+        """The first ``limit`` movable rows of ``pos``, longest remaining first, ties by
+        lower row (the order ARES examines migration candidates in)."""
+        rows = self.rows_of(pos)
+        rows = rows[movable[rows]]
+        return rows[np.lexsort((rows, -self.rem[rows]))][:limit]
 
     def refresh(self, positions: list[int]) -> None:
         """Recompute the forecast of ``positions`` from their rows."""
@@ -147,13 +160,15 @@ class Board:
                                            self.horizon)
             self.batch[pos], self.memory[pos] = b, m
             self.peak[pos], self.peak_at[pos] = pk, pk_at
-            self.tpot[pos] = weighted_tpot(self.cost, b[None, :], m[None, :])[0]
-            if self._crossing is not None:
-                self._crossing[pos] = self.crossings([pos])[0]
+        self.tpot[positions] = weighted_tpot(self.cost, self.batch[positions],
+                                             self.memory[positions])
+        self._stale.update(positions)  # their predicted overflow, when next asked for
 
     def move(self, row: int, dst: int) -> None:
         src = int(self.rep[row])
         self.rep[row] = dst
+        self._left.append(row)
+        self._joined.append(row)
         left = self.rows_of(src)
         self._rows[src] = left[left != row]
         self._set_rows(dst, np.append(self.rows_of(dst), row))
@@ -175,6 +190,7 @@ class Board:
             raise ValueError("Board.place: no room left (pass room= to the constructor)")
         self.kv[row], self.rem[row], self.rep[row] = kv, rem, pos
         self.size += 1
+        self._joined.append(row)
         self._set_rows(pos, np.append(self.rows_of(pos), row))
 
     # ------------------------------------------------------------------ forecasts with a request
@@ -183,26 +199,46 @@ class Board:
         alive = (rem[:, None] > self.times[None, :]).astype(np.float64)
         return alive, alive * (kv[:, None] + self.times[None, :])
 
-    def kv_alive_at(self, steps: np.ndarray) -> np.ndarray:
-        """``[C, R]``: per replica, ``M`` just before each step (rows with ``rem >= step``)."""
-        counts = self.groups.count(steps, strict=False)
-        alive = self.groups.kv_of_first(counts) + counts * steps[:, None]
-        for pos, rows in self._rows.items():
-            on = self.rem[rows][None, :] >= steps[:, None]
-            alive[:, pos] = (on * self.kv[rows][None, :]).sum(axis=1) + on.sum(axis=1) * steps
+    def kv_alive_at(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``M`` of ``positions[k]`` just before ``steps[k]`` (rows with ``rem >= step``)."""
+        g = self.groups
+        u = g.levels.shape[0]
+        start = g.starts[positions]
+        bound = positions * u + (u - 1 - np.searchsorted(g.levels, steps, side="left"))
+        count = np.searchsorted(g.key, bound, side="right") - start
+        alive = g.prefix[start + count] - g.prefix[start] + count * steps
+        if self._joined:  # correct the grouping by the rows that left and joined since
+            left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
+            rows = np.concatenate([joined, left])
+            where = np.concatenate([self.rep[joined], self._base_rep[left]])
+            sign = np.r_[np.ones(joined.shape[0]), -np.ones(left.shape[0])]
+            on = (self.rem[rows][None, :] >= steps[:, None]) & (
+                where[None, :] == positions[:, None])
+            alive += (on * (self.kv[rows][None, :] + steps[:, None]) * sign).sum(axis=1)
         return alive
 
-    def peak_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """``[C, P]``: predicted peak of each position if request ``c`` joined it. Exact at the
-        old peak, at the request's own finish and at the samples."""
+    def peak_pairs(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Predicted peak of ``positions[k]`` if request ``(kv[k], rem[k])`` joined it. Exact at
+        the old peak, at the request's own finish and at the samples."""
         _, d_memory = self._added(kv, rem)
-        memory = self.memory[positions][None, :, :] + d_memory[:, None, :]
+        memory = self.memory[positions] + d_memory
         t_x = np.minimum(rem, float(self.horizon))
-        alive_at_x = self.kv_alive_at(t_x)[:, positions]
-        peak, peak_at = self.peak[positions][None, :], self.peak_at[positions][None, :]
-        at_old_peak = np.where(rem[:, None] >= peak_at, peak + kv[:, None] + peak_at, peak)
-        at_own_finish = alive_at_x + kv[:, None] + t_x[:, None]
-        return np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=2))
+        alive_at_x = self.kv_alive_at(t_x, positions)
+        peak, peak_at = self.peak[positions], self.peak_at[positions]
+        at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
+        at_own_finish = alive_at_x + kv + t_x
+        return np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=1))
+
+    def peak_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``[C, P]``: :meth:`peak_pairs` of every request with every position."""
+        c, p = kv.shape[0], positions.shape[0]
+        return self.peak_pairs(np.repeat(kv, p), np.repeat(rem, p),
+                               np.tile(positions, c)).reshape(c, p)
+
+    def old_peak_bound(self, kv: np.ndarray, rem: np.ndarray) -> np.ndarray:
+        """``[C, R]``: the part of :meth:`peak_with` at the old peak, a lower bound of it."""
+        peak, peak_at = self.peak[None, :], self.peak_at[None, :]
+        return np.where(rem[:, None] >= peak_at, peak + kv[:, None] + peak_at, peak)
 
     def tpot_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """``[C, P]``: predicted TPOT of each position if request ``c`` joined it."""
@@ -217,11 +253,15 @@ class Board:
         return (self.peak <= self.budget)[None, :] & (
             self.memory[None, :, 0] + kv[:, None] <= self.budget[None, :])
 
-    def tpot_without(self, rows: np.ndarray) -> np.ndarray:
-        """Predicted TPOT of each row's replica if that row left it."""
-        pos = self.rep[rows]
+    def tpot_moved(self, rows: np.ndarray, dst: int) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted TPOT of each row's replica without it, and of ``dst`` with it (one
+        evaluation of the cost model for both)."""
+        src = self.rep[rows]
         d_batch, d_memory = self._added(self.kv[rows], self.rem[rows])
-        return weighted_tpot(self.cost, self.batch[pos] - d_batch, self.memory[pos] - d_memory)
+        batch = np.concatenate([self.batch[src] - d_batch, self.batch[dst] + d_batch])
+        memory = np.concatenate([self.memory[src] - d_memory, self.memory[dst] + d_memory])
+        tpot = weighted_tpot(self.cost, batch, memory)
+        return tpot[:rows.shape[0]], tpot[rows.shape[0]:]
 
     def token_time_saved(self, rows: np.ndarray, dst: int, tpot_src: np.ndarray,
                          tpot_dst: np.ndarray) -> np.ndarray:
@@ -242,10 +282,13 @@ class Board:
         """Predicted steps until each replica's running KV passes its budget (inf: never)."""
         if self._crossing is None:
             g = self.groups
-            finish = np.clip(g.rem, 0.0, float(self.horizon))
+            finish = np.minimum(np.maximum(g.rem, 0.0), float(self.horizon))
             self._crossing = first_crossings(finish, g.kv, g.lengths, self.budget)
-            for pos in self._rows:
-                self._crossing[pos] = self.crossings([pos])[0]
+            self._stale = set(self._rows)
+        if self._stale:
+            stale = sorted(self._stale)
+            self._crossing[stale] = self.crossings(stale)
+            self._stale.clear()
         return self._crossing
 
     def crossings(self, positions: list[int], *, drop: np.ndarray | None = None,
@@ -266,7 +309,7 @@ class Board:
         # Regroup: by owner, longest remaining first (ties do not change the crossing).
         order = np.lexsort((-self.rem[rows], owner))
         rows, owner = rows[order], owner[order]
-        finish = np.clip(self.rem[rows], 0.0, float(self.horizon))
+        finish = np.minimum(np.maximum(self.rem[rows], 0.0), float(self.horizon))
         sizes = np.bincount(owner, minlength=len(positions)).astype(np.int64)
         return first_crossings(finish, self.kv[rows], sizes,
                                self.budget[np.asarray(positions, dtype=np.int64)])
