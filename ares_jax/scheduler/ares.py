@@ -273,35 +273,38 @@ class AresPolicy:
         ``(index in sources, row, dst)``, the move with the latest pair crossing (first
         candidate, then first destination, on ties)."""
         cfg = self.config
+        gain = cfg.oom_delay_min_gain_steps
         latest = np.argsort(-crossing, kind="stable")[: cfg.oom_delay_destinations + 1]
-        srcs, rows, owner = [], [], []
+        srcs, rows, owner, dests_of = [], [], [], {}
         for k, src in enumerate(sources.tolist()):
+            # A pair's first crossing is at most the destination's (a request joining can
+            # only bring it forward): without a destination that late, skip the source.
+            dests = [d for d in latest.tolist() if d != src][: cfg.oom_delay_destinations]
+            dests = [d for d in dests if crossing[d] - crossing[src] >= gain]
+            if not dests:
+                continue
             cand = self._candidates(board, movable, src)
             cand = cand[board.rem[cand] > crossing[src]]  # only these are there when it fills
             srcs += [src] * cand.shape[0]
             rows.append(cand)
             owner += [k] * cand.shape[0]
+            dests_of[k] = dests
         if not srcs:
             return None
         rows = np.concatenate(rows)
         owner = np.asarray(owner)
-        src_of = np.asarray(srcs)
-        before = crossing[src_of]
+        before = crossing[np.asarray(srcs)]
         src_after = board.crossings(srcs, drop=rows)
-        # A pair's crossing is at most each side's: only sides that gain enough can qualify.
-        viable = src_after - before >= cfg.oom_delay_min_gain_steps
-        triples = []  # (candidate index, dst), in the order candidates and dests are tried
-        for i in np.flatnonzero(viable).tolist():
-            dests = [int(d) for d in latest if d != src_of[i]][: cfg.oom_delay_destinations]
-            triples += [(i, d) for d in dests
-                        if crossing[d] - before[i] >= cfg.oom_delay_min_gain_steps]
+        # ... and at most the source's: only candidates that delay it enough can qualify.
+        triples = [(i, d) for i in np.flatnonzero(src_after - before >= gain).tolist()
+                   for d in dests_of[int(owner[i])]]
         if not triples:
             return None
         cand_idx = np.array([t[0] for t in triples])
         dsts = [t[1] for t in triples]
         dst_after = board.crossings(dsts, add=rows[cand_idx])
         later = np.minimum(src_after[cand_idx], dst_after)
-        ok = later - before[cand_idx] >= cfg.oom_delay_min_gain_steps
+        ok = later - before[cand_idx] >= gain
         if not ok.any():
             return None
         k = int(owner[cand_idx[np.flatnonzero(ok)[0]]])  # the first source with a move

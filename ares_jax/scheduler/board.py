@@ -294,22 +294,23 @@ class Board:
     def crossings(self, positions: list[int], *, drop: np.ndarray | None = None,
                   add: np.ndarray | None = None) -> np.ndarray:
         """``overflow_steps()`` of each position, with ``drop[i]`` (a row index) taken out of
-        position ``i`` or ``add[i]`` joining it (``-1``: neither), in one evaluation."""
+        position ``i`` or ``add[i]`` joining it, in one evaluation."""
         groups = [self.rows_of(p) for p in positions]
         lengths = np.array([r.shape[0] for r in groups], dtype=np.int64)
         rows = np.concatenate(groups) if groups else np.zeros(0, np.int64)
-        owner = np.repeat(np.arange(len(positions)), lengths)
-        if drop is not None:
-            keep = rows != np.repeat(drop, lengths)
-            rows, owner = rows[keep], owner[keep]
-        if add is not None:
-            joins = np.flatnonzero(add >= 0)
-            rows = np.concatenate([rows, add[joins]])
-            owner = np.concatenate([owner, joins])
-        # Regroup: by owner, longest remaining first (ties do not change the crossing).
-        order = np.lexsort((-self.rem[rows], owner))
-        rows, owner = rows[order], owner[order]
+        if drop is not None:  # taking a row out keeps each group sorted
+            owner = np.repeat(np.arange(len(positions)), lengths)
+            gone = rows == np.repeat(drop, lengths)
+            rows = rows[~gone]
+            lengths = lengths - np.bincount(owner[gone], minlength=len(positions))
+        if add is not None:  # a row joining: regroup, longest remaining first
+            owner = np.concatenate([np.repeat(np.arange(len(positions)), lengths),
+                                    np.arange(len(positions))])
+            rows = np.concatenate([rows, add])
+            order = np.lexsort((-self.rem[rows], owner))
+            rows = rows[order]
+            lengths = lengths + 1
+        # (ties in remaining length may come in any order: they do not change the crossing)
         finish = np.minimum(np.maximum(self.rem[rows], 0.0), float(self.horizon))
-        sizes = np.bincount(owner, minlength=len(positions)).astype(np.int64)
-        return first_crossings(finish, self.kv[rows], sizes,
+        return first_crossings(finish, self.kv[rows], lengths,
                                self.budget[np.asarray(positions, dtype=np.int64)])
