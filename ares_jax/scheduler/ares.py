@@ -98,6 +98,16 @@ class AresConfig:
                              f"{sorted(DISPATCH_SCORES)}, not {self.dispatch_fallback!r}")
 
 
+def _median(x: np.ndarray) -> float:
+    """``np.median`` of a 1-D array without NaN (the same value, a third of the calls)."""
+    n = x.shape[0]
+    k = n // 2
+    if n % 2:
+        return float(np.partition(x, k)[k])
+    part = np.partition(x, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2.0)
+
+
 def pending_remaining(p: PendingDispatch, cfg: AresConfig) -> float:
     rem = p.predicted_remaining
     if cfg.use_true_remaining and p.true_remaining is not None:
@@ -328,8 +338,8 @@ class AresPolicy:
             if exhausted[worst] or gap <= threshold:
                 return
             if cfg.balance_noise_z > 0 and board.n >= cfg.balance_noise_min_replicas:
-                median = float(np.median(board.tpot))
-                sigma = 1.4826 * float(np.median(np.abs(board.tpot - median)))
+                median = _median(board.tpot)
+                sigma = 1.4826 * _median(np.abs(board.tpot - median))
                 if board.tpot[worst] - median <= cfg.balance_noise_z * sigma:
                     return  # the worst replica is within chance spread of the rest
             if first and cfg.scale_migrations_with_gap:

@@ -80,18 +80,31 @@ def base_forecast(
                         peak=peak, peak_at=peak_at, tpot=weighted_tpot(cost, batch, memory))
 
 
-def _one_replica(kv: np.ndarray, rem: np.ndarray, times: np.ndarray,
-                 horizon: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """``(B, M, peak, peak_at)`` of one replica's rows, sorted by ``rem`` descending."""
-    alive = rem[:, None] > times[None, :]
-    batch = alive.sum(axis=0).astype(np.float64)
-    memory = (kv[:, None] * alive).sum(axis=0) + batch * times
-    if kv.shape[0] == 0:
-        return batch, memory, 0.0, 0.0
-    finish = np.minimum(np.maximum(rem, 0.0), float(horizon))
-    m = np.cumsum(kv) + np.arange(1, kv.shape[0] + 1) * finish
-    peak = float(m.max())
-    return batch, memory, peak, float(finish[m == peak].max())
+def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, times: np.ndarray,
+                       horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(B, M, peak, peak_at)`` of a few replicas whose rows are laid end to end (``lengths``
+    each), each group sorted by ``rem`` descending: :func:`grouped_trajectories` and
+    :func:`grouped_peak` for rows that are not in the table's grouping."""
+    g = len(lengths)
+    owner = np.repeat(np.arange(g), lengths)
+    alive = rem[:, None] > times[None, :]  # [n, S]
+    batch = np.zeros((g, times.shape[0]))
+    memory = np.zeros((g, times.shape[0]))
+    np.add.at(batch, owner, alive)
+    np.add.at(memory, owner, kv[:, None] * alive)
+    memory += batch * times[None, :]
+    peak, peak_at = np.zeros(g), np.zeros(g)
+    busy = np.flatnonzero(lengths)
+    if busy.size:
+        starts = (np.cumsum(lengths) - lengths)[busy]
+        finish = np.minimum(np.maximum(rem, 0.0), float(horizon))
+        cum = np.cumsum(kv)
+        rank = np.arange(kv.shape[0]) - np.repeat(starts, lengths[busy])
+        m = cum - np.repeat(cum[starts] - kv[starts], lengths[busy]) + (rank + 1) * finish
+        peak[busy] = np.maximum.reduceat(m, starts)
+        at = np.where(m == np.repeat(peak[busy], lengths[busy]), finish, -1.0)
+        peak_at[busy] = np.maximum.reduceat(at, starts)
+    return batch, memory, peak, peak_at
 
 
 class Board:
@@ -154,14 +167,14 @@ class Board:
 
     def refresh(self, positions: list[int]) -> None:
         """Recompute the forecast of ``positions`` from their rows."""
-        for pos in positions:
-            rows = self.rows_of(pos)
-            b, m, pk, pk_at = _one_replica(self.kv[rows], self.rem[rows], self.times,
-                                           self.horizon)
-            self.batch[pos], self.memory[pos] = b, m
-            self.peak[pos], self.peak_at[pos] = pk, pk_at
-        self.tpot[positions] = weighted_tpot(self.cost, self.batch[positions],
-                                             self.memory[positions])
+        groups = [self.rows_of(p) for p in positions]
+        rows = np.concatenate(groups)
+        lengths = np.array([r.shape[0] for r in groups], dtype=np.int64)
+        b, m, pk, pk_at = _replicas_forecast(self.kv[rows], self.rem[rows], lengths,
+                                             self.times, self.horizon)
+        self.batch[positions], self.memory[positions] = b, m
+        self.peak[positions], self.peak_at[positions] = pk, pk_at
+        self.tpot[positions] = weighted_tpot(self.cost, b, m)
         self._stale.update(positions)  # their predicted overflow, when next asked for
 
     def move(self, row: int, dst: int) -> None:
