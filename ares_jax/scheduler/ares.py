@@ -374,6 +374,6 @@ class AresPolicy:
             others_tokens = np.minimum(board.rem[np.sort(board.rows_of(worst))], horizon).sum()
             own = np.minimum(rem, horizon)
             saved_ms = (before - tpot_dst) * own + (before - tpot_src) * (others_tokens - own)
-        cost_ms = np.array([self.transfer.migration_ms(k) for k in kv])
+        cost_ms = self.transfer.migration_ms(kv)  # elementwise over the candidates
         ok = np.flatnonzero(fits & improves & (saved_ms >= cfg.recoup_factor * cost_ms))
         return int(rows[ok[0]]) if ok.size else None

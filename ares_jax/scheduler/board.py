@@ -143,6 +143,8 @@ class Board:
         self._base_rep = base.rep
         self._left: list[int] = []
         self._joined: list[int] = []
+        # The same as arrays, for kv_alive_at: rows, the replica each counts at, +1 / -1.
+        self._delta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._crossing: np.ndarray | None = None
         self._stale: set[int] = set()
 
@@ -182,6 +184,7 @@ class Board:
         self.rep[row] = dst
         self._left.append(row)
         self._joined.append(row)
+        self._delta = None
         left = self.rows_of(src)
         self._rows[src] = left[left != row]
         self._set_rows(dst, np.append(self.rows_of(dst), row))
@@ -204,6 +207,7 @@ class Board:
         self.kv[row], self.rem[row], self.rep[row] = kv, rem, pos
         self.size += 1
         self._joined.append(row)
+        self._delta = None
         self._set_rows(pos, np.append(self.rows_of(pos), row))
 
     # ------------------------------------------------------------------ forecasts with a request
@@ -221,10 +225,12 @@ class Board:
         count = np.searchsorted(g.key, bound, side="right") - start
         alive = g.prefix[start + count] - g.prefix[start] + count * steps
         if self._joined:  # correct the grouping by the rows that left and joined since
-            left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
-            rows = np.concatenate([joined, left])
-            where = np.concatenate([self.rep[joined], self._base_rep[left]])
-            sign = np.r_[np.ones(joined.shape[0]), -np.ones(left.shape[0])]
+            if self._delta is None:
+                left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
+                rows = np.concatenate([joined, left])
+                self._delta = (rows, np.concatenate([self.rep[joined], self._base_rep[left]]),
+                               np.r_[np.ones(joined.shape[0]), -np.ones(left.shape[0])])
+            rows, where, sign = self._delta
             on = (self.rem[rows][None, :] >= steps[:, None]) & (
                 where[None, :] == positions[:, None])
             alive += (on * (self.kv[rows][None, :] + steps[:, None]) * sign).sum(axis=1)

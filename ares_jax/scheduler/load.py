@@ -235,7 +235,7 @@ def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
     lexsort that would order them too); :meth:`Board.candidates` orders them where it
     matters."""
     n = remaining.shape[0]
-    by_rem = np.argsort(-remaining)  # descending
+    by_rem = np.argsort(remaining)[::-1]  # descending (ties in any order)
     ordered = remaining[by_rem]
     first = np.empty(n, dtype=bool)
     first[:1] = True
