@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ares_jax.cli import main
 from ares_jax.scheduler.cost import default_grid_path
+from ares_jax.sim import cli as sim_cli
 
 pytestmark = pytest.mark.skipif(not default_grid_path().is_file(),
                                 reason="../shared/data/costmodel/aic_grid.csv absent")
+
+
+def main(argv: list[str]) -> int:
+    """``ares-jax`` with only the ``simulate`` subcommand registered (what these tests need:
+    the other subsystems' subcommands import packages that may be absent in a checkout)."""
+    parser = argparse.ArgumentParser(prog="ares-jax")
+    sim_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 def tiny_trace(tmp_path: Path, n: int = 120) -> Path:
@@ -57,3 +67,19 @@ def test_simulate_goodput_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_simulate_rejects_unknown_policy(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["simulate", "--trace", str(tiny_trace(tmp_path, 5)), "--policy", "magic"])
+
+
+def test_a_trace_runs_whole_unless_requests_cuts_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # More rows than the sampled workloads' default of 2,000: all of them run.
+    trace = tiny_trace(tmp_path, 2100)
+    common = ["simulate", "--trace", str(trace), "--decode-replicas", "2",
+              "--prefill-replicas", "1", "--rate", "40", "--policy", "static"]
+    assert main([*common, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["requests"] == 2100
+    assert out["results"][0]["requests"] == 2100
+    assert main(common) == 0
+    assert "trace: 2100 requests" in capsys.readouterr().out
+    assert main([*common, "--requests", "300", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["requests"] == 300

@@ -24,20 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from ares_jax.config import config
+from ares_jax.scheduler.board import Board, estimate_remaining
 from ares_jax.scheduler.cost import StepCostModel, TransferCost
-from ares_jax.scheduler.load import (
-    kv_alive_at,
-    peak_kv,
-    sample_times,
-    steps_to_overflow,
-    trajectories,
-    weighted_tpot,
-)
 from ares_jax.scheduler.policies import DISPATCH_SCORES
 from ares_jax.scheduler.state import (
     ClusterSnapshot,
@@ -46,8 +38,9 @@ from ares_jax.scheduler.state import (
     Migration,
     PendingDispatch,
     PolicyState,
-    RequestTable,
 )
+
+__all__ = ["AresConfig", "AresPolicy", "estimate_remaining", "pending_remaining"]
 
 
 @config
@@ -105,15 +98,14 @@ class AresConfig:
                              f"{sorted(DISPATCH_SCORES)}, not {self.dispatch_fallback!r}")
 
 
-def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
-    """Remaining tokens per row: prediction (or truth for the oracle), prior when unknown,
-    clipped to what ``max_tokens`` still allows."""
-    rem = table.predicted_remaining
-    if cfg.use_true_remaining:
-        rem = np.where(np.isnan(table.true_remaining), rem, table.true_remaining)
-    rem = np.where(np.isnan(rem), cfg.prior_remaining_tokens, rem)
-    allowed = np.maximum(table.max_tokens - table.generated_tokens, 0)
-    return np.clip(rem, 0.0, allowed).astype(np.float64)
+def _median(x: np.ndarray) -> float:
+    """``np.median`` of a 1-D array without NaN (the same value, a third of the calls)."""
+    n = x.shape[0]
+    k = n // 2
+    if n % 2:
+        return float(np.partition(x, k)[k])
+    part = np.partition(x, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2.0)
 
 
 def pending_remaining(p: PendingDispatch, cfg: AresConfig) -> float:
@@ -126,158 +118,12 @@ def pending_remaining(p: PendingDispatch, cfg: AresConfig) -> float:
 
 
 @dataclass(frozen=True, eq=False)
-class _BaseForecast:
-    kv: np.ndarray
-    rem: np.ndarray
-    rep: np.ndarray
-    batch: np.ndarray
-    memory: np.ndarray
-    peak: np.ndarray
-    peak_at: np.ndarray
-    tpot: np.ndarray
-
-
-@lru_cache(maxsize=4)
-def _base_forecast(
-    table: RequestTable, num_replicas: int, cost: StepCostModel, cfg: AresConfig
-) -> _BaseForecast:
-    """The forecast of a request table. Memoised on the table's identity: a caller that reuses
-    a snapshot for several dispatch calls (a scheduler polling replica state periodically, as
-    Llumnix does) pays for it once."""
-    kv = table.kv_tokens.astype(np.float64)
-    rem = estimate_remaining(table, cfg)
-    rep = table.replica.astype(np.int64)
-    times = sample_times(cfg.horizon_steps, cfg.samples)
-    batch, memory = trajectories(kv, rem, rep, num_replicas, times)
-    peak, peak_at = peak_kv(kv, rem, rep, num_replicas, cfg.memory_horizon_steps)
-    return _BaseForecast(kv=kv, rem=rem, rep=rep, batch=batch, memory=memory, peak=peak,
-                         peak_at=peak_at, tpot=weighted_tpot(cost, batch, memory))
-
-
-class _Board:
-    """Mutable forecast of every replica for the duration of one policy call."""
-
-    def __init__(
-        self,
-        snapshot: ClusterSnapshot,
-        cost: StepCostModel,
-        cfg: AresConfig,
-    ) -> None:
-        self.cost = cost
-        self.horizon = cfg.memory_horizon_steps
-        self.times = sample_times(cfg.horizon_steps, cfg.samples)
-        self.n = snapshot.num_replicas
-        self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
-        base = _base_forecast(snapshot.table(), self.n, cost, cfg)
-        self.kv, self.rem, self.rep = base.kv, base.rem, base.rep.copy()
-        self.batch, self.memory = base.batch.copy(), base.memory.copy()
-        self.peak, self.peak_at = base.peak.copy(), base.peak_at.copy()
-        self.tpot = base.tpot.copy()
-        # Memory outside the running batch (page rounding, transfers, reservations, queue)
-        # does not grow; the running batch's trajectory must fit in what is left.
-        fixed = snapshot.used_tokens - snapshot.running_kv_tokens + snapshot.queued_kv_tokens
-        self.budget = cfg.memory_target * snapshot.kv_capacity_tokens - fixed
-
-    def refresh(self, positions: list[int]) -> None:
-        for pos in positions:
-            rows = self.rep == pos
-            kv, rem = self.kv[rows], self.rem[rows]
-            zero = np.zeros(kv.shape[0], dtype=np.int64)
-            b, m = trajectories(kv, rem, zero, 1, self.times)
-            pk, pk_at = peak_kv(kv, rem, zero, 1, self.horizon)
-            self.batch[pos], self.memory[pos] = b[0], m[0]
-            self.peak[pos], self.peak_at[pos] = pk[0], pk_at[0]
-            self.tpot[pos] = weighted_tpot(self.cost, b, m)[0]
-
-    def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float) -> None:
-        """Add a request to ``pos`` with the forecast ``with_request`` computed for it."""
-        d_batch, d_memory = self._added(kv, rem)
-        self.batch[pos] += d_batch
-        self.memory[pos] += d_memory
-        self.tpot[pos] = tpot
-        self.idle[pos] = False
-        if peak > self.peak[pos]:
-            self.peak[pos] = peak
-            self.peak_at[pos] = min(rem, float(self.horizon))  # approximately where it moved
-        self.kv = np.append(self.kv, kv)
-        self.rem = np.append(self.rem, rem)
-        self.rep = np.append(self.rep, pos)
-
-    def _added(self, kv: float, rem: float) -> tuple[np.ndarray, np.ndarray]:
-        alive = (rem > self.times).astype(np.float64)
-        return alive, alive * (kv + self.times)
-
-    def with_request(
-        self, kv: float, rem: float, positions: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted ``(tpot, peak)`` of ``positions`` if the request joined each of them.
-
-        The peak is exact at the old peak, at the request's own finish and at the samples.
-        """
-        d_batch, d_memory = self._added(kv, rem)
-        batch = self.batch[positions] + d_batch
-        memory = self.memory[positions] + d_memory
-        tpot = weighted_tpot(self.cost, batch, memory)
-        t_x = min(rem, float(self.horizon))
-        if positions.size < self.n:
-            wanted = np.zeros(self.n, dtype=bool)
-            wanted[positions] = True
-            rows = wanted[self.rep]
-            alive_at_x = kv_alive_at(self.kv[rows], self.rem[rows], self.rep[rows], self.n, t_x)
-        else:
-            alive_at_x = kv_alive_at(self.kv, self.rem, self.rep, self.n, t_x)
-        peak, peak_at = self.peak[positions], self.peak_at[positions]
-        at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
-        at_own_finish = alive_at_x[positions] + kv + t_x
-        return tpot, np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=1))
-
-    def could_take(self, kv: float) -> np.ndarray:
-        """Replicas that might fit a request of ``kv`` tokens (a necessary condition: the new
-        peak is at least the old one and at least today's KV plus the request's)."""
-        return np.flatnonzero(
-            (self.peak <= self.budget) & (self.memory[:, 0] + kv <= self.budget)
-        )
-
-    def tpot_without(self, row: int) -> float:
-        pos = int(self.rep[row])
-        d_batch, d_memory = self._added(self.kv[row], self.rem[row])
-        b = (self.batch[pos] - d_batch)[None, :]
-        m = (self.memory[pos] - d_memory)[None, :]
-        return float(weighted_tpot(self.cost, b, m)[0])
-
-    def token_time_saved(self, row: int, dst: int, tpot_src: float, tpot_dst: float) -> float:
-        """Token-time (token x ms) the cluster saves over the horizon if ``row`` moves to
-        ``dst``, given the post-move TPOTs: the source's remaining tokens get faster, the
-        destination's existing and the moved request's tokens run at the destination's new
-        speed. Per sample, ``sum B * step = tpot * sum B``; samples are ``H / (S - 1)`` apart."""
-        src = int(self.rep[row])
-        d_batch, _ = self._added(self.kv[row], self.rem[row])
-        tokens_src, tokens_dst, moved = self.batch[src].sum(), self.batch[dst].sum(), d_batch.sum()
-        before = self.tpot[src] * tokens_src + self.tpot[dst] * tokens_dst
-        after = tpot_src * (tokens_src - moved) + tpot_dst * (tokens_dst + moved)
-        return float(before - after) * float(self.times[-1]) / max(len(self.times) - 1, 1)
-
-    def overflow_steps(self) -> np.ndarray:
-        """Predicted steps until each replica's running KV passes its budget (inf: never)."""
-        return steps_to_overflow(self.kv, self.rem, self.rep, self.n, self.budget, self.horizon)
-
-    def overflow_step_if(self, pos: int, row: int, *, joins: bool) -> float:
-        """``overflow_steps()[pos]`` if ``row`` joined (or left) ``pos``."""
-        rows = self.rep == pos
-        rows[row] = joins
-        kv, rem = self.kv[rows], self.rem[rows]
-        zero = np.zeros(kv.shape[0], dtype=np.int64)
-        return float(steps_to_overflow(kv, rem, zero, 1, self.budget[pos:pos + 1],
-                                       self.horizon)[0])
-
-    def move(self, row: int, dst: int) -> None:
-        src = int(self.rep[row])
-        self.rep[row] = dst
-        self.refresh([src, dst])
-
-
-@dataclass(frozen=True, eq=False)
 class AresPolicy:
+    """ARES over a :class:`Board`. Every step below is evaluated for all the candidates it
+    compares at once (requests x replicas in one numpy evaluation); the Python loops run over
+    decisions taken (at most ``max_migrations_per_round`` moves, one per pending request) and
+    over the replicas a phase examines, never over the requests of a replica."""
+
     cost: StepCostModel
     transfer: TransferCost
     config: AresConfig = AresConfig()
@@ -290,7 +136,7 @@ class AresPolicy:
     ) -> tuple[Decisions, PolicyState]:
         if not snapshot.pending:
             return Decisions(), state
-        board = _Board(snapshot, self.cost, self.config)
+        board = Board(snapshot, self.cost, self.config, room=len(snapshot.pending))
         everyone = np.arange(board.n)
         fallback = DISPATCH_SCORES[self.config.dispatch_fallback](snapshot)
         min_gain = self.config.dispatch_min_gain
@@ -298,8 +144,10 @@ class AresPolicy:
             min_gain = 0.0
         out = []
         for p in snapshot.pending:
-            rem = pending_remaining(p, self.config)
-            tpot, peak = board.with_request(float(p.kv_tokens), rem, everyone)
+            kv = np.array([float(p.kv_tokens)])
+            rem = np.array([pending_remaining(p, self.config)])
+            tpot = board.tpot_with(kv, rem, everyone)[0]
+            peak = board.peak_with(kv, rem, everyone)[0]
             overflow = peak - board.budget
             fits = overflow <= 0
             if fits.any():
@@ -315,7 +163,7 @@ class AresPolicy:
             else:
                 pos = int(np.argmin(overflow))
             out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
-            board.place(float(p.kv_tokens), rem, pos, tpot[pos], peak[pos])
+            board.place(float(kv[0]), float(rem[0]), pos, tpot[pos], peak[pos])
             fallback.place(pos, p.kv_tokens)
         return Decisions(dispatches=tuple(out)), state
 
@@ -326,7 +174,7 @@ class AresPolicy:
         cfg = self.config
         if len(table) == 0 or snapshot.num_replicas < 2:
             return Decisions(), state
-        board = _Board(snapshot, self.cost, cfg)
+        board = Board(snapshot, self.cost, cfg)
         movable = ~table.migrating & (snapshot.now - table.last_migrated_at >= cfg.cooldown_s)
         moves: list[tuple[int, int, int]] = []  # (row, src, dst)
         self._guard_memory(board, movable, moves)
@@ -343,17 +191,23 @@ class AresPolicy:
             state,
         )
 
-    def _candidates(self, board: _Board, movable: np.ndarray, src: int) -> np.ndarray:
-        """Movable rows of ``src``, longest predicted remaining first."""
-        rows = np.flatnonzero((board.rep == src) & movable)
-        order = np.argsort(-board.rem[rows], kind="stable")
-        return rows[order][: self.config.candidates_per_replica]
+    def _candidates(self, board: Board, movable: np.ndarray, src: int) -> np.ndarray:
+        """Movable rows of ``src``, longest predicted remaining first (ties: lower row)."""
+        return board.candidates(src, movable, self.config.candidates_per_replica)
+
+    def _move(self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]],
+              row: int, dst: int) -> None:
+        moves.append((row, int(board.rep[row]), dst))
+        movable[row] = False
+        board.move(row, dst)
 
     def _guard_memory(
-        self, board: _Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
+        self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
     ) -> None:
+        """Replicas predicted over budget, worst first, move out requests alive at their peak
+        (longest remaining first) to the replica with the lowest post-move TPOT that fits."""
         overflow = board.peak - board.budget
-        if board.could_take(0.0).size == 0:
+        if not board.could_take(np.zeros(1)).any():
             return  # no replica has headroom: nowhere to move anything
         for src in [int(i) for i in np.argsort(-overflow) if overflow[i] > 0]:
             while (
@@ -363,59 +217,113 @@ class AresPolicy:
                 rows = self._candidates(board, movable, src)
                 # Only requests still alive at the peak lower it.
                 rows = rows[board.rem[rows] >= board.peak_at[src]]
-                chosen = None
-                for row in rows:
-                    dests = board.could_take(board.kv[row])
-                    dests = dests[dests != src]
-                    if dests.size == 0:
-                        continue
-                    tpot, peak = board.with_request(board.kv[row], board.rem[row], dests)
-                    fits = peak <= board.budget[dests]
-                    if fits.any():
-                        chosen = (int(row), int(dests[np.argmin(np.where(fits, tpot, np.inf))]))
+                kv, rem = board.kv[rows], board.rem[rows]
+                fits = board.could_take(kv)  # [rows, replicas]
+                fits[:, src] = False
+                # The new peak is at least its value at the old peak: a cheap first filter,
+                # then the exact peak for the pairs left: of the first candidate alone (it
+                # usually fits somewhere), then of all the others at once.
+                fits &= board.old_peak_bound(kv, rem) <= board.budget
+                c = None
+                for first, last in ((0, 1), (1, rows.shape[0])):
+                    c_idx, p_idx = np.nonzero(fits[first:last])
+                    c_idx += first
+                    if c_idx.size:
+                        over = (board.peak_pairs(kv[c_idx], rem[c_idx], p_idx)
+                                > board.budget[p_idx])
+                        fits[c_idx[over], p_idx[over]] = False
+                    hit = np.flatnonzero(fits[first:last].any(axis=1))
+                    if hit.size:
+                        c = first + int(hit[0])  # the first candidate that fits somewhere
                         break
-                if chosen is None:
+                if c is None:
                     break
-                row, dst = chosen
-                moves.append((row, src, dst))
-                movable[row] = False
-                board.move(row, dst)
+                dests = np.flatnonzero(fits[c])
+                tpot = board.tpot_with(kv[c:c + 1], rem[c:c + 1], dests)[0]
+                self._move(board, movable, moves, int(rows[c]), int(dests[np.argmin(tpot)]))
 
     def _delay_overflow(
-        self, board: _Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
+        self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
     ) -> None:
+        """Replicas predicted to pass their budget within ``oom_delay_steps``, soonest first,
+        move out the request (alive at the crossing) and to the destination (of the
+        ``oom_delay_destinations`` latest-crossing replicas) that put the pair's first crossing
+        latest, if at least ``oom_delay_min_gain_steps`` later.
+
+        Sources are examined in chunks (8, then doubling while none finds a move): one
+        evaluation per chunk instead of one per request and destination. A move changes the
+        crossings, so the next chunk starts after it, from the re-sorted order."""
         cfg = self.config
         if cfg.oom_delay_steps <= 0:
             return
-        crossing = board.overflow_steps()
         done = np.zeros(board.n, dtype=bool)
+        chunk = 8
         while len(moves) < cfg.max_migrations_per_round:
-            src = int(np.argmin(np.where(done, np.inf, crossing)))
-            if done[src] or crossing[src] >= cfg.oom_delay_steps:
-                return
-            done[src] = True
-            rows = self._candidates(board, movable, src)
-            rows = rows[board.rem[rows] > crossing[src]]  # only these are there when it fills
-            dests = [int(d) for d in np.argsort(-crossing, kind="stable") if d != src]
-            best: tuple[float, int, int] | None = None
-            for row in rows:
-                src_after = board.overflow_step_if(src, int(row), joins=False)
-                for dst in dests[: cfg.oom_delay_destinations]:
-                    later = min(src_after, board.overflow_step_if(dst, int(row), joins=True))
-                    gain = later - crossing[src]
-                    if gain >= cfg.oom_delay_min_gain_steps and (best is None or later > best[0]):
-                        best = (later, int(row), dst)
-            if best is None:
-                continue
-            _, row, dst = best
-            moves.append((row, src, dst))
-            movable[row] = False
-            board.move(row, dst)
             crossing = board.overflow_steps()
+            waiting = np.flatnonzero(~done & (crossing < cfg.oom_delay_steps))
+            if waiting.size == 0:
+                return
+            order = waiting[np.argsort(crossing[waiting], kind="stable")][:chunk]
+            found = self._delay_chunk(board, movable, order, crossing)
+            if found is None:
+                done[order] = True
+                chunk *= 2
+                continue
+            k, row, dst = found
+            done[order[:k + 1]] = True
+            src = int(order[k])
+            self._move(board, movable, moves, row, dst)
             done[src] = False  # it may still fill too soon
+            chunk = 8
+
+    def _delay_chunk(
+        self, board: Board, movable: np.ndarray, sources: np.ndarray, crossing: np.ndarray
+    ) -> tuple[int, int, int] | None:
+        """The first source of ``sources`` (in order) with a move that delays its crossing:
+        ``(index in sources, row, dst)``, the move with the latest pair crossing (first
+        candidate, then first destination, on ties)."""
+        cfg = self.config
+        gain = cfg.oom_delay_min_gain_steps
+        latest = np.argsort(-crossing, kind="stable")[: cfg.oom_delay_destinations + 1]
+        srcs, rows, owner, dests_of = [], [], [], {}
+        for k, src in enumerate(sources.tolist()):
+            # A pair's first crossing is at most the destination's (a request joining can
+            # only bring it forward): without a destination that late, skip the source.
+            dests = [d for d in latest.tolist() if d != src][: cfg.oom_delay_destinations]
+            dests = [d for d in dests if crossing[d] - crossing[src] >= gain]
+            if not dests:
+                continue
+            cand = self._candidates(board, movable, src)
+            cand = cand[board.rem[cand] > crossing[src]]  # only these are there when it fills
+            srcs += [src] * cand.shape[0]
+            rows.append(cand)
+            owner += [k] * cand.shape[0]
+            dests_of[k] = dests
+        if not srcs:
+            return None
+        rows = np.concatenate(rows)
+        owner = np.asarray(owner)
+        before = crossing[np.asarray(srcs)]
+        src_after = board.crossings(srcs, drop=rows)
+        # ... and at most the source's: only candidates that delay it enough can qualify.
+        triples = [(i, d) for i in np.flatnonzero(src_after - before >= gain).tolist()
+                   for d in dests_of[int(owner[i])]]
+        if not triples:
+            return None
+        cand_idx = np.array([t[0] for t in triples])
+        dsts = [t[1] for t in triples]
+        dst_after = board.crossings(dsts, add=rows[cand_idx])
+        later = np.minimum(src_after[cand_idx], dst_after)
+        ok = later - before[cand_idx] >= gain
+        if not ok.any():
+            return None
+        k = int(owner[cand_idx[np.flatnonzero(ok)[0]]])  # the first source with a move
+        mine = np.flatnonzero(ok & (owner[cand_idx] == k))
+        best = mine[np.argmax(later[mine])]  # first maximum: first candidate, then dest
+        return k, int(rows[cand_idx[best]]), dsts[best]
 
     def _balance(
-        self, board: _Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
+        self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
     ) -> None:
         cfg = self.config
         exhausted = np.zeros(board.n, dtype=bool)
@@ -430,8 +338,8 @@ class AresPolicy:
             if exhausted[worst] or gap <= threshold:
                 return
             if cfg.balance_noise_z > 0 and board.n >= cfg.balance_noise_min_replicas:
-                median = float(np.median(board.tpot))
-                sigma = 1.4826 * float(np.median(np.abs(board.tpot - median)))
+                median = _median(board.tpot)
+                sigma = 1.4826 * _median(np.abs(board.tpot - median))
                 if board.tpot[worst] - median <= cfg.balance_noise_z * sigma:
                     return  # the worst replica is within chance spread of the rest
             if first and cfg.scale_migrations_with_gap:
@@ -442,32 +350,30 @@ class AresPolicy:
             if row is None:
                 exhausted[worst] = True
                 continue
-            moves.append((row, worst, best))
-            movable[row] = False
-            board.move(row, best)
+            self._move(board, movable, moves, row, best)
 
     def _best_move(
-        self, board: _Board, movable: np.ndarray, worst: int, best: int
+        self, board: Board, movable: np.ndarray, worst: int, best: int
     ) -> int | None:
+        """The first candidate of ``worst`` (longest remaining first) whose move to ``best``
+        fits its memory, improves the pair and recoups its transfer cost."""
         cfg = self.config
-        horizon = float(cfg.horizon_steps)
+        rows = self._candidates(board, movable, worst)
+        if rows.size == 0:
+            return None
+        kv, rem = board.kv[rows], board.rem[rows]
+        fits = board.peak_pairs(kv, rem, np.full(rows.shape[0], best)) <= board.budget[best]
+        tpot_src, tpot_dst = board.tpot_moved(rows, best)
         before = board.tpot[worst]
-        on_worst = board.rep == worst
-        others_tokens = np.minimum(board.rem[on_worst], horizon).sum()
-        dst = np.array([best])
-        for row in self._candidates(board, movable, worst):
-            tpot_dst, peak_dst = board.with_request(board.kv[row], board.rem[row], dst)
-            if peak_dst[0] > board.budget[best]:
-                continue
-            tpot_src = board.tpot_without(int(row))
-            if max(tpot_src, tpot_dst[0]) >= before:
-                continue  # the pair must improve
-            if cfg.net_gain:
-                saved_ms = board.token_time_saved(int(row), best, tpot_src, tpot_dst[0])
-            else:
-                own = min(board.rem[row], horizon)
-                saved_ms = ((before - tpot_dst[0]) * own
-                            + (before - tpot_src) * (others_tokens - own))
-            if saved_ms >= cfg.recoup_factor * self.transfer.migration_ms(board.kv[row]):
-                return int(row)
-        return None
+        improves = np.maximum(tpot_src, tpot_dst) < before  # the pair must improve
+        if cfg.net_gain:
+            saved_ms = board.token_time_saved(rows, best, tpot_src, tpot_dst)
+        else:
+            horizon = float(cfg.horizon_steps)
+            # Summed in row order, as the rows of a replica were always summed.
+            others_tokens = np.minimum(board.rem[np.sort(board.rows_of(worst))], horizon).sum()
+            own = np.minimum(rem, horizon)
+            saved_ms = (before - tpot_dst) * own + (before - tpot_src) * (others_tokens - own)
+        cost_ms = self.transfer.migration_ms(kv)  # elementwise over the candidates
+        ok = np.flatnonzero(fits & improves & (saved_ms >= cfg.recoup_factor * cost_ms))
+        return int(rows[ok[0]]) if ok.size else None

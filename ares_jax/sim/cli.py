@@ -28,6 +28,7 @@ from ares_jax.sim.simulator import SimResult, simulate
 from ares_jax.sim.workloads import WORKLOAD_NAMES, WorkloadConfig, load_workload
 
 MODES = ("run", "goodput", "sweep")
+DEFAULT_REQUESTS = 2000  # requests drawn from a named workload when --requests is not given
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("mode", nargs="?", choices=MODES, default="run")
     p.add_argument("--workload", choices=WORKLOAD_NAMES, default="servegen-r1")
     p.add_argument("--trace", help="CSV arrival_s,prompt_tokens,output_tokens (workload=trace)")
-    p.add_argument("--requests", type=int, default=2000, help="number of requests")
+    p.add_argument("--requests", type=int, default=None,
+                   help=f"number of requests (default {DEFAULT_REQUESTS}; with --trace, every "
+                        "row of the file)")
     p.add_argument("--rate", default=None,
                    help="req/s, comma-separated for several (default: the workload's own)")
     p.add_argument("--max-tokens", type=int, default=32768, help="output cap per request")
@@ -81,10 +84,18 @@ def _sim_config(args: argparse.Namespace) -> SimConfig:
 
 
 def _workload_config(args: argparse.Namespace) -> WorkloadConfig:
+    # A trace file is replayed whole unless --requests cuts it; a named workload is sampled.
+    count = args.requests
+    if count is None and not args.trace:
+        count = DEFAULT_REQUESTS
     return WorkloadConfig(
         name="trace" if args.trace else args.workload, trace=args.trace,
-        num_requests=args.requests, max_tokens=args.max_tokens, seed=args.seed,
+        num_requests=count, max_tokens=args.max_tokens, seed=args.seed,
     )
+
+
+def _ran(workload_name: str, requests: int) -> str:
+    return f"workload {workload_name}: {requests} requests"
 
 
 def _policies(args: argparse.Namespace) -> list[str]:
@@ -140,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         plot_tpot_vs_rate(curves, args.plot / "tpot_p99_vs_rate.png", slo_ms=cfg.slo.tpot_ms)
         _plot_timelines(args, last)
     _emit(args, {"workload": workload.name, "requests": len(workload), "results": rows},
-          _format_rows(rows))
+          _ran(workload.name, len(workload)) + "\n" + _format_rows(rows))
     return 0
 
 
@@ -166,7 +177,8 @@ def _goodput(args: argparse.Namespace) -> int:
     table = "\n".join(f"{o['policy']:>12}: goodput {o['goodput_req_s']:.3f} req/s "
                       f"({o['goodput_req_s_per_gpu']:.4f} per GPU) at "
                       f"{o['target']:.0%} SLO attainment" for o in out)
-    _emit(args, {"workload": workload.name, "requests": len(workload), "goodput": out}, table)
+    _emit(args, {"workload": workload.name, "requests": len(workload), "goodput": out},
+          _ran(workload.name, len(workload)) + "\n" + table)
     return 0
 
 

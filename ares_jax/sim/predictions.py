@@ -48,6 +48,39 @@ class ErrorModel:
         self._table: tuple[np.ndarray, np.ndarray] | None = None
         if cfg.table:
             self._table = load_sigma_table(cfg.table)
+        # Memo of the normals per request index: the persistent one (NaN: not yet drawn) and
+        # the fresh one of the last refresh asked for (-1: none). Every policy call asks for
+        # every running request, and between two calls most have not reached a new refresh;
+        # the hash is a pure function, so the memo changes no value.
+        self._persistent = np.zeros(0)
+        self._fresh_k = np.zeros(0, dtype=np.int64)
+        self._fresh = np.zeros(0)
+
+    def _normals(self, index: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``hashed_normal(seed, index, -1)`` and ``hashed_normal(seed, index, k)``."""
+        if index.size == 0 or index.min() < 0:
+            return (hashed_normal(self.seed, index, np.full_like(k, -1)),
+                    hashed_normal(self.seed, index, k))
+        need = int(index.max()) + 1
+        if need > self._persistent.shape[0]:
+            size = max(need, 2 * self._persistent.shape[0])
+            grow = size - self._persistent.shape[0]
+            self._persistent = np.r_[self._persistent, np.full(grow, np.nan)]
+            self._fresh_k = np.r_[self._fresh_k, np.full(grow, -1, dtype=np.int64)]
+            self._fresh = np.r_[self._fresh, np.zeros(grow)]
+        persistent = self._persistent[index]
+        miss = np.flatnonzero(np.isnan(persistent))
+        if miss.size:
+            persistent[miss] = hashed_normal(self.seed, index[miss],
+                                             np.full(miss.size, -1, dtype=np.int64))
+            self._persistent[index[miss]] = persistent[miss]
+        fresh = self._fresh[index]
+        stale = np.flatnonzero(self._fresh_k[index] != k)
+        if stale.size:
+            fresh[stale] = hashed_normal(self.seed, index[stale], k[stale])
+            self._fresh_k[index[stale]] = k[stale]
+            self._fresh[index[stale]] = fresh[stale]
+        return persistent, fresh
 
     def sigma(self, generated: np.ndarray) -> np.ndarray:
         g = np.asarray(generated, dtype=np.float64)
@@ -70,8 +103,7 @@ class ErrorModel:
         refresh = np.maximum(c.refresh_tokens, 1)
         k = g // refresh  # index of the last refresh
         g_k = k * refresh
-        persistent = hashed_normal(self.seed, request_index, np.full_like(g, -1))
-        fresh = hashed_normal(self.seed, request_index, k)
+        persistent, fresh = self._normals(np.asarray(request_index, dtype=np.int64), k)
         rho = c.persistence
         z = rho * persistent + np.sqrt(max(1.0 - rho * rho, 0.0)) * fresh
         at_refresh = (output_tokens - g_k) * np.exp(self.sigma(g_k) * z)

@@ -51,7 +51,7 @@ WINDOW_S = 600.0
 class WorkloadConfig:
     name: str = "servegen-r1"
     trace: str | None = None  # CSV path for name='trace'
-    num_requests: int = 2000
+    num_requests: int | None = 2000  # None: every row of a trace file (trace, azure-conv)
     rate: float | None = None  # req/s; None keeps the workload's native rate
     max_tokens: int = 32768  # output cap (the serving max_tokens)
     max_prompt_tokens: int = 32768
@@ -239,6 +239,8 @@ def sharegpt_lengths(limit: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_workload(cfg: WorkloadConfig) -> Workload:
+    if cfg.num_requests is None and cfg.name not in ("trace", "azure-conv"):
+        raise ValueError(f"workload {cfg.name!r} is sampled: it needs num_requests")
     if cfg.name in ("servegen-r1", "long-reasoning", "long-reasoning-scaled"):
         arrival, prompt, output = servegen_r1(cfg)
         if cfg.name == "long-reasoning":

@@ -1,0 +1,335 @@
+"""The forecast ARES works on during one policy call: every replica's predicted load, updated
+as the call places requests and plans migrations.
+
+Flow of a call: :func:`base_forecast` groups the request table's rows by replica, longest
+remaining first (one sort, memoised on the table), and derives every replica's batch and KV
+trajectory, predicted peak and TPOT from that grouping. A :class:`Board` starts from it; a
+replica that a placement or a move changes gets its own row list (``Board._rows``) and its
+forecast is recomputed from that; every query reads the grouping for the untouched replicas and
+the row lists for the touched ones. The queries are batched: "if each of these requests joined
+(or left) each of these replicas" is one numpy evaluation, not a Python loop over requests.
+
+Sums of KV tokens are sums of integers, exact in float64, so the values (and the decisions built
+on them) are those of the per-request formulation in docs/SIMULATOR.md, section 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ares_jax.scheduler.cost import StepCostModel
+from ares_jax.scheduler.load import (
+    GroupedRows,
+    first_crossings,
+    group_rows,
+    grouped_peak,
+    grouped_trajectories,
+    sample_times,
+    weighted_tpot,
+)
+from ares_jax.scheduler.state import ClusterSnapshot, RequestTable
+
+if TYPE_CHECKING:
+    from ares_jax.scheduler.ares import AresConfig
+
+
+def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
+    """Remaining tokens per row: prediction (or truth for the oracle), prior when unknown,
+    clipped to what ``max_tokens`` still allows."""
+    rem = table.predicted_remaining
+    if cfg.use_true_remaining:
+        rem = np.where(np.isnan(table.true_remaining), rem, table.true_remaining)
+    rem = np.where(np.isnan(rem), cfg.prior_remaining_tokens, rem)
+    allowed = np.maximum(table.max_tokens - table.generated_tokens, 0)
+    return np.clip(rem, 0.0, allowed).astype(np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class BaseForecast:
+    """The forecast of a request table (rows in table order, replicas in snapshot order)."""
+
+    kv: np.ndarray  # [N] float
+    rem: np.ndarray  # [N]
+    rep: np.ndarray  # [N] int64
+    groups: GroupedRows
+    batch: np.ndarray  # [R, S]
+    memory: np.ndarray  # [R, S]
+    peak: np.ndarray  # [R]
+    peak_at: np.ndarray  # [R]
+    tpot: np.ndarray  # [R]
+
+
+@lru_cache(maxsize=4)
+def base_forecast(
+    table: RequestTable, num_replicas: int, cost: StepCostModel, cfg: AresConfig
+) -> BaseForecast:
+    """The forecast of a request table. Memoised on the table's identity: a caller that reuses
+    a snapshot for several dispatch calls (a scheduler polling replica state periodically, as
+    Llumnix does) pays for it once."""
+    kv = table.kv_tokens.astype(np.float64)
+    rem = estimate_remaining(table, cfg)
+    rep = table.replica.astype(np.int64)
+    groups = group_rows(kv, rem, rep, num_replicas)
+    batch, memory = grouped_trajectories(groups, sample_times(cfg.horizon_steps, cfg.samples))
+    peak, peak_at = grouped_peak(groups, cfg.memory_horizon_steps)
+    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups, batch=batch, memory=memory,
+                        peak=peak, peak_at=peak_at, tpot=weighted_tpot(cost, batch, memory))
+
+
+def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, times: np.ndarray,
+                       horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(B, M, peak, peak_at)`` of a few replicas whose rows are laid end to end (``lengths``
+    each), each group sorted by ``rem`` descending: :func:`grouped_trajectories` and
+    :func:`grouped_peak` for rows that are not in the table's grouping."""
+    g = len(lengths)
+    owner = np.repeat(np.arange(g), lengths)
+    alive = rem[:, None] > times[None, :]  # [n, S]
+    batch = np.zeros((g, times.shape[0]))
+    memory = np.zeros((g, times.shape[0]))
+    np.add.at(batch, owner, alive)
+    np.add.at(memory, owner, kv[:, None] * alive)
+    memory += batch * times[None, :]
+    peak, peak_at = np.zeros(g), np.zeros(g)
+    busy = np.flatnonzero(lengths)
+    if busy.size:
+        starts = (np.cumsum(lengths) - lengths)[busy]
+        finish = np.minimum(np.maximum(rem, 0.0), float(horizon))
+        cum = np.cumsum(kv)
+        rank = np.arange(kv.shape[0]) - np.repeat(starts, lengths[busy])
+        m = cum - np.repeat(cum[starts] - kv[starts], lengths[busy]) + (rank + 1) * finish
+        peak[busy] = np.maximum.reduceat(m, starts)
+        at = np.where(m == np.repeat(peak[busy], lengths[busy]), finish, -1.0)
+        peak_at[busy] = np.maximum.reduceat(at, starts)
+    return batch, memory, peak, peak_at
+
+
+class Board:
+    """Mutable forecast of every replica for the duration of one policy call.
+
+    Rows are indexed as in the snapshot's request table; :meth:`place` appends rows after them
+    (``room`` of them are allocated up front).
+    """
+
+    def __init__(self, snapshot: ClusterSnapshot, cost: StepCostModel, cfg: AresConfig,
+                 *, room: int = 0) -> None:
+        self.cost = cost
+        self.horizon = cfg.memory_horizon_steps
+        self.times = sample_times(cfg.horizon_steps, cfg.samples)
+        self.n = snapshot.num_replicas
+        self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
+        base = base_forecast(snapshot.table(), self.n, cost, cfg)
+        self.groups = base.groups
+        self.size = base.kv.shape[0]  # rows in use
+        if room:
+            self.kv = np.concatenate([base.kv, np.zeros(room)])
+            self.rem = np.concatenate([base.rem, np.zeros(room)])
+            self.rep = np.concatenate([base.rep, np.full(room, -1, np.int64)])
+        else:
+            self.kv, self.rem, self.rep = base.kv, base.rem, base.rep.copy()
+        self.batch, self.memory = base.batch.copy(), base.memory.copy()
+        self.peak, self.peak_at = base.peak.copy(), base.peak_at.copy()
+        self.tpot = base.tpot.copy()
+        # Memory outside the running batch (page rounding, transfers, reservations, queue)
+        # does not grow; the running batch's trajectory must fit in what is left.
+        fixed = snapshot.used_tokens - snapshot.running_kv_tokens + snapshot.queued_kv_tokens
+        self.budget = cfg.memory_target * snapshot.kv_capacity_tokens - fixed
+        self._rows: dict[int, np.ndarray] = {}  # changed replicas: rows, longest remaining first
+        # Rows that left their table replica (moved) or joined one (moved, placed): what the
+        # grouping no longer says. A row moves at most once per call (it is then not movable).
+        self._base_rep = base.rep
+        self._left: list[int] = []
+        self._joined: list[int] = []
+        # The same as arrays, for kv_alive_at: rows, the replica each counts at, +1 / -1.
+        self._delta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._crossing: np.ndarray | None = None
+        self._stale: set[int] = set()
+
+    # ------------------------------------------------------------------ rows of a replica
+    def rows_of(self, pos: int) -> np.ndarray:
+        """Rows of ``pos``, longest remaining first (ties in no particular order)."""
+        rows = self._rows.get(pos)
+        if rows is None:
+            start = self.groups.starts[pos]
+            rows = self.groups.rows[start:start + self.groups.lengths[pos]]
+        return rows
+
+    def _set_rows(self, pos: int, rows: np.ndarray) -> None:
+        self._rows[pos] = rows[np.argsort(-self.rem[rows], kind="stable")]
+
+    def candidates(self, pos: int, movable: np.ndarray, limit: int) -> np.ndarray:
+        """The first ``limit`` movable rows of ``pos``, longest remaining first, ties by
+        lower row (the order ARES examines migration candidates in)."""
+        rows = self.rows_of(pos)
+        rows = rows[movable[rows]]
+        return rows[np.lexsort((rows, -self.rem[rows]))][:limit]
+
+    def refresh(self, positions: list[int]) -> None:
+        """Recompute the forecast of ``positions`` from their rows."""
+        groups = [self.rows_of(p) for p in positions]
+        rows = np.concatenate(groups)
+        lengths = np.array([r.shape[0] for r in groups], dtype=np.int64)
+        b, m, pk, pk_at = _replicas_forecast(self.kv[rows], self.rem[rows], lengths,
+                                             self.times, self.horizon)
+        self.batch[positions], self.memory[positions] = b, m
+        self.peak[positions], self.peak_at[positions] = pk, pk_at
+        self.tpot[positions] = weighted_tpot(self.cost, b, m)
+        self._stale.update(positions)  # their predicted overflow, when next asked for
+
+    def move(self, row: int, dst: int) -> None:
+        src = int(self.rep[row])
+        self.rep[row] = dst
+        self._left.append(row)
+        self._joined.append(row)
+        self._delta = None
+        left = self.rows_of(src)
+        self._rows[src] = left[left != row]
+        self._set_rows(dst, np.append(self.rows_of(dst), row))
+        self.refresh([src, dst])
+
+    def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float) -> None:
+        """Add a request to ``pos`` with the forecast :meth:`tpot_with` / :meth:`peak_with`
+        computed for it. The peak is updated approximately (as dispatch has always done)."""
+        d_batch, d_memory = self._added(np.array([kv]), np.array([rem]))
+        self.batch[pos] += d_batch[0]
+        self.memory[pos] += d_memory[0]
+        self.tpot[pos] = tpot
+        self.idle[pos] = False
+        if peak > self.peak[pos]:
+            self.peak[pos] = peak
+            self.peak_at[pos] = min(rem, float(self.horizon))  # approximately where it moved
+        row = self.size
+        if row >= self.kv.shape[0]:
+            raise ValueError("Board.place: no room left (pass room= to the constructor)")
+        self.kv[row], self.rem[row], self.rep[row] = kv, rem, pos
+        self.size += 1
+        self._joined.append(row)
+        self._delta = None
+        self._set_rows(pos, np.append(self.rows_of(pos), row))
+
+    # ------------------------------------------------------------------ forecasts with a request
+    def _added(self, kv: np.ndarray, rem: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``B`` and ``M`` of requests ``(kv, rem)`` on their own: ``[C, S]`` each."""
+        alive = (rem[:, None] > self.times[None, :]).astype(np.float64)
+        return alive, alive * (kv[:, None] + self.times[None, :])
+
+    def kv_alive_at(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``M`` of ``positions[k]`` just before ``steps[k]`` (rows with ``rem >= step``)."""
+        g = self.groups
+        u = g.levels.shape[0]
+        start = g.starts[positions]
+        bound = positions * u + (u - 1 - np.searchsorted(g.levels, steps, side="left"))
+        count = np.searchsorted(g.key, bound, side="right") - start
+        alive = g.prefix[start + count] - g.prefix[start] + count * steps
+        if self._joined:  # correct the grouping by the rows that left and joined since
+            if self._delta is None:
+                left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
+                rows = np.concatenate([joined, left])
+                self._delta = (rows, np.concatenate([self.rep[joined], self._base_rep[left]]),
+                               np.r_[np.ones(joined.shape[0]), -np.ones(left.shape[0])])
+            rows, where, sign = self._delta
+            on = (self.rem[rows][None, :] >= steps[:, None]) & (
+                where[None, :] == positions[:, None])
+            alive += (on * (self.kv[rows][None, :] + steps[:, None]) * sign).sum(axis=1)
+        return alive
+
+    def peak_pairs(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Predicted peak of ``positions[k]`` if request ``(kv[k], rem[k])`` joined it. Exact at
+        the old peak, at the request's own finish and at the samples."""
+        _, d_memory = self._added(kv, rem)
+        memory = self.memory[positions] + d_memory
+        t_x = np.minimum(rem, float(self.horizon))
+        alive_at_x = self.kv_alive_at(t_x, positions)
+        peak, peak_at = self.peak[positions], self.peak_at[positions]
+        at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
+        at_own_finish = alive_at_x + kv + t_x
+        return np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=1))
+
+    def peak_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``[C, P]``: :meth:`peak_pairs` of every request with every position."""
+        c, p = kv.shape[0], positions.shape[0]
+        return self.peak_pairs(np.repeat(kv, p), np.repeat(rem, p),
+                               np.tile(positions, c)).reshape(c, p)
+
+    def old_peak_bound(self, kv: np.ndarray, rem: np.ndarray) -> np.ndarray:
+        """``[C, R]``: the part of :meth:`peak_with` at the old peak, a lower bound of it."""
+        peak, peak_at = self.peak[None, :], self.peak_at[None, :]
+        return np.where(rem[:, None] >= peak_at, peak + kv[:, None] + peak_at, peak)
+
+    def tpot_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``[C, P]``: predicted TPOT of each position if request ``c`` joined it."""
+        d_batch, d_memory = self._added(kv, rem)
+        batch = self.batch[positions][None, :, :] + d_batch[:, None, :]
+        memory = self.memory[positions][None, :, :] + d_memory[:, None, :]
+        return weighted_tpot(self.cost, batch, memory)
+
+    def could_take(self, kv: np.ndarray) -> np.ndarray:
+        """``[C, R]``: replicas that might fit a request of ``kv`` tokens (a necessary
+        condition: the new peak is at least the old one and at least today's KV plus it)."""
+        return (self.peak <= self.budget)[None, :] & (
+            self.memory[None, :, 0] + kv[:, None] <= self.budget[None, :])
+
+    def tpot_moved(self, rows: np.ndarray, dst: int) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted TPOT of each row's replica without it, and of ``dst`` with it (one
+        evaluation of the cost model for both)."""
+        src = self.rep[rows]
+        d_batch, d_memory = self._added(self.kv[rows], self.rem[rows])
+        batch = np.concatenate([self.batch[src] - d_batch, self.batch[dst] + d_batch])
+        memory = np.concatenate([self.memory[src] - d_memory, self.memory[dst] + d_memory])
+        tpot = weighted_tpot(self.cost, batch, memory)
+        return tpot[:rows.shape[0]], tpot[rows.shape[0]:]
+
+    def token_time_saved(self, rows: np.ndarray, dst: int, tpot_src: np.ndarray,
+                         tpot_dst: np.ndarray) -> np.ndarray:
+        """Token-time (token x ms) the cluster saves over the horizon if each row moves to
+        ``dst``, given the post-move TPOTs: the source's remaining tokens get faster, the
+        destination's existing and the moved request's tokens run at the destination's new
+        speed. Per sample, ``sum B * step = tpot * sum B``; samples are ``H / (S - 1)`` apart."""
+        src = self.rep[rows]
+        d_batch, _ = self._added(self.kv[rows], self.rem[rows])
+        tokens_src, tokens_dst = self.batch[src].sum(axis=1), self.batch[dst].sum()
+        moved = d_batch.sum(axis=1)
+        before = self.tpot[src] * tokens_src + self.tpot[dst] * tokens_dst
+        after = tpot_src * (tokens_src - moved) + tpot_dst * (tokens_dst + moved)
+        return (before - after) * float(self.times[-1]) / max(len(self.times) - 1, 1)
+
+    # ------------------------------------------------------------------ predicted overflow
+    def overflow_steps(self) -> np.ndarray:
+        """Predicted steps until each replica's running KV passes its budget (inf: never)."""
+        if self._crossing is None:
+            g = self.groups
+            finish = np.minimum(np.maximum(g.rem, 0.0), float(self.horizon))
+            self._crossing = first_crossings(finish, g.kv, g.lengths, self.budget)
+            self._stale = set(self._rows)
+        if self._stale:
+            stale = sorted(self._stale)
+            self._crossing[stale] = self.crossings(stale)
+            self._stale.clear()
+        return self._crossing
+
+    def crossings(self, positions: list[int], *, drop: np.ndarray | None = None,
+                  add: np.ndarray | None = None) -> np.ndarray:
+        """``overflow_steps()`` of each position, with ``drop[i]`` (a row index) taken out of
+        position ``i`` or ``add[i]`` joining it, in one evaluation."""
+        groups = [self.rows_of(p) for p in positions]
+        lengths = np.array([r.shape[0] for r in groups], dtype=np.int64)
+        rows = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+        if drop is not None:  # taking a row out keeps each group sorted
+            owner = np.repeat(np.arange(len(positions)), lengths)
+            gone = rows == np.repeat(drop, lengths)
+            rows = rows[~gone]
+            lengths = lengths - np.bincount(owner[gone], minlength=len(positions))
+        if add is not None:  # a row joining: regroup, longest remaining first
+            owner = np.concatenate([np.repeat(np.arange(len(positions)), lengths),
+                                    np.arange(len(positions))])
+            rows = np.concatenate([rows, add])
+            order = np.lexsort((-self.rem[rows], owner))
+            rows = rows[order]
+            lengths = lengths + 1
+        # (ties in remaining length may come in any order: they do not change the crossing)
+        finish = np.minimum(np.maximum(self.rem[rows], 0.0), float(self.horizon))
+        return first_crossings(finish, self.kv[rows], lengths,
+                               self.budget[np.asarray(positions, dtype=np.int64)])
