@@ -42,9 +42,9 @@ def remaining(generated: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
 def scenario() -> list[tuple[int, Request]]:
     rng = np.random.default_rng(5)
     out = []
-    for i in range(14):
+    for i in range(10):
         n = int(rng.integers(6, 40))
-        max_tokens = 120 if i % 3 == 0 else int(rng.integers(8, 30))
+        max_tokens = 72 if i % 3 == 0 else int(rng.integers(8, 24))
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         out.append((i // 2, Request(request_id=f"q{i}", prompt_ids=rng.integers(
             4, 500, size=n).tolist(), params=params, index=i)))

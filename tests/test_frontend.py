@@ -49,8 +49,10 @@ def test_models_health_and_cluster(served, client):
     state = httpx.get(server.url + "/cluster").json()
     assert set(state) >= {"time", "policy", "waiting", "running", "replicas", "migrations",
                           "counters"}
-    assert [r["replica_id"] for r in state["replicas"]] == [0, 1]
-    r0 = state["replicas"][0]
+    decode = [r for r in state["replicas"] if r["role"] == "decode"]
+    assert [r["replica_id"] for r in decode] == [0, 1]
+    assert [r["role"] for r in state["replicas"]].count("prefill") == 1
+    r0 = decode[0]
     assert r0["kv_pages_total"] == ECFG.num_pages - 1 and r0["page_size"] == 8
     assert r0["kv_pages_used"] + r0["kv_pages_free"] == r0["kv_pages_total"]
     assert all(len(p) == 2 for p in r0["predicted_kv_pages"])

@@ -82,9 +82,10 @@ def _traffic(url: str) -> None:
 
 def test_page_renders_replicas_and_follows_traffic(served, page, tmp_path):
     server, backend = served
-    page.wait_for_function("document.querySelectorAll('#replicas .replica').length === 3")
-    assert page.locator(".replica .title b").all_text_contents() == \
-        ["replica 0", "replica 1", "replica 2"]
+    # Three decode replicas and the prefill replica (id 3).
+    page.wait_for_function("document.querySelectorAll('#replicas .replica').length === 4")
+    assert sorted(page.locator(".replica .title b").all_text_contents()) == \
+        ["replica 0", "replica 1", "replica 2", "replica 3"]
     assert page.locator("#policy").text_content() == "ares"
     assert page.locator("#requests-finished").text_content() == "0"
     page.screenshot(path=str(tmp_path / "before.png"))
@@ -121,7 +122,7 @@ def test_page_renders_replicas_and_follows_traffic(served, page, tmp_path):
     drawn = page.evaluate("""() => [...document.querySelectorAll('canvas')].map(c => {
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let ink = 0; for (let i = 3; i < d.length; i += 4) ink += d[i] > 0; return ink; })""")
-    assert len(drawn) == 6 and min(drawn) > 100, drawn
+    assert len(drawn) == 8 and min(drawn) > 100, drawn  # two charts per replica
     # and the Prometheus counters agree with the cluster state
     text = httpx.get(server.url + "/metrics").text
     assert metric(text, "ares:migrations_total", outcome="committed") == committed

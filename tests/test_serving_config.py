@@ -105,10 +105,11 @@ def test_unknown_key_is_refused_naming_it(tmp_path, suffix):
     path = write(tmp_path / f"bad{suffix}", {**SETTINGS, "decode-replica": 2})
     with pytest.raises(ValueError, match=r"bad\.(yaml|json): unknown setting 'decode-replica'"):
         serve_args("--config", str(path))
-    # A setting of another subcommand is unknown to ``serve`` too.
-    path = write(tmp_path / f"other{suffix}", {"expect-decode": 2})
-    with pytest.raises(ValueError, match="unknown setting 'expect-decode'"):
-        serve_args("--config", str(path))
+    # A setting of another serving command is skipped, not refused: one file can configure
+    # the scheduler and the replicas of a deployment (the Kubernetes ConfigMap does).
+    path = write(tmp_path / f"other{suffix}", {"expect-decode": 2, "policy": "static"})
+    args = serve_args("--config", str(path))
+    assert args.policy == "static" and not hasattr(args, "expect_decode")
 
 
 def test_unknown_policy_is_refused_naming_it_and_the_known_ones(tmp_path):
