@@ -18,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving_support import in_process_tokens
 
 from ares_jax.client import Client
-from ares_jax.cluster import ServingLoop
-from ares_jax.engine.decode import DecodeEngine
-from ares_jax.engine.prefill import PrefillEngine
 from ares_jax.engine.sampling import SamplingParams
-from ares_jax.engine.types import EngineConfig, Request
+from ares_jax.engine.types import EngineConfig
 from ares_jax.serving.local_cluster import free_port, process_alive
 
 # Must match the replica's flags below: the reference runs the same engines in this process.
@@ -115,15 +113,7 @@ def meshes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     """Greedy tokens of the same model in this process, one decode engine."""
-    def run(prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
-        loop = ServingLoop(PrefillEngine(tiny_model, ECFG), [DecodeEngine(tiny_model, ECFG)],
-                           None)
-        for i, p in enumerate(prompts):
-            loop.add_request(Request(request_id=f"r{i}", prompt_ids=p, params=params, index=i))
-        while loop.has_work:
-            loop.step()
-        return [loop.finished[f"r{i}"].token_ids for i in range(len(prompts))]
-    return run
+    return lambda prompts, params=GREEDY: in_process_tokens(tiny_model, ECFG, prompts, params)
 
 
 def test_three_meshes_register_as_replicas_of_one_process(meshes):
