@@ -286,3 +286,25 @@ def test_close_ends_open_streams_and_refuses_new_ones(tiny_model):
     loop.on_step.remove(hook)
     assert not backend.health()[0]
     assert loop.decoders[0].num_used_pages == 0 and not loop.trackers
+
+
+def test_bench_serve_against_our_server_agrees_with_its_records(served):
+    """``ares-jax bench serve``'s runner against this server: every request completes, and the
+    report's numbers are the ones its per-request records give."""
+    from ares_jax.bench import BenchConfig, SampleRequest, run_benchmark_detailed
+
+    server, _, _ = served
+    requests = [SampleRequest(prompt=TEXT, prompt_len=6, output_len=6 + i) for i in range(4)]
+    result = run_benchmark_detailed(
+        BenchConfig(base_url=server.url, temperature=0.0, ignore_eos=True,
+                    num_prompts=len(requests), disable_tqdm=True,
+                    goodput={"ttft": 60_000.0}),
+        requests=requests, arrival_s=[0.0, 0.05, 0.1, 0.15])
+    report, records = result.report, result.records
+    assert report["completed"] == 4 and report["failed"] == 0
+    assert [r.completion_tokens for r in sorted(records, key=lambda r: r.index)] == [6, 7, 8, 9]
+    assert report["total_output_tokens"] == 30
+    ttfts = sorted(1e3 * r.ttft_s for r in records)
+    assert report["median_ttft_ms"] == pytest.approx((ttfts[1] + ttfts[2]) / 2, rel=1e-6)
+    assert all(r.ttft_s <= r.e2el_s for r in records)
+    assert report["goodput_completed"] == 4  # every TTFT is under a minute
