@@ -298,9 +298,10 @@ def micro_costs(rows: int = 32, repeats: int = 7) -> dict[str, float]:
     from ares_jax.serving.scheduler_server import chunk_to_pb
 
     ids = [f"req-{i:016x}" for i in range(rows)]
+    # Packed token columns, as replicas send a step without top logprobs.
     batch = pb.ReplicaEvent(stepped=pb.StepBatch(
         replica_id=3, request_ids=ids,
-        tokens=[pb.TokenInfo(token_id=7 + i, logprob=0.5) for i in range(rows)],
+        token_ids=[7 + i for i in range(rows)], logprobs=[0.5] * rows,
         finish_reasons=[""] * rows, stop_reasons=[-1] * rows, elapsed_s=0.04, kv_tokens=4096,
         load=pb.Load(replica_id=3, free_pages=8000, used_pages=192, capacity_pages=8192,
                      free_slots=0, request_ids=ids, kv_tokens=[100] * rows,
