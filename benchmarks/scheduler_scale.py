@@ -179,6 +179,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
         # lock: two len() calls, good enough for a count)
         "running_at_end": len(core.location) if core else 0,
         "waiting_at_end": len(core.waiting) if core else 0,
+        "in_flight_at_end": len(core.trackers) if core else 0,
         "threads_cpu_s": cpu.stop(),
         "thread_names": {str(k): v for k, v in {**cpu.names, **cpu.idents}.items()},
         "process_cpu_s": round(time.process_time() - cpu0, 3),
@@ -226,7 +227,8 @@ async def _client(args: argparse.Namespace) -> dict:
     t_start, t_end, t_stop = args.window_start, args.window_end, args.stop_at
     lat: list[float] = []
     first_lat: list[float] = []
-    counts = {"tokens": 0, "requests": 0, "errors": 0, "tokens_all": 0}
+    counts = {"tokens": 0, "requests": 0, "errors": 0, "tokens_all": 0,
+              "multi_token_messages": 0}
     rng = np.random.default_rng(args.seed)
 
     async def loop(k: int) -> None:
@@ -241,14 +243,18 @@ async def _client(args: argparse.Namespace) -> dict:
             try:
                 async for r in stub.Generate(msg):
                     now = time.time()
-                    if not r.HasField("token"):
-                        continue
-                    counts["tokens_all"] += 1
-                    if t_start <= now < t_end:
-                        counts["tokens"] += 1
-                        (first_lat if first else lat).append(
-                            now - args.epoch - r.token.logprob)
-                    first = False
+                    # A message carries one token (``token``) or, when the scheduler had
+                    # several for this stream in one iteration, ``tokens``.
+                    toks = r.tokens or ((r.token,) if r.HasField("token") else ())
+                    for t in toks:
+                        counts["tokens_all"] += 1
+                        if t_start <= now < t_end:
+                            counts["tokens"] += 1
+                            (first_lat if first else lat).append(
+                                now - args.epoch - t.logprob)
+                        first = False
+                    if len(toks) > 1:
+                        counts["multi_token_messages"] += 1
                     if now >= t_stop:
                         break
                 counts["requests"] += 1
@@ -536,6 +542,8 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
         "offered_tokens_per_s": round(offered),
         "token_events_per_s": round(rate),
         "requests_finished": counts["requests"], "client_errors": counts["errors"],
+        # messages that carried several tokens of one stream (a stream behind the core)
+        "multi_token_messages": counts.get("multi_token_messages", 0),
         "added_latency_decode": _percentiles(lat_a),
         "added_latency_first_token": _percentiles(first_a),
         "added_latency_all": _percentiles(np.concatenate([lat_a, first_a])),
@@ -546,6 +554,7 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
         "runner_iterations": sched["runner_iterations"],
         "running_at_end": sched.get("running_at_end"),
         "waiting_at_end": sched.get("waiting_at_end"),
+        "in_flight_at_end": sched.get("in_flight_at_end"),
         "scheduler_counters": sched.get("counters", {}),
         "client_cpu_s": counts["cpu_s"],
         "fake_replica_cpu_s": round(sum(f["cpu_s"] for f in fakes), 3),

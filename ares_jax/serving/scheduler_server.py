@@ -208,10 +208,14 @@ class Scheduler:
 def chunk_to_pb(ch: StreamChunk, first: bool, prompt_ids: list[int]) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=ch.request_id, text_delta=ch.text_delta,
                               finished=ch.finished, finish_reason=ch.finish_reason or "")
-    if ch.token_id >= 0:
-        msg.token.CopyFrom(pb.TokenInfo(token_id=ch.token_id, top_logprobs=ch.top_logprobs or {}))
+    if ch.token_id >= 0:  # filled in place: no TokenInfo message built and copied
+        t = msg.token
+        t.SetInParent()
+        t.token_id = ch.token_id
+        if ch.top_logprobs:
+            t.top_logprobs.update(ch.top_logprobs)
         if ch.logprob is not None:
-            msg.token.logprob = ch.logprob
+            t.logprob = ch.logprob
     if ch.predicted_remaining is not None:
         msg.predicted_remaining = ch.predicted_remaining
     if first:
@@ -229,6 +233,30 @@ def chunk_to_pb(ch: StreamChunk, first: bool, prompt_ids: list[int]) -> pb.Gener
             scheduled_time=m.scheduled_time or 0.0,
             prediction_generated=[g for g, _ in m.predictions],
             prediction_remaining=[p for _, p in m.predictions]))
+    return msg
+
+
+def chunks_to_pb(chunks: list[StreamChunk], first: bool, prompt_ids: list[int]
+                 ) -> pb.GenerateResponse:
+    """One message for a stream's chunks of one core iteration: the single-token form for
+    one chunk (the common case), else ``tokens``/``text_deltas``/``predicted_remainings``
+    with the last chunk's finish, text and metrics."""
+    if len(chunks) == 1:
+        return chunk_to_pb(chunks[0], first, prompt_ids)
+    msg = chunk_to_pb(chunks[-1], first, prompt_ids)
+    msg.ClearField("token")
+    msg.ClearField("text_delta")
+    msg.ClearField("predicted_remaining")
+    nan = float("nan")
+    for ch in chunks:  # a chunk without a token (an error, an abort) rides as token_id -1
+        t = msg.tokens.add(token_id=max(ch.token_id, -1), top_logprobs=ch.top_logprobs or {})
+        if ch.logprob is not None:
+            t.logprob = ch.logprob
+        msg.text_deltas.append(ch.text_delta)
+        msg.predicted_remainings.append(
+            nan if ch.predicted_remaining is None else ch.predicted_remaining)
+    if chunks[-1].predicted_remaining is not None:
+        msg.predicted_remaining = chunks[-1].predicted_remaining
     return msg
 
 
@@ -254,7 +282,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                           f"the cluster is not ready: {have} of {want} replicas registered")
         try:
             req, text = self.s.make_request(request)
-            stream = runner.submit(req, text)
+            stream = runner.submit_batched(req, text)
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:
@@ -263,13 +291,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         done = threading.Event()
         context.add_callback(lambda: None if done.is_set() else runner.abort(req.request_id))
         first = True
-        while True:
-            ch = stream.get()
-            if ch is None:
+        while True:  # one message per core iteration that had tokens for this request
+            chunks = stream.get()
+            if chunks is None:
                 break
-            yield chunk_to_pb(ch, first, req.prompt_ids)
+            yield chunks_to_pb(chunks, first, req.prompt_ids)
             first = False
-            if ch.finished:
+            if chunks[-1].finished:
                 done.set()
                 break
         if not done.is_set() and context.is_active():
