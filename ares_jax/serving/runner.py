@@ -83,6 +83,13 @@ class CoreRunner:
     def _add(self, request: Request, prompt_text: str | None, sink: DeliverBatch) -> None:
         """Hand ``request`` to the core's thread and wait until the core took (or refused)
         it."""
+        self.enqueue(request, prompt_text, sink).result(timeout=60)
+
+    def enqueue(self, request: Request, prompt_text: str | None, sink: DeliverBatch
+                ) -> Future[None]:
+        """Hand ``request`` to the core's thread without waiting; the future resolves once
+        the core took it (or raises why not). ``sink`` gets each iteration's chunks for it
+        (on the core's thread), then None. Raises Overloaded at once when the queue is full."""
         if len(self.core.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.core.waiting)} requests are waiting (the limit is "
                              f"{self.max_waiting}); retry later")
@@ -98,7 +105,7 @@ class CoreRunner:
             accepted.set_result(None)
 
         self._call(add)
-        accepted.result(timeout=60)
+        return accepted
 
     def abort(self, request_id: str) -> None:
         def cancel() -> None:
