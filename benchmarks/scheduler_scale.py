@@ -17,9 +17,10 @@ Measured over a window after a warm-up:
 - with ``--profile``: cProfile of the runner thread (a separate run, since profiling slows it).
 
 Each scenario starts and stops its own processes. ``--workers`` sets the scheduler's gRPC
-handler threads: ``0`` is the stock server (``start_scheduler_server``, 64 threads, i.e. at
-most 64 ``Generate`` streams at once); a larger number builds the same service on a larger
-pool, to see what the stream limit hides.
+server: ``0`` is the stock server (``start_scheduler_server``: ``grpc.aio``, ``Generate`` an
+async generator, no thread per stream); a positive number builds the synchronous
+``SchedulerService`` on a thread pool of that size (one thread per open stream), the design
+before the aio server, for a side-by-side comparison.
 
     python benchmarks/scheduler_scale.py --json > scale.json
     python benchmarks/scheduler_scale.py --scenario stock --scenario big --decode 64 --json
@@ -345,9 +346,10 @@ def micro_costs(rows: int = 32, repeats: int = 7) -> dict[str, float]:
 # ====================================================================== the driver
 
 SCENARIOS = {
-    # name: (gRPC handler threads, 0 = the stock server; policy)
+    # name: (gRPC handler threads, 0 = the stock (aio) server; policy)
     "stock": (0, "least-load"),
-    "big": (-1, "least-load"),  # -1: concurrency + 64 threads (every stream gets a thread)
+    # the sync server on concurrency + 64 threads (every stream gets a thread)
+    "big": (-1, "least-load"),
     "big-ares": (-1, "ares"),
 }
 
@@ -407,7 +409,7 @@ def run_scenario(name: str, args: argparse.Namespace, tmp: Path, tag: str) -> di
             procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT))
         _wait_ready(address, 180)
         note(f"[{tag}] ready: {args.decode} decode meshes in {args.replica_procs} processes, "
-             f"{workers or 64} handler threads, policy {policy}")
+             f"{workers or 'aio server, no'} handler threads, policy {policy}")
         now = time.time()
         w0 = now + args.warmup_s
         w1 = w0 + args.duration_s
