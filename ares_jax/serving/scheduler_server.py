@@ -393,14 +393,19 @@ class AsyncSchedulerService(SchedulerService):
         q: asyncio.Queue[list[StreamChunk] | None] = asyncio.Queue()
         try:
             req, text = self.s.make_request(request)  # may tokenize: rare and short
-            await asyncio.wrap_future(runner.enqueue(req, text, self.feeder.sink(q)))
+            accepted = runner.enqueue(req, text, self.feeder.sink(q))
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:
             context.set_trailing_metadata((("retry-after", f"{err.retry_after_s:.0f}"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         done = False
-        try:
+        try:  # from here on the core may hold the request: whatever ends this, free it
+            try:
+                await asyncio.wrap_future(accepted)
+            except ValueError as err:  # the core refused it (e.g. too long): nothing held
+                done = True
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             first = True
             while True:  # one message per core iteration that had tokens for this request
                 chunks = await q.get()
