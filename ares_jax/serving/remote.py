@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -95,6 +96,7 @@ class ReplicaLink:
                     continue
                 if load is not None:
                     h.latest_load = load
+                    h.load_at = time.monotonic()
                 h.push(ev)
                 self.on_event()
         except grpc.RpcError as err:
@@ -180,6 +182,9 @@ class RemoteReplica:
         self.info = info
         self.link = link
         self.latest_load = load
+        # When the latest step batch's load arrived (monotonic s); a heartbeat's load, sent
+        # earlier than a step batch that overtook it, must not replace it.
+        self.load_at = 0.0
         self._events: collections.deque[Event] = collections.deque()
 
     # events ---------------------------------------------------------------------------

@@ -42,6 +42,8 @@ from ares_jax.serving.runner import CoreRunner, Overloaded
 log = logging.getLogger("ares_jax.scheduler")
 SERVICE_NAME = "ares.v1.Scheduler"
 HEARTBEAT_S = 0.5
+# A step batch's load newer than this wins over a heartbeat's.
+LOAD_STALE_S = 2 * HEARTBEAT_S
 
 
 def _empty_load(info: ReplicaInfo) -> DecodeLoad:
@@ -136,10 +138,14 @@ class Scheduler:
         link = self.links.get(req.address)
         if link is None:
             return False
-        link.last_seen = time.monotonic()
-        for msg in req.loads:  # fresher than the last step batch when the replica is idle
+        now = link.last_seen = time.monotonic()
+        for msg in req.loads:
             h = link.handles.get(msg.replica_id)
-            if h is not None:
+            # Fresher than the last step batch only when the replica is idle: while it steps,
+            # a heartbeat (built before it was sent, handled on another thread) can be older
+            # than a step batch's load already applied, and would make a running request
+            # look shorter than it is (a migration then reserves too few pages).
+            if h is not None and now - h.load_at > LOAD_STALE_S:
                 h.latest_load = codec.load_from_pb(msg)
         return True
 
