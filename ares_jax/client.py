@@ -87,11 +87,13 @@ class Client:
             for r in self._stub.Generate(msg, timeout=self.timeout_s):
                 if r.prompt_token_ids:
                     prompt_ids = list(r.prompt_token_ids)
-                if r.HasField("token"):
-                    tokens.append(r.token.token_id)
+                for t in _token_messages(r):
+                    if t.token_id < 0:
+                        continue
+                    tokens.append(t.token_id)
                     if logprobs is not None:
-                        entry = dict(r.token.top_logprobs)
-                        entry[r.token.token_id] = r.token.logprob
+                        entry = dict(t.top_logprobs)
+                        entry[t.token_id] = t.logprob
                         logprobs.append(entry)
                 last = r
         except grpc.RpcError as err:
@@ -138,19 +140,13 @@ class Client:
             for r in call:
                 if r.prompt_token_ids:
                     prompt_ids = list(r.prompt_token_ids)
-                token = r.token.token_id if r.HasField("token") else -1
-                if token >= 0:
-                    tokens.append(token)
-                yield StreamChunk(
-                    request_id=r.request_id, index=0, token_id=token, text_delta=r.text_delta,
-                    finished=r.finished, finish_reason=r.finish_reason or None,
-                    logprob=r.token.logprob if r.token.HasField("logprob") else None,
-                    top_logprobs=dict(r.token.top_logprobs) or None,
-                    predicted_remaining=r.predicted_remaining
-                    if r.HasField("predicted_remaining") else None,
-                    output=_output(r, prompt_ids, tokens, None,
-                                   prompt if isinstance(prompt, str) else None)
-                    if r.finished else None)
+                for ch in _stream_chunks(r):  # one per token, though a message may carry more
+                    if ch.token_id >= 0:
+                        tokens.append(ch.token_id)
+                    if ch.finished:
+                        ch.output = _output(r, prompt_ids, tokens, None,
+                                            prompt if isinstance(prompt, str) else None)
+                    yield ch
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
                 _raise_for(err)
@@ -203,6 +199,41 @@ def _params_list(params, n: int) -> list[SamplingParams]:
     if len(plist) != n:
         raise ValueError(f"got {n} prompts but {len(plist)} SamplingParams")
     return plist
+
+
+def _token_messages(r: pb.GenerateResponse) -> Sequence[pb.TokenInfo]:
+    """The tokens one message carries: several (``tokens``), one (``token``) or none."""
+    if r.tokens:
+        return r.tokens
+    return (r.token,) if r.HasField("token") else ()
+
+
+def _stream_chunks(r: pb.GenerateResponse) -> list[StreamChunk]:
+    """One ``StreamChunk`` per token of a message (the finish, if any, on the last one;
+    ``output`` is left for the caller, which knows the tokens so far)."""
+    if not r.tokens:
+        return [StreamChunk(
+            request_id=r.request_id, index=0,
+            token_id=r.token.token_id if r.HasField("token") else -1,
+            text_delta=r.text_delta, finished=r.finished,
+            finish_reason=r.finish_reason or None,
+            logprob=r.token.logprob if r.token.HasField("logprob") else None,
+            top_logprobs=dict(r.token.top_logprobs) or None,
+            predicted_remaining=r.predicted_remaining
+            if r.HasField("predicted_remaining") else None)]
+    out = []
+    last = len(r.tokens) - 1
+    for i, t in enumerate(r.tokens):
+        pr = r.predicted_remainings[i] if i < len(r.predicted_remainings) else None
+        out.append(StreamChunk(
+            request_id=r.request_id, index=0, token_id=t.token_id,
+            text_delta=r.text_deltas[i] if i < len(r.text_deltas) else "",
+            finished=r.finished and i == last,
+            finish_reason=(r.finish_reason or None) if i == last else None,
+            logprob=t.logprob if t.HasField("logprob") else None,
+            top_logprobs=dict(t.top_logprobs) or None,
+            predicted_remaining=None if pr is None or pr != pr else pr))
+    return out
 
 
 def _output(last: pb.GenerateResponse, prompt_ids: list[int], tokens: list[int],

@@ -153,12 +153,11 @@ class FakeProcess:
             if not m.running:
                 return None
             ids, tokens, finish = [], [], []
-            now = self.stamp()
             for r in list(m.running.values()):
                 r.generated += 1
                 r.kv_tokens += 1
                 ids.append(r.rid)
-                tokens.append(pb.TokenInfo(token_id=r.next_token, logprob=now))
+                tokens.append(r.next_token)
                 r.next_token = (r.next_token * 31 + 1) % VOCAB
                 if r.generated >= r.max_tokens:
                     finish.append("length")
@@ -167,7 +166,9 @@ class FakeProcess:
                     finish.append("")
             self.steps += 1
             self.rows += len(ids)
-            batch = pb.StepBatch(replica_id=m.replica_id, request_ids=ids, tokens=tokens,
+            # Packed token columns, as the real replica sends them; the logprobs are stamped
+            # as the message leaves (``Events``).
+            batch = pb.StepBatch(replica_id=m.replica_id, request_ids=ids, token_ids=tokens,
                                  finish_reasons=finish, stop_reasons=[-1] * len(ids),
                                  elapsed_s=self.step_s, kv_tokens=sum(
                                      r.kv_tokens for r in m.running.values()),
@@ -192,8 +193,7 @@ class FakeReplicaService(pb_grpc.ReplicaServicer):
             now = self.p.stamp()
             kind = msg.WhichOneof("event")
             if kind == "stepped":
-                for t in msg.stepped.tokens:
-                    t.logprob = now
+                msg.stepped.logprobs[:] = [now] * len(msg.stepped.token_ids)
             elif kind == "prefilled":
                 msg.prefilled.first.logprob = now
             yield msg
@@ -246,6 +246,18 @@ class FakeReplicaService(pb_grpc.ReplicaServicer):
     def Shutdown(self, request, context):
         self.p.stopped.set()
         return pb.Ack(ok=True)
+
+    def Commands(self, request, context):
+        """The scheduler's queued commands, in order, as the real replica runs them."""
+        handlers = {"prefill": self.Prefill, "insert": self.Insert, "drop_kv": self.DropKv,
+                    "release": self.Release}
+        acks = []
+        for cmd in request.commands:
+            kind = cmd.WhichOneof("command")
+            handler = handlers.get(kind)
+            acks.append(handler(getattr(cmd, kind), context) if handler is not None
+                        else pb.Ack(ok=False, error=f"the fake does not take {kind}"))
+        return pb.CommandAcks(acks=acks)
 
 
 def serve(proc: FakeProcess, scheduler: str, stats_path: str | None) -> None:

@@ -17,9 +17,10 @@ Measured over a window after a warm-up:
 - with ``--profile``: cProfile of the runner thread (a separate run, since profiling slows it).
 
 Each scenario starts and stops its own processes. ``--workers`` sets the scheduler's gRPC
-handler threads: ``0`` is the stock server (``start_scheduler_server``, 64 threads, i.e. at
-most 64 ``Generate`` streams at once); a larger number builds the same service on a larger
-pool, to see what the stream limit hides.
+server: ``0`` is the stock server (``start_scheduler_server``: ``grpc.aio``, ``Generate`` an
+async generator, no thread per stream); a positive number builds the synchronous
+``SchedulerService`` on a thread pool of that size (one thread per open stream), the design
+before the aio server, for a side-by-side comparison.
 
     python benchmarks/scheduler_scale.py --json > scale.json
     python benchmarks/scheduler_scale.py --scenario stock --scenario big --decode 64 --json
@@ -179,6 +180,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
         # lock: two len() calls, good enough for a count)
         "running_at_end": len(core.location) if core else 0,
         "waiting_at_end": len(core.waiting) if core else 0,
+        "in_flight_at_end": len(core.trackers) if core else 0,
         "threads_cpu_s": cpu.stop(),
         "thread_names": {str(k): v for k, v in {**cpu.names, **cpu.idents}.items()},
         "process_cpu_s": round(time.process_time() - cpu0, 3),
@@ -226,7 +228,8 @@ async def _client(args: argparse.Namespace) -> dict:
     t_start, t_end, t_stop = args.window_start, args.window_end, args.stop_at
     lat: list[float] = []
     first_lat: list[float] = []
-    counts = {"tokens": 0, "requests": 0, "errors": 0, "tokens_all": 0}
+    counts = {"tokens": 0, "requests": 0, "errors": 0, "tokens_all": 0,
+              "multi_token_messages": 0}
     rng = np.random.default_rng(args.seed)
 
     async def loop(k: int) -> None:
@@ -241,14 +244,18 @@ async def _client(args: argparse.Namespace) -> dict:
             try:
                 async for r in stub.Generate(msg):
                     now = time.time()
-                    if not r.HasField("token"):
-                        continue
-                    counts["tokens_all"] += 1
-                    if t_start <= now < t_end:
-                        counts["tokens"] += 1
-                        (first_lat if first else lat).append(
-                            now - args.epoch - r.token.logprob)
-                    first = False
+                    # A message carries one token (``token``) or, when the scheduler had
+                    # several for this stream in one iteration, ``tokens``.
+                    toks = r.tokens or ((r.token,) if r.HasField("token") else ())
+                    for t in toks:
+                        counts["tokens_all"] += 1
+                        if t_start <= now < t_end:
+                            counts["tokens"] += 1
+                            (first_lat if first else lat).append(
+                                now - args.epoch - t.logprob)
+                        first = False
+                    if len(toks) > 1:
+                        counts["multi_token_messages"] += 1
                     if now >= t_stop:
                         break
                 counts["requests"] += 1
@@ -298,9 +305,10 @@ def micro_costs(rows: int = 32, repeats: int = 7) -> dict[str, float]:
     from ares_jax.serving.scheduler_server import chunk_to_pb
 
     ids = [f"req-{i:016x}" for i in range(rows)]
+    # Packed token columns, as replicas send a step without top logprobs.
     batch = pb.ReplicaEvent(stepped=pb.StepBatch(
         replica_id=3, request_ids=ids,
-        tokens=[pb.TokenInfo(token_id=7 + i, logprob=0.5) for i in range(rows)],
+        token_ids=[7 + i for i in range(rows)], logprobs=[0.5] * rows,
         finish_reasons=[""] * rows, stop_reasons=[-1] * rows, elapsed_s=0.04, kv_tokens=4096,
         load=pb.Load(replica_id=3, free_pages=8000, used_pages=192, capacity_pages=8192,
                      free_slots=0, request_ids=ids, kv_tokens=[100] * rows,
@@ -338,9 +346,10 @@ def micro_costs(rows: int = 32, repeats: int = 7) -> dict[str, float]:
 # ====================================================================== the driver
 
 SCENARIOS = {
-    # name: (gRPC handler threads, 0 = the stock server; policy)
+    # name: (gRPC handler threads, 0 = the stock (aio) server; policy)
     "stock": (0, "least-load"),
-    "big": (-1, "least-load"),  # -1: concurrency + 64 threads (every stream gets a thread)
+    # the sync server on concurrency + 64 threads (every stream gets a thread)
+    "big": (-1, "least-load"),
     "big-ares": (-1, "ares"),
 }
 
@@ -400,7 +409,7 @@ def run_scenario(name: str, args: argparse.Namespace, tmp: Path, tag: str) -> di
             procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT))
         _wait_ready(address, 180)
         note(f"[{tag}] ready: {args.decode} decode meshes in {args.replica_procs} processes, "
-             f"{workers or 64} handler threads, policy {policy}")
+             f"{workers or 'aio server, no'} handler threads, policy {policy}")
         now = time.time()
         w0 = now + args.warmup_s
         w1 = w0 + args.duration_s
@@ -535,6 +544,8 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
         "offered_tokens_per_s": round(offered),
         "token_events_per_s": round(rate),
         "requests_finished": counts["requests"], "client_errors": counts["errors"],
+        # messages that carried several tokens of one stream (a stream behind the core)
+        "multi_token_messages": counts.get("multi_token_messages", 0),
         "added_latency_decode": _percentiles(lat_a),
         "added_latency_first_token": _percentiles(first_a),
         "added_latency_all": _percentiles(np.concatenate([lat_a, first_a])),
@@ -545,6 +556,7 @@ def _collect(name: str, tag: str, args: argparse.Namespace, tmp: Path, workers: 
         "runner_iterations": sched["runner_iterations"],
         "running_at_end": sched.get("running_at_end"),
         "waiting_at_end": sched.get("waiting_at_end"),
+        "in_flight_at_end": sched.get("in_flight_at_end"),
         "scheduler_counters": sched.get("counters", {}),
         "client_cpu_s": counts["cpu_s"],
         "fake_replica_cpu_s": round(sum(f["cpu_s"] for f in fakes), 3),

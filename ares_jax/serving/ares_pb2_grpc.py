@@ -442,6 +442,11 @@ class ReplicaStub:
                 request_serializer=ares__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=ares__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Commands = channel.unary_unary(
+                '/ares.v1.Replica/Commands',
+                request_serializer=ares__pb2.CommandBatch.SerializeToString,
+                response_deserializer=ares__pb2.CommandAcks.FromString,
+                _registered_method=True)
 
 
 class ReplicaServicer:
@@ -529,6 +534,13 @@ class ReplicaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Commands(self, request, context):
+        """The scheduler's queued commands for this process, run in order; one Ack per command.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -596,6 +608,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=ares__pb2.ShutdownRequest.FromString,
                     response_serializer=ares__pb2.Ack.SerializeToString,
+            ),
+            'Commands': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commands,
+                    request_deserializer=ares__pb2.CommandBatch.FromString,
+                    response_serializer=ares__pb2.CommandAcks.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -951,6 +968,33 @@ class Replica:
             '/ares.v1.Replica/Shutdown',
             ares__pb2.ShutdownRequest.SerializeToString,
             ares__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commands(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ares.v1.Replica/Commands',
+            ares__pb2.CommandBatch.SerializeToString,
+            ares__pb2.CommandAcks.FromString,
             options,
             channel_credentials,
             insecure,

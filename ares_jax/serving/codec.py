@@ -6,6 +6,8 @@ each maps one to one onto a message of ``protos/ares.proto``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ares_jax.engine.sampling import SamplingParams, TokenInfo
@@ -22,6 +24,8 @@ from ares_jax.replica.types import (
     Stepped,
 )
 from ares_jax.serving import ares_pb2 as pb
+
+_NAN = float("nan")
 
 # ---------------------------------------------------------------- requests
 
@@ -146,12 +150,12 @@ def event_to_pb(ev: Event, load: DecodeLoad | None = None) -> pb.ReplicaEvent:
     if isinstance(ev, Stepped):
         msg = pb.StepBatch(
             replica_id=ev.replica_id, request_ids=ev.request_ids,
-            tokens=[token_to_pb(t) for t in ev.tokens],
             finish_reasons=[f or "" for f in ev.finish_reasons],
             stop_reasons=[-1 if s is None else s for s in ev.stop_reasons],
             predicted_remaining=[] if ev.predicted_remaining is None
             else ev.predicted_remaining.tolist(),
             preempted=ev.preempted, elapsed_s=ev.elapsed_s, kv_tokens=ev.kv_tokens)
+        _tokens_to_pb(ev.tokens, msg)
         if load is not None:
             msg.load.CopyFrom(load_to_pb(ev.replica_id, load))
         return pb.ReplicaEvent(stepped=msg)
@@ -177,9 +181,9 @@ def event_from_pb(m: pb.ReplicaEvent) -> tuple[Event, DecodeLoad | None]:
         s = m.stepped
         ev = Stepped(
             replica_id=s.replica_id, request_ids=tuple(s.request_ids),
-            tokens=tuple(token_from_pb(t) for t in s.tokens),
-            finish_reasons=tuple(f or None for f in s.finish_reasons),
-            stop_reasons=tuple(None if x < 0 else x for x in s.stop_reasons),
+            tokens=_tokens_from_pb(s),
+            finish_reasons=tuple([f or None for f in s.finish_reasons]),
+            stop_reasons=tuple([None if x < 0 else x for x in s.stop_reasons]),
             predicted_remaining=np.asarray(s.predicted_remaining, np.float64)
             if len(s.predicted_remaining) else None,
             preempted=tuple(s.preempted), elapsed_s=s.elapsed_s, kv_tokens=s.kv_tokens)
@@ -199,3 +203,27 @@ def event_from_pb(m: pb.ReplicaEvent) -> tuple[Event, DecodeLoad | None]:
         return PrefillFailed(replica_id=d.replica_id, request_ids=tuple(d.request_ids),
                              error=d.error), None
     raise ValueError(f"unknown replica event {kind!r}")
+
+
+def _tokens_to_pb(tokens: Sequence[TokenInfo], msg: pb.StepBatch) -> None:
+    """A step's tokens as packed columns (two repeated scalars, no message per row), or as
+    ``TokenInfo`` messages when some row carries top logprobs."""
+    if any(t.top_logprobs for t in tokens):
+        msg.tokens.extend(token_to_pb(t) for t in tokens)
+        return
+    msg.token_ids.extend([t.token_id for t in tokens])
+    msg.logprobs.extend([_NAN if t.logprob is None else t.logprob for t in tokens])
+
+
+def _tokens_from_pb(s: pb.StepBatch) -> tuple[TokenInfo, ...]:
+    """One ``TokenInfo`` per row from either wire form; the packed form costs one small
+    object per row and no message parsing."""
+    if s.tokens:
+        return tuple([token_from_pb(t) for t in s.tokens])
+    lps = s.logprobs
+    if len(lps) != len(s.token_ids):  # a producer that sent no logprob column
+        return tuple([TokenInfo(t) for t in s.token_ids])
+    if len(lps) and not any(x != x for x in lps):  # NaN != NaN: a row without a logprob
+        return tuple(map(TokenInfo, s.token_ids, lps))
+    return tuple([TokenInfo(t, None if lp != lp else lp)
+                  for t, lp in zip(s.token_ids, lps)])

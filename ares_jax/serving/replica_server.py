@@ -322,6 +322,22 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         self.proc.stopped.set()
         return pb.Ack(ok=True)
 
+    def Commands(self, request, context) -> pb.CommandAcks:
+        """The scheduler's queued commands, run one after another in the order it issued
+        them (each as its own RPC would run it); one Ack per command."""
+        return pb.CommandAcks(acks=[self._command(c, context) for c in request.commands])
+
+    def _command(self, cmd: pb.Command, context) -> pb.Ack:
+        kind = cmd.WhichOneof("command")
+        handler = {"prefill": self.Prefill, "insert": self.Insert, "drop_kv": self.DropKv,
+                   "release": self.Release, "import_kv": self.ImportKv}.get(kind)
+        if handler is None:
+            return pb.Ack(ok=False, error=f"unknown command {kind!r}")
+        try:
+            return handler(getattr(cmd, kind), context)
+        except Exception as err:  # noqa: BLE001 - e.g. no such replica: that command fails
+            return pb.Ack(ok=False, error=f"{type(err).__name__}: {err}")
+
 
 def serve_replica(proc: ReplicaProcess, *, scheduler: str, host: str = "127.0.0.1",
                   port: int = 0, advertise_host: str | None = None,

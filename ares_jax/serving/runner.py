@@ -1,9 +1,11 @@
 """``CoreRunner``: the scheduler core on a thread of its own, with a thread-safe front.
 
 Callers (the gRPC ``Generate`` handler, the HTTP server, the Python ``LLM``-style client in
-this process) ``submit`` a request and read its ``StreamChunk``s from a queue; ``abort`` cancels
-it everywhere. The core is not thread-safe, so every call on it happens on the runner's thread:
-submissions and aborts wait in an inbox and are applied between iterations.
+this process) ``submit`` a request and read its ``StreamChunk``s from a queue (or, with
+``submit_batched``, each iteration's chunks for it as one list: one hand-off per iteration
+instead of one per token); ``abort`` cancels it everywhere. The core is not thread-safe, so
+every call on it happens on the runner's thread: submissions and aborts wait in an inbox and
+are applied between iterations.
 
 The thread iterates while there is work; when an iteration produced nothing (remote replicas
 are busy stepping) it sleeps until a replica event, a submission or a short timeout wakes it,
@@ -28,6 +30,8 @@ log = logging.getLogger("ares_jax.scheduler")
 IDLE_WAIT_S = 0.05
 # Where a request's chunks go (called on the core's thread); None ends the stream.
 Deliver = Callable[[StreamChunk | None], None]
+# The same, an iteration at a time: the request's chunks of one iteration, in order.
+DeliverBatch = Callable[[list[StreamChunk] | None], None]
 BUSY_WAIT_S = 0.002
 
 
@@ -45,7 +49,7 @@ class CoreRunner:
         self.max_waiting = max_waiting
         self.wake = threading.Event()
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
-        self._streams: dict[str, Deliver] = {}
+        self._streams: dict[str, DeliverBatch] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the inbox and the stream table
         self._thread = threading.Thread(target=self._run, name="scheduler-core", daemon=True)
@@ -63,11 +67,32 @@ class CoreRunner:
         """Queue ``request``; its chunks go to ``deliver`` (called on the core's thread; None
         ends the stream), by default onto the returned queue. Raises ValueError (the request
         can never be served) or Overloaded, before anything is queued."""
+        out: queue.Queue[StreamChunk | None] = queue.Queue()
+        self._add(request, prompt_text, _per_chunk(deliver or out.put))
+        return out
+
+    def submit_batched(self, request: Request, prompt_text: str | None = None
+                       ) -> queue.SimpleQueue[list[StreamChunk] | None]:
+        """As ``submit``, but each item of the returned queue is the list of chunks one core
+        iteration produced for the request (usually one; more when the core drained several
+        step batches of its replica at once), then None."""
+        out: queue.SimpleQueue[list[StreamChunk] | None] = queue.SimpleQueue()
+        self._add(request, prompt_text, out.put)
+        return out
+
+    def _add(self, request: Request, prompt_text: str | None, sink: DeliverBatch) -> None:
+        """Hand ``request`` to the core's thread and wait until the core took (or refused)
+        it."""
+        self.enqueue(request, prompt_text, sink).result(timeout=60)
+
+    def enqueue(self, request: Request, prompt_text: str | None, sink: DeliverBatch
+                ) -> Future[None]:
+        """Hand ``request`` to the core's thread without waiting; the future resolves once
+        the core took it (or raises why not). ``sink`` gets each iteration's chunks for it
+        (on the core's thread), then None. Raises Overloaded at once when the queue is full."""
         if len(self.core.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.core.waiting)} requests are waiting (the limit is "
                              f"{self.max_waiting}); retry later")
-        out: queue.Queue[StreamChunk | None] = queue.Queue()
-        sink = deliver or out.put
         accepted: Future[None] = Future()
 
         def add() -> None:
@@ -80,8 +105,7 @@ class CoreRunner:
             accepted.set_result(None)
 
         self._call(add)
-        accepted.result(timeout=60)
-        return out
+        return accepted
 
     def abort(self, request_id: str) -> None:
         def cancel() -> None:
@@ -134,14 +158,7 @@ class CoreRunner:
                     continue
                 chunks = self.core.step()
                 self.iterations += 1
-                for ch in chunks:
-                    sink = self._streams.get(ch.request_id)
-                    if sink is not None:
-                        sink(ch)
-                        if ch.finished:
-                            del self._streams[ch.request_id]
-                            sink(None)
-                            self.core.finished.pop(ch.request_id, None)
+                self._fan_out(chunks)
                 if not chunks:
                     self.wake.wait(BUSY_WAIT_S)
                     self.wake.clear()
@@ -154,8 +171,41 @@ class CoreRunner:
         finally:
             self._finish_streams()
 
+    def _fan_out(self, chunks: list[StreamChunk]) -> None:
+        """Hand each stream its chunks of this iteration in one call; a finished request's
+        stream then ends (and the core forgets its output: the stream carried it)."""
+        by_request: dict[str, list[StreamChunk]] = {}
+        for ch in chunks:
+            mine = by_request.get(ch.request_id)
+            if mine is None:
+                by_request[ch.request_id] = [ch]
+            else:
+                mine.append(ch)
+        for rid, mine in by_request.items():
+            sink = self._streams.get(rid)
+            if sink is None:
+                continue
+            sink(mine)
+            if mine[-1].finished:
+                del self._streams[rid]
+                sink(None)
+                self.core.finished.pop(rid, None)
+
     def _finish_streams(self) -> None:
         deadline = time.monotonic() + 1.0
         while self._streams and time.monotonic() < deadline:
             _, sink = self._streams.popitem()
             sink(None)
+
+
+def _per_chunk(deliver: Deliver) -> DeliverBatch:
+    """A per-chunk ``deliver`` as a per-iteration sink."""
+
+    def sink(chunks: list[StreamChunk] | None) -> None:
+        if chunks is None:
+            deliver(None)
+            return
+        for ch in chunks:
+            deliver(ch)
+
+    return sink

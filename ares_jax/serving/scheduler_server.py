@@ -10,11 +10,15 @@ its request on every replica that holds it.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -38,6 +42,8 @@ from ares_jax.serving.runner import CoreRunner, Overloaded
 log = logging.getLogger("ares_jax.scheduler")
 SERVICE_NAME = "ares.v1.Scheduler"
 HEARTBEAT_S = 0.5
+# A step batch's load newer than this wins over a heartbeat's.
+LOAD_STALE_S = 2 * HEARTBEAT_S
 
 
 def _empty_load(info: ReplicaInfo) -> DecodeLoad:
@@ -132,10 +138,14 @@ class Scheduler:
         link = self.links.get(req.address)
         if link is None:
             return False
-        link.last_seen = time.monotonic()
-        for msg in req.loads:  # fresher than the last step batch when the replica is idle
+        now = link.last_seen = time.monotonic()
+        for msg in req.loads:
             h = link.handles.get(msg.replica_id)
-            if h is not None:
+            # Fresher than the last step batch only when the replica is idle: while it steps,
+            # a heartbeat (built before it was sent, handled on another thread) can be older
+            # than a step batch's load already applied, and would make a running request
+            # look shorter than it is (a migration then reserves too few pages).
+            if h is not None and now - h.load_at > LOAD_STALE_S:
                 h.latest_load = codec.load_from_pb(msg)
         return True
 
@@ -208,10 +218,14 @@ class Scheduler:
 def chunk_to_pb(ch: StreamChunk, first: bool, prompt_ids: list[int]) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=ch.request_id, text_delta=ch.text_delta,
                               finished=ch.finished, finish_reason=ch.finish_reason or "")
-    if ch.token_id >= 0:
-        msg.token.CopyFrom(pb.TokenInfo(token_id=ch.token_id, top_logprobs=ch.top_logprobs or {}))
+    if ch.token_id >= 0:  # filled in place: no TokenInfo message built and copied
+        t = msg.token
+        t.SetInParent()
+        t.token_id = ch.token_id
+        if ch.top_logprobs:
+            t.top_logprobs.update(ch.top_logprobs)
         if ch.logprob is not None:
-            msg.token.logprob = ch.logprob
+            t.logprob = ch.logprob
     if ch.predicted_remaining is not None:
         msg.predicted_remaining = ch.predicted_remaining
     if first:
@@ -229,6 +243,30 @@ def chunk_to_pb(ch: StreamChunk, first: bool, prompt_ids: list[int]) -> pb.Gener
             scheduled_time=m.scheduled_time or 0.0,
             prediction_generated=[g for g, _ in m.predictions],
             prediction_remaining=[p for _, p in m.predictions]))
+    return msg
+
+
+def chunks_to_pb(chunks: list[StreamChunk], first: bool, prompt_ids: list[int]
+                 ) -> pb.GenerateResponse:
+    """One message for a stream's chunks of one core iteration: the single-token form for
+    one chunk (the common case), else ``tokens``/``text_deltas``/``predicted_remainings``
+    with the last chunk's finish, text and metrics."""
+    if len(chunks) == 1:
+        return chunk_to_pb(chunks[0], first, prompt_ids)
+    msg = chunk_to_pb(chunks[-1], first, prompt_ids)
+    msg.ClearField("token")
+    msg.ClearField("text_delta")
+    msg.ClearField("predicted_remaining")
+    nan = float("nan")
+    for ch in chunks:  # a chunk without a token (an error, an abort) rides as token_id -1
+        t = msg.tokens.add(token_id=max(ch.token_id, -1), top_logprobs=ch.top_logprobs or {})
+        if ch.logprob is not None:
+            t.logprob = ch.logprob
+        msg.text_deltas.append(ch.text_delta)
+        msg.predicted_remainings.append(
+            nan if ch.predicted_remaining is None else ch.predicted_remaining)
+    if chunks[-1].predicted_remaining is not None:
+        msg.predicted_remaining = chunks[-1].predicted_remaining
     return msg
 
 
@@ -254,7 +292,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                           f"the cluster is not ready: {have} of {want} replicas registered")
         try:
             req, text = self.s.make_request(request)
-            stream = runner.submit(req, text)
+            stream = runner.submit_batched(req, text)
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Overloaded as err:
@@ -263,13 +301,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         done = threading.Event()
         context.add_callback(lambda: None if done.is_set() else runner.abort(req.request_id))
         first = True
-        while True:
-            ch = stream.get()
-            if ch is None:
+        while True:  # one message per core iteration that had tokens for this request
+            chunks = stream.get()
+            if chunks is None:
                 break
-            yield chunk_to_pb(ch, first, req.prompt_ids)
+            yield chunks_to_pb(chunks, first, req.prompt_ids)
             first = False
-            if ch.finished:
+            if chunks[-1].finished:
                 done.set()
                 break
         if not done.is_set() and context.is_active():
@@ -310,19 +348,147 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         return pb.ConfigureResponse(ok=True)
 
 
+class _LoopFeeder:
+    """Hands chunk lists from the core's thread to asyncio queues on one event loop, waking
+    the loop once per burst (one core iteration) instead of once per stream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: collections.deque[tuple[asyncio.Queue, object]] = collections.deque()
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    def sink(self, q: asyncio.Queue) -> Callable[[list[StreamChunk] | None], None]:
+        """A ``CoreRunner`` sink that feeds ``q``."""
+        return lambda chunks: self._put(q, chunks)
+
+    def _put(self, q: asyncio.Queue, item: object) -> None:
+        with self._lock:
+            self._pending.append((q, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items = list(self._pending)
+            self._pending.clear()
+            self._scheduled = False
+        for q, item in items:
+            q.put_nowait(item)
+
+
+class AsyncSchedulerService(SchedulerService):
+    """``SchedulerService`` on a ``grpc.aio`` server: ``Generate`` is an async generator on the
+    server's event loop (no thread per open stream; the core's chunks arrive through one
+    ``_LoopFeeder``); the other calls are rare and stay synchronous (gRPC runs them on its
+    migration thread pool)."""
+
+    def __init__(self, scheduler: Scheduler, feeder: _LoopFeeder) -> None:
+        super().__init__(scheduler)
+        self.feeder = feeder
+
+    async def Generate(self, request, context):  # noqa: N802 - the gRPC method's name
+        runner = self.s.runner
+        if runner is None:
+            have, want = self.s.registered(), self.s.expect
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"the cluster is not ready: {have} of {want} replicas "
+                                "registered")
+        q: asyncio.Queue[list[StreamChunk] | None] = asyncio.Queue()
+        try:
+            req, text = self.s.make_request(request)  # may tokenize: rare and short
+            accepted = runner.enqueue(req, text, self.feeder.sink(q))
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Overloaded as err:
+            context.set_trailing_metadata((("retry-after", f"{err.retry_after_s:.0f}"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        done = False
+        try:  # from here on the core may hold the request: whatever ends this, free it
+            try:
+                await asyncio.wrap_future(accepted)
+            except ValueError as err:  # the core refused it (e.g. too long): nothing held
+                done = True
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            first = True
+            while True:  # one message per core iteration that had tokens for this request
+                chunks = await q.get()
+                if chunks is None:
+                    break
+                yield chunks_to_pb(chunks, first, req.prompt_ids)
+                first = False
+                if chunks[-1].finished:
+                    done = True
+                    break
+        finally:
+            if not done:  # the client went away (or the core ended the stream): free it
+                with contextlib.suppress(RuntimeError):  # the core itself has stopped
+                    runner.abort(req.request_id)
+        if not done:
+            await context.abort(grpc.StatusCode.ABORTED,
+                                f"request {req.request_id} was aborted")
+
+
+class AioServer:
+    """A ``grpc.aio`` server on an event loop thread of its own, with the sync server's
+    ``stop(grace).wait()`` so callers need not know."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="scheduler-aio",
+                                        daemon=True)
+        self._thread.start()
+        self.server: grpc.aio.Server | None = None
+
+    def run(self, coro) -> object:
+        """Run ``coro`` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        stopped = threading.Event()
+
+        async def stop() -> None:
+            if self.server is not None:
+                await self.server.stop(grace)
+            stopped.set()
+
+        fut = asyncio.run_coroutine_threadsafe(stop(), self.loop)
+        fut.add_done_callback(lambda _: (stopped.set(),
+                                         self.loop.call_soon_threadsafe(self.loop.stop)))
+        return stopped
+
+
 def start_scheduler_server(scheduler: Scheduler, host: str, port: int
-                           ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    # gRPC's sync server holds a thread per open stream: size the pool for every request that
-    # may be waiting or running, or streams past the pool's size would wait for a thread.
-    workers = scheduler.max_waiting + 1024
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
-    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(scheduler), server)
+                           ) -> tuple[AioServer, int, health.HealthServicer]:
+    """Serve the ``Scheduler`` service (and health) on a ``grpc.aio`` server: open
+    ``Generate`` streams cost no thread each, so every request that may be waiting or running
+    can have one. Returns the server (``stop(grace).wait()`` as a sync server), the bound
+    port and the health servicer."""
+    aio = AioServer()
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port} (is it in use?)")
-    server.start()
+
+    async def start() -> int:
+        # Sync handlers (Register, Stats, health, ...) run on this pool; none holds a thread
+        # for long.
+        server = grpc.aio.server(migration_thread_pool=futures.ThreadPoolExecutor(
+            max_workers=32, thread_name_prefix="scheduler-rpc"), options=GRPC_OPTIONS)
+        pb_grpc.add_SchedulerServicer_to_server(
+            AsyncSchedulerService(scheduler, _LoopFeeder(aio.loop)), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot listen on {host}:{port} (is it in use?)")
+        await server.start()
+        aio.server = server
+        return bound
+
+    try:
+        bound = aio.run(start())
+    except BaseException:
+        aio.loop.call_soon_threadsafe(aio.loop.stop)
+        raise
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
@@ -331,4 +497,4 @@ def start_scheduler_server(scheduler: Scheduler, host: str, port: int
         health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
     threading.Thread(target=mark_ready, daemon=True).start()
-    return server, bound, health_servicer
+    return aio, bound, health_servicer
