@@ -199,8 +199,9 @@ def test_disconnect_mid_stream_aborts_and_frees_pages(served):
             lines = resp.iter_lines()
             got = [line for line, _ in zip(lines, range(8)) if line.startswith("data:")]
             assert got
-            busy = backend.cluster_state()
-            assert sum(r["kv_pages_used"] for r in busy["replicas"]) > 0
+            # The published state trails the loop by up to one refresh period.
+            wait_until(lambda: sum(r["kv_pages_used"]
+                                   for r in backend.cluster_state()["replicas"]) > 0, 3.0)
         # the connection is closed here, ~10 tokens into a 200-token request (>= 4 s left)
         state = wait_until(lambda: (s := backend.cluster_state()) and idle(s) and s, 3.0)
     finally:

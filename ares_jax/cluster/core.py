@@ -503,6 +503,15 @@ class ClusterCore:
             self._abort_migration(rid, decision.outcome, decision.reason)
             return
         if not decision.final:
+            if decision.end > rec.reserved_pages:
+                # The request grew past the reservation (a remote source's load lags it by a
+                # few steps): hold the pages this stage writes, plus headroom, first.
+                more = decision.end - rec.reserved_pages + self.cluster.migration.headroom_pages
+                if not dst.reserve(rid, more):
+                    self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION,
+                                          "no room at the destination as the request grew")
+                    return
+                rec.reserved_pages += more
             if decision.end > decision.start:
                 rec.in_flight = decision
                 dst.import_kv(rid, decision.start, src.export(
