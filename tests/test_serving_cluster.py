@@ -6,14 +6,12 @@ migration between two decode processes, errors, cancellation, and a clean shutdo
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
-from serving_support import in_process_tokens
+from serving_support import in_process_tokens, settled
 
-from ares_jax.client import Client
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig
 from ares_jax.serving import ares_pb2 as pb
@@ -91,19 +89,6 @@ def test_request_migrated_between_decode_processes_keeps_its_tokens(cluster, ref
     assert last["outcome"] == "committed" and last["bytes"] > 0 and last["dst"] == migrated[0]
     stats = settled(client)  # page accounting balances on both decode processes
     assert all(r["kv_pages_used"] == 0 for r in stats["replicas"]), stats["replicas"]
-
-
-def settled(client: Client, timeout_s: float = 30.0) -> dict:
-    """Stats once nothing runs and every replica has reported its pages free (loads arrive
-    with step batches and heartbeats, so they may lag a command by a heartbeat)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats = client.stats()
-        quiet = stats["running"] == 0 and stats["waiting"] == 0
-        if quiet and all(r["kv_pages_used"] == 0 for r in stats["replicas"]) or \
-                time.monotonic() > deadline:
-            return stats
-        time.sleep(0.2)
 
 
 def test_bad_requests_get_invalid_argument_and_clear_messages(cluster):

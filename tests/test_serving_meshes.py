@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_support import in_process_tokens
+from serving_support import in_process_tokens, settled
 
 from ares_jax.client import Client
 from ares_jax.engine.sampling import SamplingParams
@@ -48,19 +47,6 @@ def child_env() -> dict[str, str]:
 
 def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def settled(client: Client, timeout_s: float = 30.0) -> dict:
-    """Stats once nothing runs and every replica has reported its pages free (loads arrive
-    with step batches and heartbeats, so they may lag a command by a heartbeat)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats = client.stats()
-        quiet = stats["running"] == 0 and stats["waiting"] == 0
-        if quiet and all(r["kv_pages_used"] == 0 for r in stats["replicas"]) or \
-                time.monotonic() > deadline:
-            return stats
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

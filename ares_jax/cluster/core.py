@@ -41,6 +41,7 @@ from ares_jax.cluster.migration import (
     next_stage,
     reservation_pages,
 )
+from ares_jax.cluster.report import cluster_state
 from ares_jax.cluster.snapshot import build_snapshot
 from ares_jax.engine.outputs import RequestTracker, StreamChunk
 from ares_jax.engine.slots import DecodeLoad
@@ -603,7 +604,8 @@ class ClusterCore:
     def loads(self) -> dict[int, DecodeLoad]:
         """Every decode replica's load by id; a dead replica shows no room (so no policy
         places or moves anything there) and nothing running."""
-        return {h.info.replica_id: (_dead_load(h.load()) if h.info.replica_id in self.dead
+        return {h.info.replica_id: (DecodeLoad.idle(capacity_pages=h.info.capacity_pages)
+                                    if h.info.replica_id in self.dead
                                     else h.load()) for h in self.decode}
 
     def _on_replica_failed(self, ev: ReplicaFailed) -> None:
@@ -668,37 +670,7 @@ class ClusterCore:
     def cluster_state(self, recent: int = 100) -> dict:
         """Every replica's identity and load, the recent migrations and the counters, as
         JSON-ready data (served at ``/cluster`` and by the ``Stats`` RPC)."""
-        replicas = []
-        for h in self.prefill + self.decode:
-            ld = h.load()
-            replicas.append({
-                "replica_id": h.info.replica_id, "role": h.info.role,
-                "process_id": h.info.process_id, "address": h.info.address,
-                "process": h.info.process, "healthy": True,
-                "running": len(ld.request_ids), "kv_pages_used": ld.used_pages,
-                "kv_pages_free": ld.free_pages, "kv_pages_total": ld.capacity_pages,
-                "page_size": h.info.page_size,
-                "predicted_kv_pages": _predicted_pages(ld, self.page_size),
-            })
-        migrations = [{
-            "request_id": m.request_id, "src": m.src, "dst": m.dst,
-            "outcome": m.outcome.value if m.outcome else "active", "bytes": m.bytes_moved,
-            "downtime_ms": None if m.downtime_s is None else round(m.downtime_s * 1e3, 3),
-            "stages": m.stages, "reason": m.reason, "finished_at": m.finished_at,
-        } for m in list(self.migration_history)[-recent:]]
-        return {
-            "time": time.time(), "policy": self.cluster.policy,
-            "dispatch_policy": self.cluster.dispatch_policy or self.cluster.policy,
-            "waiting": len(self.waiting), "running": len(self.location),
-            "replicas": replicas, "migrations": migrations,
-            "counters": {**{k: int(v) for k, v in self.counters.items()},
-                         "migrations_committed": int(self.counters["migrations_committed"]),
-                         "migrations_aborted": int(self.counters["migrations_aborted"]),
-                         "migration_bytes": int(self.counters["migration_bytes"]),
-                         "preemptions": int(self.counters["preemptions"]),
-                         "fallback_dispatches": int(self.counters["fallback_dispatches"]),
-                         "requests_finished": int(self.counters["requests_finished"])},
-        }
+        return cluster_state(self, recent)
 
     def stats(self) -> dict[str, float | int]:
         c = self.counters
@@ -714,26 +686,3 @@ def _fits(room: list[int], pages: int) -> bool:
     """A replica's remaining (slots, pages) can take a request of ``pages`` pages."""
     return room[0] > 0 and room[1] >= pages
 
-
-def _predicted_pages(load, page_size: int, points: int = 8) -> list[list[int]]:
-    """(steps ahead, pages) of a replica's running requests if each ran for its predicted
-    remaining length (capped by max_tokens), sampled over the longest of them."""
-    if not len(load.request_ids):
-        return [[0, 0]]
-    rem = np.where(np.isnan(load.predicted_remaining), load.max_tokens - load.generated,
-                   load.predicted_remaining)
-    rem = np.clip(rem, 0, np.maximum(load.max_tokens - load.generated, 0))
-    horizon = int(rem.max())
-    out = []
-    for t in np.linspace(0, horizon, points).astype(int):
-        alive = rem >= t
-        out.append([int(t), int(np.sum(-(-(load.kv_tokens[alive] + t) // page_size)))])
-    return out
-
-
-def _dead_load(ld: DecodeLoad) -> DecodeLoad:
-    z = np.zeros(0, np.int64)
-    return DecodeLoad(free_pages=0, used_pages=ld.capacity_pages,
-                      capacity_pages=ld.capacity_pages, reserved_pages=0, free_slots=0,
-                      request_ids=(), kv_tokens=z, generated=z, max_tokens=z,
-                      predicted_remaining=z.astype(np.float64))

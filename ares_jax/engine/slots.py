@@ -45,6 +45,16 @@ class DecodeLoad:
     max_tokens: np.ndarray  # int64
     predicted_remaining: np.ndarray  # float64, NaN before the first prediction
 
+    @staticmethod
+    def idle(*, capacity_pages: int = 0, free_pages: int = 0, free_slots: int = 0) -> DecodeLoad:
+        """A load with nothing running: a prefill replica's, a decode replica's before its first
+        report, or a failed one's (no free pages, no slots)."""
+        z = np.zeros(0, np.int64)
+        return DecodeLoad(free_pages=free_pages, used_pages=capacity_pages - free_pages,
+                          capacity_pages=capacity_pages, reserved_pages=0, free_slots=free_slots,
+                          request_ids=(), kv_tokens=z, generated=z, max_tokens=z,
+                          predicted_remaining=z.astype(np.float64))
+
 
 class SlotTable:
     def __init__(self, *, num_pages: int, page_size: int, max_num_seqs: int,

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import numpy as np
 
 from ares_jax.engine.decode import DecodeEngine
 from ares_jax.engine.kv_pool import OutOfPages, pages_for
@@ -147,10 +146,7 @@ class LocalPrefillReplica(EventQueue):
         self._blocks: dict[str, KvBlock] = {}
 
     def load(self) -> DecodeLoad:
-        z = np.zeros(0, np.int64)
-        return DecodeLoad(free_pages=0, used_pages=0, capacity_pages=0, reserved_pages=0,
-                          free_slots=0, request_ids=(), kv_tokens=z, generated=z, max_tokens=z,
-                          predicted_remaining=z.astype(np.float64))
+        return DecodeLoad.idle()
 
     def held_block_ids(self) -> set[str]:
         return set(self._blocks)

@@ -56,10 +56,7 @@ class SimulatedPrefillReplica(EventQueue):
         self._blocks: set[str] = set()
 
     def load(self) -> DecodeLoad:
-        z = np.zeros(0, np.int64)
-        return DecodeLoad(free_pages=0, used_pages=0, capacity_pages=0, reserved_pages=0,
-                          free_slots=0, request_ids=(), kv_tokens=z, generated=z, max_tokens=z,
-                          predicted_remaining=z.astype(np.float64))
+        return DecodeLoad.idle()
 
     def prefill(self, requests: Sequence[Request]) -> None:
         page = self.info.page_size

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from concurrent import futures
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ares_jax.cluster.config import ClusterConfig
@@ -44,14 +43,6 @@ SERVICE_NAME = "ares.v1.Scheduler"
 HEARTBEAT_S = 0.5
 # A step batch's load newer than this wins over a heartbeat's.
 LOAD_STALE_S = 2 * HEARTBEAT_S
-
-
-def _empty_load(info: ReplicaInfo) -> DecodeLoad:
-    z = np.zeros(0, np.int64)
-    return DecodeLoad(free_pages=info.capacity_pages, used_pages=0,
-                      capacity_pages=info.capacity_pages, reserved_pages=0,
-                      free_slots=info.max_num_seqs, request_ids=(), kv_tokens=z, generated=z,
-                      max_tokens=z, predicted_remaining=z.astype(np.float64))
 
 
 class Scheduler:
@@ -97,7 +88,9 @@ class Scheduler:
                     max_model_len=mesh.max_model_len, kv_bytes_per_token=mesh.kv_bytes_per_token,
                     process=req.address, process_id=req.process_id, address=req.address,
                     devices=mesh.devices)
-                h = RemoteReplica(info, link, _empty_load(info))
+                h = RemoteReplica(info, link, DecodeLoad.idle(
+                    capacity_pages=info.capacity_pages, free_pages=info.capacity_pages,
+                    free_slots=info.max_num_seqs))
                 link.handles[rid] = h
                 self.handles.append(h)
                 ids.append(rid)
