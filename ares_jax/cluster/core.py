@@ -186,7 +186,8 @@ class ClusterCore:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.trackers)
+        # A request failed outside step() still has its last chunk to deliver.
+        return bool(self.trackers or self._late_chunks)
 
     # ------------------------------------------------------------------ one iteration
 
