@@ -186,7 +186,8 @@ class ClusterCore:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.trackers)
+        # A request failed outside step() still has its last chunk to deliver.
+        return bool(self.trackers or self._late_chunks)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -265,7 +266,12 @@ class ClusterCore:
             batch.append(self.waiting.popleft())
         if not batch:
             return
-        target = min(self.prefill, key=lambda h: sum(
+        alive = [h for h in self.prefill if h.info.replica_id not in self.dead]
+        if not alive:  # nowhere to prefill: say so rather than wait for ever
+            for r in batch:
+                self._fail(r.request_id, "no prefill replica is alive")
+            return
+        target = min(alive, key=lambda h: sum(
             1 for r in self.prefilling.values() if r == h.info.replica_id))
         now = self.clock()
         for r in batch:
@@ -646,6 +652,23 @@ class ClusterCore:
                 table.pop(rid, None)
             self.counters["recovered_requests"] += 1
             self._requeue(rid, preempted=False)
+
+    def rejoin(self, handle: ReplicaHandle) -> None:
+        """A replica declared dead is back (a healed partition, a resumed process) under its
+        old id, with a fresh handle: it has dropped everything it held (its requests are
+        recomputed elsewhere), so it starts empty and may be placed on again. Events left on
+        the old handle are void."""
+        rid = handle.info.replica_id
+        if rid not in self.dead:  # its failure is not taken in yet (an idle core): now
+            self._on_replica_failed(ReplicaFailed(replica_id=rid, error="it registered again"))
+        old = self.by_id[rid]
+        for table in (self.prefill, self.decode):
+            for i, h in enumerate(table):
+                if h is old:
+                    table[i] = handle
+        self.by_id[rid] = handle
+        self.dead.discard(rid)
+        self.counters["replica_rejoins"] += 1
 
     # ------------------------------------------------------------------ observation
 

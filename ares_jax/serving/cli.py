@@ -45,6 +45,10 @@ def _scheduler_flags(p: argparse.ArgumentParser) -> None:
                    help="HTTP port of the OpenAI-compatible front door (off when not given)")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="requests allowed to wait; past it new ones are refused at once")
+    p.add_argument("--replica-timeout", type=float, default=5.0,
+                   help="seconds without a heartbeat (sent every 0.5 s) after which a replica "
+                        "process is declared dead and its requests recomputed elsewhere; "
+                        "replicas drop what they hold after twice this without a scheduler")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,8 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--host", default="0.0.0.0")
     rep.add_argument("--grpc-port", type=int, default=0, help="0: any free port")
     rep.add_argument("--advertise-host", default=None,
-                     help="the address others reach this process at (default: --host, or "
-                          "127.0.0.1 for 0.0.0.0)")
+                     help="the address others reach this process at, for gRPC and the KV "
+                          "transfer server (default: --host, or 127.0.0.1 for 0.0.0.0)")
     rep.add_argument("--transport", default="jax", choices=("jax", "none"))
     rep.set_defaults(func=_run_replica)
     for name, p in (("serve", serve), ("scheduler", sched), ("replica", rep)):

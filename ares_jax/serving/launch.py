@@ -48,7 +48,11 @@ def run_replica(args: argparse.Namespace, roles: list[str]) -> int:
     predictor = None if str(args.predictor).lower() == "none" else args.predictor
     head = resolve_head(model, predictor, embedded=args.model in (None, "", EMBEDDED),
                         engine=ecfg)
-    transport = make_transport(args.transport, args.advertise_host or "127.0.0.1")
+    from ares_jax.serving.replica_server import advertised
+
+    # The KV transfer server listens where others reach this process (e.g. its address in a
+    # network namespace), not on loopback.
+    transport = make_transport(args.transport, args.advertise_host or advertised(args.host))
     proc = ReplicaProcess(model, roles, args.devices_per_replica, ecfg, head=head,
                           transport=transport)
     install_stop_handlers(proc.stopped)
@@ -66,7 +70,8 @@ def _start_scheduler(args: argparse.Namespace, expect_prefill: int, expect_decod
     scheduler = Scheduler(cluster_config(args), expect_prefill=expect_prefill,
                           expect_decode=expect_decode, expect_total=total,
                           model_name=model_name(args.model, None),
-                          max_waiting=args.max_waiting)
+                          max_waiting=args.max_waiting,
+                          replica_timeout_s=args.replica_timeout)
 
     def tokenizer() -> None:  # slow for GGUF files: load it while replicas start
         scheduler.tokenizer = load_tokenizer(args.model)

@@ -92,3 +92,62 @@ class LocalCluster:
                 os.kill(pid, signal.SIGKILL)
             raise RuntimeError(f"replica processes outlived the cluster: {left}")
         return out
+
+
+class Processes:
+    """A scheduler and replica processes started one by one (``ares-jax scheduler`` and
+    ``ares-jax replica``), so a test can stop, kill or restart any of them; each writes its log
+    to ``log_dir``. ``close`` stops what is left and says which outlived SIGTERM."""
+
+    def __init__(self, log_dir) -> None:
+        from pathlib import Path
+
+        self.log_dir = Path(log_dir)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: Sequence[str], prefix: Sequence[str] = ()
+              ) -> subprocess.Popen:
+        """``prefix`` runs the command through another (``ip netns exec NS``)."""
+        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "ares_jax.cli", *argv],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env)
+        out.close()
+        self.procs[name] = proc
+        return proc
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def signal(self, name: str, sig: int) -> None:
+        os.kill(self.procs[name].pid, sig)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    def log(self, name: str, lines: int = 30) -> str:
+        text = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def close(self, timeout_s: float = 20.0) -> list[str]:
+        """SIGCONT then SIGTERM every process still running, SIGKILL after ``timeout_s``;
+        returns the names of those that needed SIGKILL."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        stubborn = []
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                stubborn.append(name)
+        return stubborn

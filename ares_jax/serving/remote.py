@@ -43,7 +43,7 @@ from ares_jax.replica.types import (
 from ares_jax.serving import ares_pb2 as pb
 from ares_jax.serving import ares_pb2_grpc as pb_grpc
 from ares_jax.serving import codec
-from ares_jax.serving.replica_server import GRPC_OPTIONS
+from ares_jax.serving.replica_server import EPOCH_KEY, GRPC_OPTIONS
 
 log = logging.getLogger("ares_jax.scheduler")
 RPC_TIMEOUT_S = 10.0
@@ -60,8 +60,11 @@ OnError = Callable[[str], None]
 class ReplicaLink:
     """One replica process: its channel, stub, event reader and command sender."""
 
-    def __init__(self, address: str, on_event: Callable[[], None]) -> None:
+    def __init__(self, address: str, on_event: Callable[[], None], epoch: int = 0) -> None:
         self.address = address
+        # Sent with every call: a replica that reset itself refuses older epochs' calls.
+        self.epoch = epoch
+        self.metadata = ((EPOCH_KEY, str(epoch)),)
         self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self.stub = pb_grpc.ReplicaStub(self.channel)
         self.handles: dict[int, RemoteReplica] = {}
@@ -88,7 +91,7 @@ class ReplicaLink:
 
     def _read(self) -> None:
         try:
-            self._stream = self.stub.Events(pb.EventsRequest())
+            self._stream = self.stub.Events(pb.EventsRequest(), metadata=self.metadata)
             for msg in self._stream:
                 ev, load = codec.event_from_pb(msg)
                 h = self.handles.get(ev.replica_id)
@@ -100,12 +103,20 @@ class ReplicaLink:
                 h.push(ev)
                 self.on_event()
         except grpc.RpcError as err:
-            if self.alive:
-                self.alive = False
-                reason = f"event stream from {self.address} ended: {err.code()}"
-                for h in self.handles.values():
-                    h.push(ReplicaFailed(replica_id=h.info.replica_id, error=reason))
-                self.on_event()
+            self.fail(f"event stream from {self.address} ended: {err.code()}")
+
+    def fail(self, reason: str) -> bool:
+        """Declare the process dead (its stream broke, or it stopped heartbeating): every
+        mesh reports ``ReplicaFailed`` once, and the link closes. False if it already was."""
+        with self._cv:
+            if not self.alive:
+                return False
+            self.alive = False
+        for h in self.handles.values():
+            h.push(ReplicaFailed(replica_id=h.info.replica_id, error=reason))
+        self.on_event()
+        self.close()
+        return True
 
     # commands -------------------------------------------------------------------------
 
@@ -147,7 +158,7 @@ class ReplicaLink:
     def _send(self, batch: list[tuple[pb.Command, OnError]]) -> None:
         try:
             reply = self.stub.Commands(pb.CommandBatch(commands=[c for c, _ in batch]),
-                                       timeout=WORK_TIMEOUT_S)
+                                       timeout=WORK_TIMEOUT_S, metadata=self.metadata)
         except grpc.RpcError as err:
             self._fail(batch, f"{err.code().name}: {err.details()}")
             return
@@ -166,8 +177,8 @@ class ReplicaLink:
             on_error(error)
 
     def close(self) -> None:
-        self.alive = False
         with self._cv:
+            self.alive = False
             self._closed = True
             self._cv.notify_all()
         if self._stream is not None:
@@ -254,7 +265,7 @@ class RemoteReplica:
         try:
             ack = self._sync().Reserve(pb.ReserveRequest(
                 replica_id=self.info.replica_id, request_id=request_id, pages=pages),
-                timeout=RPC_TIMEOUT_S)
+                timeout=RPC_TIMEOUT_S, metadata=self.link.metadata)
         except grpc.RpcError:
             return False
         return ack.ok
@@ -264,7 +275,7 @@ class RemoteReplica:
         same = to is not None and to.process == self.info.process
         msg = self._sync().Export(pb.ExportRequest(
             replica_id=self.info.replica_id, request_id=request_id, start=start, end=end,
-            same_process=same), timeout=RPC_TIMEOUT_S)
+            same_process=same), timeout=RPC_TIMEOUT_S, metadata=self.link.metadata)
         return codec.block_from_pb(msg)
 
     def import_kv(self, request_id: str, start: int, block: KvBlock) -> None:
@@ -276,11 +287,13 @@ class RemoteReplica:
                                          pages=block.pages, nbytes=0, ok=False, error=e))
 
     def detach(self, request_id: str) -> Detached | None:
-        reply = self._sync().Detach(self._ref(request_id), timeout=RPC_TIMEOUT_S)
+        reply = self._sync().Detach(self._ref(request_id), timeout=RPC_TIMEOUT_S,
+                                    metadata=self.link.metadata)
         return codec.detached_from_pb(reply.state) if reply.found else None
 
     def reattach(self, request_id: str) -> None:
-        ack = self._sync().Reattach(self._ref(request_id), timeout=RPC_TIMEOUT_S)
+        ack = self._sync().Reattach(self._ref(request_id), timeout=RPC_TIMEOUT_S,
+                                    metadata=self.link.metadata)
         if not ack.ok:
             log.warning("reattach of %s on replica %d failed: %s", request_id,
                         self.info.replica_id, ack.error)
@@ -288,6 +301,6 @@ class RemoteReplica:
     def adopt(self, request: Request, state: Detached) -> None:
         ack = self._sync().Adopt(pb.AdoptRequest(
             replica_id=self.info.replica_id, request=codec.request_to_pb(request),
-            state=codec.detached_to_pb(state)), timeout=RPC_TIMEOUT_S)
+            state=codec.detached_to_pb(state)), timeout=RPC_TIMEOUT_S, metadata=self.link.metadata)
         if not ack.ok:
             raise RuntimeError(ack.error)

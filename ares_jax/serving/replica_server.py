@@ -9,7 +9,11 @@ Threads:
   produce (token batches with the replica's load, prefill results, completions) to the
   scheduler's ``Events`` subscription, in order;
 - the heartbeat sends every mesh's load to the scheduler; a scheduler that does not know this
-  process (it restarted) makes it register again.
+  process (it restarted, or declared this process dead after missed heartbeats) makes it drop
+  everything it holds and register again (retrying with backoff); and a process that has not
+  reached any scheduler for the lease the scheduler gave it drops everything too (its requests
+  are recomputed elsewhere or were lost with the scheduler), so no page waits on a scheduler
+  that will never ask for it.
 
 KV leaves the process through the ``KvTransport`` as tickets, one per power-of-two chunk; a
 block whose source is a mesh of this same process is read directly (``jax.device_put``).
@@ -46,9 +50,18 @@ from ares_jax.transfer.kv_transport import KvTransport
 
 log = logging.getLogger("ares_jax.replica")
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
-                ("grpc.max_receive_message_length", 64 << 20)]
+                ("grpc.max_receive_message_length", 64 << 20),
+                # Reconnect soon after a peer comes back (a restarted scheduler, a healed
+                # partition): gRPC's default backoff grows to 120 s.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
 PULL_TIMEOUT_S = 30.0
+# Heartbeats that fail are retried at doubling intervals up to this; so are registrations.
+MAX_BACKOFF_S = 2.0
+HEARTBEAT_RPC_TIMEOUT_S = 2.0
 SERVICE_NAME = "ares.v1.Replica"
+EPOCH_KEY = "ares-epoch"  # gRPC metadata: the registration a scheduler's call belongs to
 
 
 class ReplicaProcess:
@@ -84,6 +97,10 @@ class ReplicaProcess:
         self.stopped = threading.Event()
         self.vocab_size = model.cfg.vocab_size
         self.model_source = model.source
+        # Calls of a registration epoch below this are refused: they were sent to this
+        # process before it reset itself (see ``reset``).
+        self.min_epoch = 0
+        self.epoch = 0
 
     # ------------------------------------------------------------------ identity
 
@@ -105,9 +122,51 @@ class ReplicaProcess:
                             devices=r.info.devices, vocab_size=self.vocab_size,
                             model=self.model_source) for r in self.replicas]
 
-    def loads(self) -> list[pb.Load]:
-        with self.lock:
+    def loads(self, wait_s: float | None = None) -> list[pb.Load]:
+        """Every mesh's load; none when the lock is not free within ``wait_s`` (a command
+        such as a first prefill that compiles can hold it for seconds, and a heartbeat must
+        still go out, or the scheduler would declare this process dead)."""
+        if not self.lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            return []
+        try:
             return [codec.load_to_pb(r.info.replica_id, r.load()) for r in self.replicas]
+        finally:
+            self.lock.release()
+
+    def holds_anything(self) -> bool:
+        with self.lock:
+            return any(self._held(r) for r in self.replicas) or not self.events.empty()
+
+    @staticmethod
+    def _held(r) -> list[str]:
+        if isinstance(r, LocalPrefillReplica):
+            return sorted(r.held_block_ids())
+        return r.slots.page_owners()
+
+    def reset(self, reason: str) -> int:
+        """Drop every request, prefill block, offer and unsent event: this process starts
+        clean (for a scheduler that does not know it). Returns the requests dropped."""
+        dropped = 0
+        with self.lock:
+            for r in self.replicas:
+                for rid in self._held(r):
+                    if isinstance(r, LocalPrefillReplica):
+                        r.drop_kv(rid)
+                    else:
+                        r.release(rid)
+                    self.forget_offers(rid)
+                    dropped += 1
+                r.poll()  # events not yet forwarded describe requests now gone
+            while True:
+                try:
+                    self.events.get_nowait()
+                except queue.Empty:
+                    break
+            self.min_epoch = self.epoch + 1  # fence off every call sent before now
+        if self.offers is not None:
+            self.offers.drop_all()
+        log.warning("dropped %d request(s) and every queued event: %s", dropped, reason)
+        return dropped
 
     def replica(self, replica_id: int):
         r = self.by_id.get(replica_id)
@@ -180,9 +239,10 @@ class ReplicaProcess:
                         r.advance()
                         busy = True
                 batch = [(r, ev) for r in self.replicas for ev in r.poll()]
-                out = [self._to_wire(r, ev) for r, ev in batch]
-            for msg in out:
-                self.events.put(msg)
+                # Queued under the lock, so a reset (which clears the queue) never has
+                # events of the requests it dropped land after it.
+                for r, ev in batch:
+                    self.events.put(self._to_wire(r, ev))
             if not busy:
                 self.wake.wait(0.05)
                 self.wake.clear()
@@ -202,6 +262,20 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         self.proc = proc
         self._subscriber = 0
 
+    def _stale(self, context) -> str | None:
+        """Why a call must be refused: it belongs to a registration older than this
+        process's last reset. A call of a newer epoch (sent by a scheduler that registered
+        this process before the reply got here) moves the epoch on."""
+        for key, value in context.invocation_metadata() or ():
+            if key == EPOCH_KEY:
+                epoch = int(value)
+                with self.proc.lock:
+                    if epoch < self.proc.min_epoch:
+                        return (f"a call of registration epoch {epoch}, older than this "
+                                f"process's last reset (epoch {self.proc.min_epoch}): refused")
+                    self.proc.epoch = max(self.proc.epoch, epoch)
+        return None
+
     def _run(self, fn) -> pb.Ack:
         try:
             with self.proc.lock:
@@ -213,6 +287,9 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return pb.Ack(ok=True)
 
     def Events(self, request, context) -> Iterator[pb.ReplicaEvent]:
+        stale = self._stale(context)
+        if stale is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         self._subscriber += 1
         me = self._subscriber  # a newer subscription (a restarted scheduler) replaces this one
         while context.is_active() and me == self._subscriber and not self.proc.stopped.is_set():
@@ -259,6 +336,9 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             request.request_id))
 
     def Reserve(self, request, context) -> pb.Ack:
+        stale = self._stale(context)
+        if stale is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         ok = {}
         ack = self._run(lambda: ok.setdefault("v", self.proc.replica(
             request.replica_id).reserve(request.request_id, request.pages)))
@@ -267,6 +347,9 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return ack
 
     def Export(self, request, context) -> pb.KvBlock:
+        stale = self._stale(context)
+        if stale is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         src = self.proc.replica(request.replica_id)
         if request.same_process:  # the destination reads it itself, device to device
             return pb.KvBlock(source=request.replica_id, request_id=request.request_id,
@@ -298,6 +381,9 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return self._run(lambda: dst.import_kv(request.request_id, request.start, block))
 
     def Detach(self, request, context) -> pb.DetachResponse:
+        stale = self._stale(context)
+        if stale is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         with self.proc.lock:
             state = self.proc.replica(request.replica_id).detach(request.request_id)
         if state is None:
@@ -305,10 +391,16 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return pb.DetachResponse(found=True, state=codec.detached_to_pb(state))
 
     def Reattach(self, request, context) -> pb.Ack:
+        stale = self._stale(context)
+        if stale is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         return self._run(lambda: self.proc.replica(request.replica_id).reattach(
             request.request_id))
 
     def Adopt(self, request, context) -> pb.Ack:
+        stale = self._stale(context)
+        if stale is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         req = codec.request_from_pb(request.request)
         state = codec.detached_from_pb(request.state)
         return self._run(lambda: self.proc.replica(request.replica_id).adopt(req, state))
@@ -325,6 +417,9 @@ class ReplicaService(pb_grpc.ReplicaServicer):
     def Commands(self, request, context) -> pb.CommandAcks:
         """The scheduler's queued commands, run one after another in the order it issued
         them (each as its own RPC would run it); one Ack per command."""
+        stale = self._stale(context)
+        if stale is not None:
+            return pb.CommandAcks(acks=[pb.Ack(ok=False, error=stale) for _ in request.commands])
         return pb.CommandAcks(acks=[self._command(c, context) for c in request.commands])
 
     def _command(self, cmd: pb.Command, context) -> pb.Ack:
@@ -351,26 +446,19 @@ def serve_replica(proc: ReplicaProcess, *, scheduler: str, host: str = "127.0.0.
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
-    address = f"{advertise_host or _advertised(host)}:{bound}"
+    address = f"{advertise_host or advertised(host)}:{bound}"
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     stepper = threading.Thread(target=proc.run_steps, name="replica-steps", daemon=True)
     stepper.start()
     channel = grpc.insecure_channel(scheduler, options=GRPC_OPTIONS)
     stub = pb_grpc.SchedulerStub(channel)
     try:
-        heartbeat_s = _register(proc, stub, address, register_timeout_s)
+        heartbeat_s, lease_s = _register(proc, stub, address, register_timeout_s)
         health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("replica process %s serving %d mesh(es) for scheduler %s", address,
                  len(proc.replicas), scheduler)
-        while not proc.stopped.wait(heartbeat_s):
-            try:
-                reply = stub.Heartbeat(pb.HeartbeatRequest(address=address,
-                                                           loads=proc.loads()), timeout=5)
-                if not reply.known:
-                    heartbeat_s = _register(proc, stub, address, register_timeout_s)
-            except grpc.RpcError as err:
-                log.warning("heartbeat to %s failed: %s", scheduler, err.code())
+        _heartbeats(proc, stub, address, scheduler, heartbeat_s, lease_s)
     finally:
         proc.stopped.set()
         health_servicer.enter_graceful_shutdown()
@@ -382,24 +470,65 @@ def serve_replica(proc: ReplicaProcess, *, scheduler: str, host: str = "127.0.0.
             proc.offers.close()
 
 
-def _register(proc: ReplicaProcess, stub, address: str, timeout_s: float) -> float:
-    deadline = time.monotonic() + timeout_s
+def _heartbeats(proc: ReplicaProcess, stub, address: str, scheduler: str,
+                heartbeat_s: float, lease_s: float) -> None:
+    """Heartbeat until stopped. A scheduler that does not know this process gets it clean
+    and registered again; one out of reach is retried with backoff, and once the lease has
+    run out with no heartbeat answered, everything held here is dropped."""
+    delay = heartbeat_s
+    last_ok = time.monotonic()
+    lease_spent = False
+    while not proc.stopped.wait(delay):
+        try:
+            reply = stub.Heartbeat(pb.HeartbeatRequest(address=address,
+                                                       loads=proc.loads(wait_s=0.05)),
+                                   timeout=HEARTBEAT_RPC_TIMEOUT_S)
+        except grpc.RpcError as err:
+            delay = min(2 * delay, MAX_BACKOFF_S)
+            log.warning("heartbeat to %s failed: %s", scheduler, err.code())
+            if lease_s > 0 and not lease_spent and time.monotonic() - last_ok > lease_s:
+                lease_spent = True  # once per outage: nothing new arrives meanwhile
+                proc.reset(f"no scheduler answered for {lease_s:.1f} s (the lease)")
+            continue
+        last_ok, delay, lease_spent = time.monotonic(), heartbeat_s, False
+        if not reply.known:
+            # A restarted scheduler, or one that declared this process dead and recomputed its
+            # requests elsewhere: whatever is held here is nobody's now. Dropped before
+            # registering, so no stale event reaches the scheduler under a new identity.
+            proc.reset("the scheduler does not know this process")
+            heartbeat_s, lease_s = _register(proc, stub, address, None)
+            delay = heartbeat_s
+
+
+def _register(proc: ReplicaProcess, stub, address: str, timeout_s: float | None
+              ) -> tuple[float, float]:
+    """Register until accepted, retrying with backoff (for ever when ``timeout_s`` is
+    None); returns the scheduler's (heartbeat interval, lease) in seconds."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     req = pb.RegisterRequest(address=address, process_id=os.getpid(), host=socket.gethostname(),
                              meshes=proc.mesh_infos(),
                              transfer_address=proc.offers.address if proc.offers else "")
+    backoff = 0.2
     while True:
         try:
             reply = stub.Register(req, timeout=10)
             proc.assign_ids(reply.replica_ids, process=address, address=address)
-            return reply.heartbeat_s or 0.5
+            with proc.lock:
+                proc.epoch = max(proc.epoch, reply.epoch)
+            log.info("registered as replica(s) %s", list(reply.replica_ids))
+            return reply.heartbeat_s or 0.5, reply.lease_s
         except grpc.RpcError as err:
-            if proc.stopped.is_set() or time.monotonic() > deadline:
+            if proc.stopped.is_set() or (deadline is not None and time.monotonic() > deadline):
                 raise RuntimeError(f"could not register with the scheduler: {err.code()}: "
                                    f"{err.details()}") from err
-            time.sleep(0.2)
+            log.warning("registration refused (%s: %s); retrying in %.1f s", err.code(),
+                        err.details(), backoff)
+            if proc.stopped.wait(backoff):
+                raise RuntimeError("stopped before registering") from err
+            backoff = min(2 * backoff, MAX_BACKOFF_S)
 
 
-def _advertised(host: str) -> str:
+def advertised(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 

@@ -6,6 +6,12 @@ replica id, opens a ``ReplicaLink`` (its event stream) and wraps each mesh in a
 ``ClusterCore`` over those handles and starts its ``CoreRunner``. From then on ``Generate``
 submits to the runner and streams the request's chunks back; a client that goes away aborts
 its request on every replica that holds it.
+
+A watchdog declares a replica process dead when its heartbeats stop for ``replica_timeout_s``
+(hung, stopped, partitioned: its connection may stay open, so the broken stream that a killed
+process causes never comes); its requests are recomputed elsewhere as for a killed one. A
+process declared dead that comes back finds the scheduler does not know it, drops what it holds
+and registers again: it rejoins under its old replica ids, empty.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ from ares_jax.serving.runner import CoreRunner, Overloaded
 log = logging.getLogger("ares_jax.scheduler")
 SERVICE_NAME = "ares.v1.Scheduler"
 HEARTBEAT_S = 0.5
+# A replica process silent (no heartbeat) for this long is declared dead: its requests are
+# recomputed elsewhere. Declared within REPLICA_TIMEOUT_S + WATCHDOG_TICK_S of its last one.
+REPLICA_TIMEOUT_S = 5.0
+WATCHDOG_TICK_S = 0.1
 # A step batch's load newer than this wins over a heartbeat's.
 LOAD_STALE_S = 2 * HEARTBEAT_S
 
@@ -51,8 +61,17 @@ class Scheduler:
     def __init__(self, cluster: ClusterConfig, *, expect_prefill: int, expect_decode: int,
                  expect_total: int | None = None,
                  tokenizer: Tokenizer | None = None, model_name: str = "model",
-                 max_waiting: int = 1024) -> None:
+                 max_waiting: int = 1024,
+                 replica_timeout_s: float = REPLICA_TIMEOUT_S) -> None:
+        if replica_timeout_s <= 2 * HEARTBEAT_S:
+            raise ValueError(f"replica_timeout_s must exceed two heartbeats "
+                             f"({2 * HEARTBEAT_S} s), got {replica_timeout_s}")
         self.cluster = cluster
+        self.replica_timeout_s = replica_timeout_s
+        # A replica that reaches no scheduler for this long drops what it holds: longer than
+        # the timeout, so the scheduler has declared it dead (and recomputed its requests)
+        # before it lets go of them.
+        self.lease_s = 2 * replica_timeout_s
         self.expect = {"prefill": expect_prefill, "decode": expect_decode}
         self.expect_total = expect_total  # instead of per role: any mix, one of each at least
         self.tokenizer = tokenizer
@@ -66,19 +85,23 @@ class Scheduler:
         self.ready = threading.Event()
         self._lock = threading.Lock()
         self.started_at = time.time()
+        self._stop = threading.Event()
+        self._epoch = 0
+        self._watchdog = threading.Thread(target=self._watch, name="replica-watchdog",
+                                          daemon=True)
+        self._watchdog.start()
 
     # ------------------------------------------------------------------ registration
 
     def register(self, req: pb.RegisterRequest) -> list[int]:
         with self._lock:
             if self.runner is not None:
-                raise RuntimeError("the cluster is already formed; replicas joining a running "
-                                   "scheduler are not supported yet")
+                return self._rejoin(req)
             old = self.links.pop(req.address, None)
             if old is not None:  # the same process registering again: forget its meshes
                 old.close()
                 self.handles = [h for h in self.handles if h.link is not old]
-            link = ReplicaLink(req.address, self._on_event)
+            link = ReplicaLink(req.address, self._on_event, self._next_epoch())
             ids = []
             for mesh in req.meshes:
                 rid = max((h.info.replica_id for h in self.handles), default=-1) + 1
@@ -96,11 +119,72 @@ class Scheduler:
                 ids.append(rid)
                 self.vocab_size = mesh.vocab_size
             self.links[req.address] = link
+            link.last_seen = time.monotonic()
             link.start()
             log.info("registered %s: %s", req.address,
                      ", ".join(f"{m.role} replica {i}" for m, i in zip(req.meshes, ids)))
             self._maybe_start()
             return ids
+
+    def _rejoin(self, req: pb.RegisterRequest) -> list[int]:
+        """A process of the running cluster registering again (it was declared dead, or
+        believes it was): its meshes get their old ids and fresh handles, and the core places
+        on them again. New processes cannot join a formed cluster."""
+        old = self.links.get(req.address)
+        roles = [m.role for m in req.meshes]
+        if old is None or [h.info.role for h in old.handles.values()] != roles:
+            raise RuntimeError("the cluster is already formed; only a process of it (same "
+                               "address and meshes) can register again")
+        if old.alive:  # it reset itself: whatever the core thinks runs there is gone
+            old.fail(f"replica process {req.address} registered again")
+        runner = self.runner
+        assert runner is not None
+        link = ReplicaLink(req.address, self._on_event, self._next_epoch())
+        fresh = []
+        for h in old.handles.values():
+            new = RemoteReplica(h.info, link, DecodeLoad.idle(
+                capacity_pages=h.info.capacity_pages, free_pages=h.info.capacity_pages,
+                free_slots=h.info.max_num_seqs))
+            link.handles[h.info.replica_id] = new
+            fresh.append(new)
+        self.handles = [h for h in self.handles if h.link is not old] + fresh
+        self.links[req.address] = link
+        link.last_seen = time.monotonic()
+        link.start()
+
+        def rejoin(core: ClusterCore) -> None:
+            for h in fresh:
+                core.rejoin(h)
+
+        runner.call(rejoin)
+        ids = [h.info.replica_id for h in fresh]
+        log.warning("replica process %s rejoined as replica(s) %s, empty", req.address, ids)
+        return ids
+
+    def _next_epoch(self) -> int:
+        """Registration epochs: wall-clock nanoseconds, so a restarted scheduler's are newer
+        than its predecessor's; strictly increasing within this one."""
+        self._epoch = max(time.time_ns(), self._epoch + 1)
+        return self._epoch
+
+    def _watch(self) -> None:
+        """Declare dead every replica process whose heartbeats stopped."""
+        while not self._stop.wait(WATCHDOG_TICK_S):
+            now = time.monotonic()
+            for address, link in list(self.links.items()):
+                silent = now - link.last_seen
+                if not link.alive or silent <= self.replica_timeout_s:
+                    continue
+                reason = f"no heartbeat from {address} for {silent:.1f} s"
+                with self._lock:
+                    if self.runner is None:  # not formed yet: forget it, it may come back
+                        self.links.pop(address, None)
+                        self.handles = [h for h in self.handles if h.link is not link]
+                        link.close()
+                        log.error("%s; forgotten until it registers again", reason)
+                        continue
+                if link.fail(reason):
+                    log.error("%s: declared dead", reason)
 
     def _roles(self, role: str) -> list[RemoteReplica]:
         return [h for h in self.handles if h.info.role == role]
@@ -129,7 +213,7 @@ class Scheduler:
 
     def heartbeat(self, req: pb.HeartbeatRequest) -> bool:
         link = self.links.get(req.address)
-        if link is None:
+        if link is None or not link.alive:  # unknown, or declared dead: it must reset
             return False
         now = link.last_seen = time.monotonic()
         for msg in req.loads:
@@ -177,6 +261,7 @@ class Scheduler:
         self.cluster = cluster
 
     def close(self) -> None:
+        self._stop.set()
         if self.runner is not None:
             self.runner.stop()
         for link in self.links.values():
@@ -272,7 +357,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             ids = self.s.register(request)
         except RuntimeError as err:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-        return pb.RegisterResponse(replica_ids=ids, heartbeat_s=HEARTBEAT_S)
+        return pb.RegisterResponse(replica_ids=ids, heartbeat_s=HEARTBEAT_S,
+                                   lease_s=self.s.lease_s,
+                                   epoch=self.s.links[request.address].epoch)
 
     def Heartbeat(self, request, context):
         return pb.HeartbeatResponse(known=self.s.heartbeat(request))

@@ -57,6 +57,12 @@ class Offers:
         for uuid in uuids:
             self.transport.release(uuid)
 
+    def drop_all(self) -> None:
+        with self._lock:
+            requests = list(self._by_request)
+        for rid in requests:
+            self.drop(rid)
+
     def _forget_uuid(self, request_id: str, uuid: int) -> None:
         with self._lock:
             left = [u for u in self._by_request.get(request_id, []) if u != uuid]
