@@ -44,6 +44,16 @@ class ModelNotFound(APIError):
                          "model", "model_not_found")
 
 
+class DeadlineExceeded(APIError):
+    """504: the request's ``timeout`` passed; the server freed it everywhere."""
+
+    status = 504
+    type = "timeout_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "timeout", "deadline_exceeded")
+
+
 class ServiceUnavailable(APIError):
     status = 503
     type = "server_error"
