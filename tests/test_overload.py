@@ -102,7 +102,10 @@ def test_overload_refuses_at_once_and_admitted_latency_stays_bounded(cluster):
     print(json.dumps({"unloaded_s": unloaded, **summary, "wall_s": time.perf_counter() - t0}))
     assert not summary["errors"], summary
     assert summary["refused"] >= 10 and summary["admitted"] >= SLOTS
-    assert summary["refusal_latency"]["p99_ms"] < 1000  # refused at once, not queued
+    # Refused at once, not queued: far faster than serving (absolute times on a shared
+    # 2-core machine swing with its load).
+    refusal, admitted = summary["refusal_latency"], summary["admitted_latency"]
+    assert refusal["p50_ms"] < admitted["p50_ms"] / 2 and refusal["p99_ms"] < 5000, summary
     assert all(r >= 1 for r in summary["retry_after_s"]) and summary["retry_after_s"]
     # An admitted request waits behind at most MAX_WAITING queued and SLOTS running ones.
     bound = max(10.0, (MAX_WAITING / SLOTS + 2) * 4 * unloaded)
