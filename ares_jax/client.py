@@ -7,7 +7,9 @@
 It returns the same ``RequestOutput`` and ``StreamChunk`` records as ``LLM``, and turns gRPC
 statuses back into the exceptions ``LLM`` raises: ``ValueError`` for a bad request
 (INVALID_ARGUMENT), ``Overloaded`` when the server is full (RESOURCE_EXHAUSTED, with its
-retry-after), ``ConnectionError`` when the cluster cannot be reached or is not ready.
+retry-after), ``TimeoutError`` when the call's deadline (``timeout_s``) passed
+(DEADLINE_EXCEEDED: the server has freed the request everywhere), ``ConnectionError`` when
+the cluster cannot be reached or is not ready.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def _raise_for(err: grpc.RpcError) -> None:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         meta = dict(err.trailing_metadata() or ())
         raise Overloaded(details, float(meta.get("retry-after", 1))) from None
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        raise TimeoutError(f"{code.name}: {details}") from None
+    if code == grpc.StatusCode.UNAVAILABLE:
         raise ConnectionError(f"{code.name}: {details}") from None
     raise RuntimeError(f"{code.name}: {details}") from None
 
@@ -186,7 +190,7 @@ class Client:
             try:
                 if self.stats().get("ready"):
                     return
-            except ConnectionError:
+            except (ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"the cluster at {self.address} was not ready in {timeout_s} s")

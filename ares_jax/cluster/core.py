@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ares_jax.cluster.config import ClusterConfig
+from ares_jax.cluster.deadlines import DEADLINE, Deadlines
 from ares_jax.cluster.migration import (
     GiveUp,
     MigrationOutcome,
@@ -133,6 +134,7 @@ class ClusterCore:
         self.on_stepped: list[Callable[[ReplicaHandle, Stepped], None]] = []
         self.dead: set[int] = set()  # replicas that failed; nothing is placed there again
         self._late_chunks: list[StreamChunk] = []  # chunks made outside step()
+        self.deadlines = Deadlines()
 
     def _make_policies(self) -> None:
         make = lambda name: make_policy(name, cost=self.cost,  # noqa: E731
@@ -173,6 +175,7 @@ class ClusterCore:
                              f"{self.max_pages}")
         self.trackers[rid] = RequestTracker(request, self.tokenizer, prompt_text)
         self.waiting.append(request)
+        self.deadlines.add(request)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request wherever it is; its pages are freed on every replica."""
@@ -193,6 +196,7 @@ class ClusterCore:
 
     def step(self) -> list[StreamChunk]:
         """One scheduling iteration (see the module docstring); returns the stream events."""
+        self._expire_deadlines()
         out, self._late_chunks = self._late_chunks, []
         self._admit()
         self._drain(self.prefill, out)
@@ -433,16 +437,27 @@ class ClusterCore:
         self.finished[rid] = tracker
         self.counters["requests_finished"] += 1
 
-    def _fail(self, rid: str, reason: str) -> None:
+    def _fail(self, rid: str, reason: str, finish_reason: str = "error") -> None:
         """End a request that cannot be served; its stream gets a last, token-less chunk."""
-        self.counters["requests_failed"] += 1
+        self.counters["requests_failed" if finish_reason == "error" else
+                      "requests_past_deadline"] += 1
         tracker = self.trackers[rid]
         tracker.error = reason
         self._retire(rid, abort=True)
-        tracker.finish_reason = "error"
+        tracker.finish_reason = finish_reason
         self._late_chunks.append(StreamChunk(
             request_id=rid, index=tracker.request.index, token_id=-1, text_delta="",
-            finished=True, finish_reason="error", output=tracker.output()))
+            finished=True, finish_reason=finish_reason, output=tracker.output()))
+
+    def _expire_deadlines(self) -> None:
+        """End, as an abort would, every request whose caller's deadline has passed."""
+        now = self.clock()
+        for req in self.deadlines.expired(now) if len(self.deadlines) else ():
+            tracker = self.trackers.get(req.request_id)
+            if tracker is not None and tracker.request is req:  # else finished first
+                self.waiting = collections.deque(r for r in self.waiting if r is not req)
+                self._fail(req.request_id, f"deadline exceeded: request {req.request_id} "
+                           f"ran {now - req.arrival_time:.3f} s", DEADLINE)
 
     # ------------------------------------------------------------------ migration
 

@@ -54,6 +54,9 @@ class Request:
     index: int = 0
     # Tokens generated before a preemption; recompute prefills prompt + these.
     resumed_ids: list[int] = dataclasses.field(default_factory=list)
+    # When the caller stops waiting (``time.perf_counter()`` seconds, the scheduler's clock);
+    # past it the scheduler aborts the request everywhere. None: no deadline.
+    deadline: float | None = None
 
     @property
     def context_ids(self) -> list[int]:

@@ -54,10 +54,13 @@ class GenerationBackend(Protocol):
     vocab_size: int
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 prompt_text: str | None = None) -> AsyncIterator[StreamChunk]:
+                 prompt_text: str | None = None, *, deadline: float | None = None
+                 ) -> AsyncIterator[StreamChunk]:
         """An async generator of one StreamChunk per token, the last with ``finished=True`` and
         ``output``. Raises ValueError (naming the problem) or Overloaded before the first chunk.
-        Closing it early (client gone) aborts the request everywhere."""
+        Closing it early (client gone) aborts the request everywhere. Past ``deadline``
+        (``time.perf_counter()`` seconds) the request is freed everywhere and its last chunk
+        has ``finish_reason = "deadline"``."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -129,13 +132,14 @@ class LoopBackend:
     # ------------------------------------------------------------------ the seam
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       prompt_text: str | None = None) -> AsyncIterator[StreamChunk]:
+                       prompt_text: str | None = None, *, deadline: float | None = None
+                       ) -> AsyncIterator[StreamChunk]:
         aloop = asyncio.get_running_loop()
         stream = _Stream(aloop=aloop, queue=asyncio.Queue())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         request = Request(request_id=request_id, prompt_ids=[int(t) for t in prompt_ids],
                           params=params, arrival_time=time.perf_counter(),
-                          index=next(self._index))
+                          index=next(self._index), deadline=deadline)
         self._post(("add", request, prompt_text, stream, accepted))
         try:
             await asyncio.wrap_future(accepted)  # ValueError / Overloaded / BackendClosed

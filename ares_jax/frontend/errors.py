@@ -13,6 +13,7 @@ import re
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from ares_jax.frontend.backend import BackendClosed, Overloaded
 
@@ -42,6 +43,16 @@ class ModelNotFound(APIError):
     def __init__(self, model: str, served: str) -> None:
         super().__init__(f"The model {model!r} does not exist; this server serves {served!r}",
                          "model", "model_not_found")
+
+
+class DeadlineExceeded(APIError):
+    """504: the request's ``timeout`` passed; the server freed it everywhere."""
+
+    status = 504
+    type = "timeout_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "timeout", "deadline_exceeded")
 
 
 class ServiceUnavailable(APIError):
@@ -87,6 +98,16 @@ def install_handlers(app) -> None:
         detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: "
                            f"{e.get('msg')}" for e in errors[:5])
         return error_response(InvalidRequest(f"invalid request: {detail}", param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (a body that is not UTF-8 JSON, an unknown path, a wrong
+        # method) in the same error JSON as everything else.
+        err = APIError(str(exc.detail), None, None)
+        err.status = exc.status_code
+        if exc.status_code >= 500:
+            err.type = "server_error"
+        return error_response(err, dict(exc.headers or {}))
 
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:

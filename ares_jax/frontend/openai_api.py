@@ -52,6 +52,7 @@ class Context:
 # ============================================================================ completions
 
 async def completions(ctx: Context, body: CompletionRequest, request: Request) -> Response:
+    deadline = _deadline(body.timeout)
     body.check_supported()
     _check_model(ctx, body.model)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -72,7 +73,7 @@ async def completions(ctx: Context, body: CompletionRequest, request: Request) -
         params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
                                  logprobs_field="logprobs")
         choices.append(Choice(index=i, request_id=f"{rid}-{i}", prompt_ids=ids,
-                              prompt_text=text, params=params))
+                              prompt_text=text, params=params, deadline=deadline))
     fmt = _CompletionFormat(rid=rid, model=_model(ctx, body.model), tok=tok,
                             logprobs=body.logprobs is not None)
     return await _answer(ctx, request, choices, "prompt", body.stream, body.include_usage, fmt)
@@ -82,6 +83,7 @@ async def completions(ctx: Context, body: CompletionRequest, request: Request) -
 
 async def chat_completions(ctx: Context, body: ChatCompletionRequest,
                            request: Request) -> Response:
+    deadline = _deadline(body.timeout)
     body.check_supported()
     _check_model(ctx, body.model)
     tok = ctx.backend.tokenizer
@@ -104,7 +106,7 @@ async def chat_completions(ctx: Context, body: ChatCompletionRequest,
                              logprobs_field="top_logprobs")
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     choices = [Choice(index=0, request_id=rid, prompt_ids=ids, prompt_text=text,
-                      params=params)]
+                      params=params, deadline=deadline)]
     fmt = _ChatFormat(rid=rid, model=_model(ctx, body.model), tok=tok, logprobs=body.logprobs,
                       top=body.top_logprobs or 0)
     return await _answer(ctx, request, choices, "messages", body.stream, body.include_usage, fmt)
@@ -185,6 +187,11 @@ def _usage(streams: Sequence[ChoiceStream]) -> dict:
     done = sum(len(s.output.token_ids) if s.output is not None else len(s.tokens)
                for s in streams)
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """The request's ``timeout`` as a deadline on the backend's clock, from its arrival."""
+    return None if timeout is None else time.perf_counter() + timeout
 
 
 def _check_model(ctx: Context, model: str | None) -> None:

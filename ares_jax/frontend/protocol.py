@@ -16,6 +16,7 @@ from ares_jax.engine.sampling import MAX_LOGPROBS, SamplingParams
 from ares_jax.frontend.errors import InvalidRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
+MAX_TIMEOUT_S = 86_400.0  # a request's ``timeout`` may be at most a day
 
 
 class StreamOptions(BaseModel):
@@ -45,6 +46,11 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # Seconds the server works on the request before giving up (an ares-jax extension,
+    # ``extra_body={"timeout": 5}`` from the openai client): past it the request is freed
+    # everywhere and answered 504 (or, mid-stream, an error event). Closing the connection,
+    # which the openai client's own ``timeout=`` does, aborts it too.
+    timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
 
     def check_supported(self) -> None:
         """Refuse what the engine does not implement, naming the field."""

@@ -18,10 +18,11 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from ares_jax.cluster.deadlines import DEADLINE
 from ares_jax.engine.outputs import RequestOutput, StreamChunk
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.frontend.backend import GenerationBackend
-from ares_jax.frontend.errors import from_backend_value_error
+from ares_jax.frontend.errors import DeadlineExceeded, from_backend_value_error
 from ares_jax.frontend.metrics import ServerMetrics
 
 T = TypeVar("T")
@@ -45,6 +46,7 @@ class Choice:
     prompt_ids: list[int]
     prompt_text: str | None
     params: SamplingParams
+    deadline: float | None = None  # time.perf_counter() seconds; None: no deadline
 
 
 class ChoiceStream:
@@ -66,6 +68,11 @@ class ChoiceStream:
         """Every chunk, the first included; records the final output."""
         chunk: StreamChunk | None = self._first
         while chunk is not None:
+            if chunk.finish_reason == DEADLINE:  # freed everywhere by the backend already
+                self.finished, self.output = True, chunk.output
+                if chunk.output is not None:
+                    self.metrics.observe_finished(chunk.output)
+                raise DeadlineExceeded(_deadline_message(chunk))
             self.tokens.append(chunk)
             if chunk.finished:
                 self.finished, self.output = True, chunk.output
@@ -130,8 +137,10 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 async def start_one(backend: GenerationBackend, metrics: ServerMetrics, choice: Choice,
                     prompt_field: str) -> ChoiceStream:
+    # The deadline is passed only when set, so backends without deadlines keep working.
+    extra = {} if choice.deadline is None else {"deadline": choice.deadline}
     agen = backend.generate(choice.request_id, choice.prompt_ids, choice.params,
-                            choice.prompt_text)
+                            choice.prompt_text, **extra)
     try:
         first = await anext(agen)
     except ValueError as exc:
@@ -141,7 +150,17 @@ async def start_one(backend: GenerationBackend, metrics: ServerMetrics, choice: 
             await agen.aclose()
         raise
     metrics.observe_accepted(len(choice.prompt_ids))
+    if first.finish_reason == DEADLINE:  # before the first token: still time for a 504
+        if first.output is not None:
+            metrics.observe_finished(first.output)
+        raise DeadlineExceeded(_deadline_message(first))
     return ChoiceStream(backend, metrics, choice, agen, first)
+
+
+def _deadline_message(chunk: StreamChunk) -> str:
+    why = chunk.output.error if chunk.output is not None and chunk.output.error else \
+        "deadline exceeded"
+    return f"{why}; the request's timeout passed and it was cancelled"
 
 
 async def start_all(backend: GenerationBackend, metrics: ServerMetrics,

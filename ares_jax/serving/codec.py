@@ -2,10 +2,16 @@
 
 The replica boundary's records (``ares_jax/replica/types.py``) are plain data by design, so
 each maps one to one onto a message of ``protos/ares.proto``.
+
+Decoding validates: a message that maps onto no valid record (an empty request id, negative
+token ids or page counts, a KV block whose chunks do not add up, a ticket that is not one)
+raises ``InvalidMessage`` naming the field, which the servers answer ``INVALID_ARGUMENT``
+(``serving/validation.py``), before anything is allocated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +32,26 @@ from ares_jax.replica.types import (
 from ares_jax.serving import ares_pb2 as pb
 
 _NAN = float("nan")
+MAX_ID_CHARS = 256  # a request id longer than this is refused
+
+
+class InvalidMessage(ValueError):
+    """A message that decodes to no valid record; the message names the field."""
+
+
+def _check(ok: bool, field: str, why: str) -> None:
+    if not ok:
+        raise InvalidMessage(f"{field} {why}")
+
+
+def check_request_id(rid: str, field: str = "request_id") -> None:
+    _check(bool(rid), field, "must not be empty")
+    _check(len(rid) <= MAX_ID_CHARS, field, f"is {len(rid)} characters; at most {MAX_ID_CHARS}")
+
+
+def _check_token_ids(ids: Sequence[int], field: str) -> None:
+    bad = [t for t in ids if t < 0]
+    _check(not bad, field, f"has negative token ids {bad[:5]}")
 
 # ---------------------------------------------------------------- requests
 
@@ -43,6 +69,7 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
 
 def params_from_pb(m: pb.SamplingParams) -> SamplingParams:
     """Raises ValueError naming the parameter, as ``SamplingParams`` does."""
+    _check_token_ids(m.stop_token_ids, "SamplingParams.stop_token_ids")
     return SamplingParams(
         temperature=float(m.temperature), top_p=float(m.top_p), top_k=int(m.top_k),
         seed=int(m.seed) if m.HasField("seed") else None, max_tokens=int(m.max_tokens),
@@ -58,6 +85,16 @@ def request_to_pb(r: Request) -> pb.Request:
 
 
 def request_from_pb(m: pb.Request) -> Request:
+    check_request_id(m.request_id, "Request.request_id")
+    _check(len(m.prompt_ids) > 0, "Request.prompt_ids", "must not be empty")
+    _check_token_ids(m.prompt_ids, "Request.prompt_ids")
+    _check_token_ids(m.resumed_ids, "Request.resumed_ids")
+    try:
+        params_from_pb(m.params)
+    except InvalidMessage:
+        raise
+    except ValueError as err:
+        raise InvalidMessage(f"Request.params: {err}") from None
     return Request(request_id=m.request_id, prompt_ids=list(m.prompt_ids),
                    params=params_from_pb(m.params), index=m.index,
                    resumed_ids=list(m.resumed_ids))
@@ -103,9 +140,66 @@ def block_to_pb(b: KvBlock) -> pb.KvBlock:
                       tickets=list(b.tickets), chunk_pages=list(b.chunk_pages), start=b.start)
 
 
-def block_from_pb(m: pb.KvBlock) -> KvBlock:
+def block_from_pb(m: pb.KvBlock, layout: KvLayout | None = None) -> KvBlock:
+    """Checks the page counts add up; with ``layout`` (the receiving pool's), also that each
+    ticket is a KV ticket of its page shape and dtype."""
+    check_request_id(m.request_id, "KvBlock.request_id")
+    _check(m.pages >= 0, "KvBlock.pages", f"must be >= 0, got {m.pages}")
+    _check(m.start >= 0, "KvBlock.start", f"must be >= 0, got {m.start}")
+    _check(m.nbytes >= 0, "KvBlock.nbytes", f"must be >= 0, got {m.nbytes}")
+    if m.tickets or m.chunk_pages:
+        _check(len(m.tickets) == len(m.chunk_pages), "KvBlock.tickets",
+               f"has {len(m.tickets)} tickets for {len(m.chunk_pages)} chunks")
+        _check(all(n >= 1 for n in m.chunk_pages), "KvBlock.chunk_pages",
+               f"must be >= 1 each, got {list(m.chunk_pages)[:8]}")
+        _check(sum(m.chunk_pages) == m.pages, "KvBlock.chunk_pages",
+               f"add up to {sum(m.chunk_pages)} pages; the block has {m.pages}")
+        for i, (raw, n) in enumerate(zip(m.tickets, m.chunk_pages)):
+            if layout is not None:  # at the receiving replica's door, not in transit
+                _check_ticket(raw, n, f"KvBlock.tickets[{i}]", layout)
     return KvBlock(source=m.source, request_id=m.request_id, pages=m.pages, nbytes=m.nbytes,
                    tickets=tuple(m.tickets), chunk_pages=tuple(m.chunk_pages), start=m.start)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KvLayout:
+    """A KV pool's page layout: a block of n pages is [layers, >= n, page_size, kv_heads,
+    head_dim] of ``dtype`` (K and V alike; the page axis may be padded to a bucket)."""
+
+    layers: int
+    page_size: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @classmethod
+    def of(cls, cfg, page_size: int) -> KvLayout:
+        """From a model ``Config`` and the engine's page size."""
+        return cls(layers=cfg.n_layers, page_size=page_size, kv_heads=cfg.n_kv_heads,
+                   head_dim=cfg.head_dim, dtype=str(cfg.jnp_dtype))
+
+
+def _check_ticket(raw: bytes, pages: int, field: str, layout: KvLayout) -> None:
+    import jax.numpy as jnp
+
+    from ares_jax.transfer.kv_transport import KvTicket
+
+    try:
+        t = KvTicket.from_bytes(raw)
+        shape = tuple(int(d) for d in t.shape)
+        dtype = str(jnp.dtype(t.dtype))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise InvalidMessage(f"{field} is not a KV ticket ({type(err).__name__}: "
+                             f"{str(err)[:200]})") from None
+    _check(len(shape) == 5 and all(d >= 1 for d in shape), field,
+           f"has shape {shape}; a page block is [layers, pages, page_size, kv_heads, "
+           "head_dim]")
+    _check(shape[1] >= pages, field, f"holds {shape[1]} pages; its chunk has {pages}")
+    want = (layout.layers, layout.page_size, layout.kv_heads, layout.head_dim)
+    got = (shape[0], *shape[2:])
+    _check(got == want, field, f"has pages of shape {got} (layers, page_size, kv_heads, "
+           f"head_dim); this pool's are {want}")
+    _check(dtype == layout.dtype, field, f"has dtype {dtype}; this pool's is {layout.dtype}")
 
 
 def detached_to_pb(d: Detached) -> pb.Detached:
@@ -115,6 +209,10 @@ def detached_to_pb(d: Detached) -> pb.Detached:
 
 
 def detached_from_pb(m: pb.Detached) -> Detached:
+    check_request_id(m.request_id, "Detached.request_id")
+    _check(m.num_cached >= 1, "Detached.num_cached", f"must be >= 1, got {m.num_cached}")
+    _check(m.generated >= 0, "Detached.generated", f"must be >= 0, got {m.generated}")
+    _check(m.last_token >= 0, "Detached.last_token", f"must be >= 0, got {m.last_token}")
     return Detached(request_id=m.request_id, num_cached=m.num_cached, last_token=m.last_token,
                     generated=m.generated, predicted_remaining=m.predicted_remaining)
 
@@ -132,7 +230,12 @@ def prefilled_to_pb(p: Prefilled) -> pb.Prefilled:
     return msg
 
 
-def prefilled_from_pb(m: pb.Prefilled) -> Prefilled:
+def prefilled_from_pb(m: pb.Prefilled, layout: KvLayout | None = None) -> Prefilled:
+    check_request_id(m.request_id, "Prefilled.request_id")
+    _check(m.num_tokens >= 1, "Prefilled.num_tokens", f"must be >= 1, got {m.num_tokens}")
+    _check(m.first.token_id >= 0, "Prefilled.first.token_id",
+           f"must be >= 0, got {m.first.token_id}")
+    kv = block_from_pb(m.kv, layout) if m.HasField("kv") else None
     return Prefilled(
         replica_id=m.replica_id, request_id=m.request_id, first=token_from_pb(m.first),
         num_tokens=m.num_tokens,
@@ -140,7 +243,7 @@ def prefilled_from_pb(m: pb.Prefilled) -> Prefilled:
         if m.HasField("predicted_remaining") else None,
         finish_reason=m.finish_reason or None,
         stop_reason=int(m.stop_reason) if m.HasField("stop_reason") else None,
-        kv=block_from_pb(m.kv) if m.HasField("kv") else None, elapsed_s=m.elapsed_s)
+        kv=kv, elapsed_s=m.elapsed_s)
 
 
 # ---------------------------------------------------------------- events

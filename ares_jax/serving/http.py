@@ -39,7 +39,8 @@ class SchedulerBackend:
         return self.s.max_model_len
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       prompt_text: str | None = None) -> AsyncIterator[StreamChunk]:
+                       prompt_text: str | None = None, *, deadline: float | None = None
+                       ) -> AsyncIterator[StreamChunk]:
         runner = self.s.runner
         if runner is None:
             raise BackendClosed(f"the cluster is not ready: {self.s.registered()} of "
@@ -47,7 +48,7 @@ class SchedulerBackend:
         aloop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamChunk | None] = asyncio.Queue()
         request = Request(request_id=request_id, prompt_ids=[int(t) for t in prompt_ids],
-                          params=params, arrival_time=time.perf_counter())
+                          params=params, arrival_time=time.perf_counter(), deadline=deadline)
         # Raises ValueError / Overloaded before anything streams (submit waits for the core).
         await asyncio.to_thread(runner.submit, request, prompt_text,
                                 lambda ch: aloop.call_soon_threadsafe(queue.put_nowait, ch))

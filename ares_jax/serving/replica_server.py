@@ -438,7 +438,13 @@ def serve_replica(proc: ReplicaProcess, *, scheduler: str, host: str = "127.0.0.
                   port: int = 0, advertise_host: str | None = None,
                   register_timeout_s: float = 120.0) -> None:
     """Serve until stopped (Shutdown RPC, or ``proc.stopped`` set by a signal handler)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+    from ares_jax.serving.codec import KvLayout
+    from ares_jax.serving.validation import ValidatingInterceptor
+
+    first = proc.replicas[0]  # every mesh of a process serves the same model
+    layout = KvLayout.of(first.engine.cfg, first.info.page_size)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS,
+                         interceptors=[ValidatingInterceptor(layout)])
     pb_grpc.add_ReplicaServicer_to_server(ReplicaService(proc), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -10,6 +10,13 @@ are applied between iterations.
 The thread iterates while there is work; when an iteration produced nothing (remote replicas
 are busy stepping) it sleeps until a replica event, a submission or a short timeout wakes it,
 so an idle or waiting scheduler does not spin.
+
+**Bounded queue.** At most ``max_waiting`` requests wait for admission, counting those still
+in the inbox (submitted, not yet applied by the core's thread), so concurrent submitters
+cannot push the queue past its bound. Past it ``submit``/``enqueue`` raise ``Overloaded`` at
+once, with a retry hint: the time the cluster takes, at the rate requests have been leaving
+it lately, to drain half the queue (1 s to 30 s). Running requests are bounded by the decode
+replicas' slots and held ones by the prefill replicas' pages, so nothing grows without bound.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ Deliver = Callable[[StreamChunk | None], None]
 # The same, an iteration at a time: the request's chunks of one iteration, in order.
 DeliverBatch = Callable[[list[StreamChunk] | None], None]
 BUSY_WAIT_S = 0.002
+RATE_WINDOW_S = 10.0  # departures over this window estimate the drain rate for retry hints
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 
 
 class Overloaded(RuntimeError):
@@ -55,6 +64,10 @@ class CoreRunner:
         self._thread = threading.Thread(target=self._run, name="scheduler-core", daemon=True)
         self.error: BaseException | None = None
         self.iterations = 0
+        self._pending = 0  # submissions in the inbox, not yet in the core's queue
+        # (monotonic time, requests finished so far), sampled by the core's thread.
+        self._departures: collections.deque[tuple[float, int]] = collections.deque()
+        self.refused = 0
 
     def start(self) -> CoreRunner:
         self._thread.start()
@@ -90,12 +103,19 @@ class CoreRunner:
         """Hand ``request`` to the core's thread without waiting; the future resolves once
         the core took it (or raises why not). ``sink`` gets each iteration's chunks for it
         (on the core's thread), then None. Raises Overloaded at once when the queue is full."""
-        if len(self.core.waiting) >= self.max_waiting:
-            raise Overloaded(f"{len(self.core.waiting)} requests are waiting (the limit is "
-                             f"{self.max_waiting}); retry later")
+        with self._lock:
+            waiting = len(self.core.waiting) + self._pending
+            if waiting >= self.max_waiting:
+                self.refused += 1
+                raise Overloaded(f"the server is overloaded: {waiting} requests are waiting "
+                                 f"(max_waiting={self.max_waiting}); retry later",
+                                 self.retry_after_s(waiting))
+            self._pending += 1
         accepted: Future[None] = Future()
 
         def add() -> None:
+            with self._lock:
+                self._pending -= 1
             try:
                 self.core.add_request(request, prompt_text)
             except Exception as err:  # noqa: BLE001 - handed back to the caller
@@ -104,8 +124,22 @@ class CoreRunner:
             self._streams[request.request_id] = sink
             accepted.set_result(None)
 
-        self._call(add)
+        try:
+            self._call(add)
+        except RuntimeError:
+            with self._lock:
+                self._pending -= 1
+            raise
         return accepted
+
+    def retry_after_s(self, waiting: int) -> float:
+        """Seconds until half of ``waiting`` requests have left, at the recent departure
+        rate; 1 s when there is no rate yet."""
+        samples = list(self._departures)
+        if len(samples) < 2 or samples[-1][1] == samples[0][1]:
+            return RETRY_MIN_S
+        rate = (samples[-1][1] - samples[0][1]) / max(samples[-1][0] - samples[0][0], 1e-3)
+        return min(max(waiting / 2 / rate, RETRY_MIN_S), RETRY_MAX_S)
 
     def abort(self, request_id: str) -> None:
         def cancel() -> None:
@@ -158,6 +192,7 @@ class CoreRunner:
                     continue
                 chunks = self.core.step()
                 self.iterations += 1
+                self._sample_departures()
                 self._fan_out(chunks)
                 if not chunks:
                     self.wake.wait(BUSY_WAIT_S)
@@ -170,6 +205,14 @@ class CoreRunner:
             raise
         finally:
             self._finish_streams()
+
+    def _sample_departures(self) -> None:
+        now = time.monotonic()
+        if self._departures and now - self._departures[-1][0] < 0.5:
+            return
+        self._departures.append((now, self.core.counters["requests_finished"]))
+        while now - self._departures[0][0] > RATE_WINDOW_S:
+            self._departures.popleft()
 
     def _fan_out(self, chunks: list[StreamChunk]) -> None:
         """Hand each stream its chunks of this iteration in one call; a finished request's

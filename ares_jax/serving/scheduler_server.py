@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ares_jax.cluster.config import ClusterConfig
 from ares_jax.cluster.core import ClusterCore
+from ares_jax.cluster.deadlines import DEADLINE
 from ares_jax.engine.outputs import StreamChunk
 from ares_jax.engine.slots import DecodeLoad
 from ares_jax.engine.types import Request
@@ -271,6 +272,9 @@ class Scheduler:
 
     def make_request(self, req: pb.GenerateRequest) -> tuple[Request, str | None]:
         """A validated Request from the wire; raises ValueError naming the problem."""
+        from ares_jax.serving.validation import check_generate
+
+        check_generate(req)
         params = codec.params_from_pb(req.params)
         text = None
         if req.messages:
@@ -348,6 +352,13 @@ def chunks_to_pb(chunks: list[StreamChunk], first: bool, prompt_ids: list[int]
     return msg
 
 
+def _deadline(context) -> float | None:
+    """The call's gRPC deadline on the core's clock: the core ends the request there, freeing
+    it on every replica, even while it waits in the queue."""
+    left = context.time_remaining()
+    return None if left is None else time.perf_counter() + left
+
+
 class SchedulerService(pb_grpc.SchedulerServicer):
     def __init__(self, scheduler: Scheduler) -> None:
         self.s = scheduler
@@ -372,6 +383,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                           f"the cluster is not ready: {have} of {want} replicas registered")
         try:
             req, text = self.s.make_request(request)
+            req.deadline = _deadline(context)
             stream = runner.submit_batched(req, text)
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -385,6 +397,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             chunks = stream.get()
             if chunks is None:
                 break
+            if chunks[-1].finish_reason == DEADLINE:  # the core freed it everywhere
+                done.set()
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, chunks[-1].output.error)
             yield chunks_to_pb(chunks, first, req.prompt_ids)
             first = False
             if chunks[-1].finished:
@@ -479,6 +494,7 @@ class AsyncSchedulerService(SchedulerService):
         q: asyncio.Queue[list[StreamChunk] | None] = asyncio.Queue()
         try:
             req, text = self.s.make_request(request)  # may tokenize: rare and short
+            req.deadline = _deadline(context)
             accepted = runner.enqueue(req, text, self.feeder.sink(q))
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -497,6 +513,10 @@ class AsyncSchedulerService(SchedulerService):
                 chunks = await q.get()
                 if chunks is None:
                     break
+                if chunks[-1].finish_reason == DEADLINE:  # the core freed it everywhere
+                    done = True
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        chunks[-1].output.error)
                 yield chunks_to_pb(chunks, first, req.prompt_ids)
                 first = False
                 if chunks[-1].finished:
