@@ -449,3 +449,32 @@ def test_gpu_check_grid_helpers():
     a, b, c = gc.fit_abc(rows)
     assert (a, b, c) == (pytest.approx(5.0), pytest.approx(0.02), pytest.approx(3e-5))
     assert gc.fit_abc(rows[:2]) is None
+
+
+SERVE_STAND_IN = r'''
+import sys, tempfile, time
+from pathlib import Path
+from ares_jax.serving.launch import Children
+children = Children(Path(tempfile.mkdtemp()))
+children.start("replica", [sys.executable, "-c", "import time; time.sleep(120)"], {})
+print(children.procs[0][1].pid, flush=True)
+time.sleep(120)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_replicas_of_a_killed_serve_do_not_outlive_it():
+    """``serve`` SIGKILLed (no handler runs) still takes its replica processes with it."""
+    parent = subprocess.Popen([sys.executable, "-c", SERVE_STAND_IN], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{child}"):
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{child}"), "the replica outlived serve"
+    finally:
+        if os.path.exists(f"/proc/{child}"):
+            os.kill(child, signal.SIGKILL)

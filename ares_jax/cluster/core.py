@@ -238,6 +238,15 @@ class ClusterCore:
         elif isinstance(ev, ReplicaFailed):
             self._on_replica_failed(ev)
 
+    def poll(self) -> list[StreamChunk]:
+        """Take in what the replicas said while no request runs, so that a replica failing
+        on an idle cluster is noticed (and its state reported) at once, not at the next
+        request."""
+        out, self._late_chunks = self._late_chunks, []
+        self._drain(self.prefill, out)
+        self._drain(self.decode, out)
+        return out
+
     # ------------------------------------------------------------------ admission + prefill
 
     def _admit(self) -> None:

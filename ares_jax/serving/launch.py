@@ -10,14 +10,17 @@ registered, prints where it listens, and on Ctrl-C or SIGTERM stops every child:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("ares_jax.serve")
@@ -165,6 +168,19 @@ def replica_command(args: argparse.Namespace, role: str, scheduler: str) -> list
     return cmd
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child SIGTERMed when ``serve`` dies, even by SIGKILL,
+    which no handler of ``serve`` can see (Linux's parent-death signal; None elsewhere). libc
+    is resolved here, in the parent: between fork and exec the child may not import. The
+    signal follows the *thread* that started the child: ``serve`` starts them on its main
+    thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class Children:
     """The replica processes of ``serve``, with their logs."""
 
@@ -175,7 +191,8 @@ class Children:
     def start(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the child
         proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_parent_death_signal())
         self.procs.append((name, proc))
 
     def dead(self) -> list[str]:

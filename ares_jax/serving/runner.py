@@ -189,6 +189,7 @@ class CoreRunner:
                 if not self.core.has_work:
                     self.wake.wait(IDLE_WAIT_S)
                     self.wake.clear()
+                    self._fan_out(self.core.poll())  # e.g. a replica failing while idle
                     continue
                 chunks = self.core.step()
                 self.iterations += 1
