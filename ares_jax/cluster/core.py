@@ -12,7 +12,7 @@ One ``step()``:
    does); a request the policy leaves unplaced stays held, one placed on a replica that cannot
    take it falls back to the least-loaded replica that can (counted), and with none it stays
    held, its KV parked on the prefill side;
-4. migrations advance one stage each (``cluster/migration.py``);
+4. migrations advance one stage each (``cluster/migrating.py`` drives ``cluster/migration.py``);
 5. decode events: insert and copy completions, then the replicas step (``advance``; remote
    replicas step on their own) and their token rows come in (stop conditions were checked by
    the replica), with preemptions, which are recomputed from prompt + generated tokens;
@@ -34,14 +34,8 @@ import numpy as np
 
 from ares_jax.cluster.config import ClusterConfig
 from ares_jax.cluster.deadlines import DEADLINE, Deadlines
-from ares_jax.cluster.migration import (
-    GiveUp,
-    MigrationOutcome,
-    MigrationRecord,
-    Stage,
-    next_stage,
-    reservation_pages,
-)
+from ares_jax.cluster.migrating import Migrations
+from ares_jax.cluster.migration import MigrationOutcome, MigrationRecord
 from ares_jax.cluster.report import cluster_state
 from ares_jax.cluster.snapshot import build_snapshot
 from ares_jax.engine.outputs import RequestTracker, StreamChunk
@@ -73,7 +67,7 @@ MAX_PREFILL_RETRIES = 3
 log = logging.getLogger("ares_jax.scheduler")
 
 
-class ClusterCore:
+class ClusterCore(Migrations):
     def __init__(self, prefill: Sequence[ReplicaHandle], decode: Sequence[ReplicaHandle],
                  tokenizer: Tokenizer | None, *, vocab_size: int, cluster: ClusterConfig,
                  clock: Callable[[], float] = time.perf_counter) -> None:
@@ -467,167 +461,6 @@ class ClusterCore:
                 self.waiting = collections.deque(r for r in self.waiting if r is not req)
                 self._fail(req.request_id, f"deadline exceeded: request {req.request_id} "
                            f"ran {now - req.arrival_time:.3f} s", DEADLINE)
-
-    # ------------------------------------------------------------------ migration
-
-    def _reschedule(self) -> None:
-        loads = self.loads()
-        snap = build_snapshot(self, loads, (), with_table=True)
-        decisions, self.policy_state = self.policy.reschedule(snap, self.policy_state)
-        for m in decisions.migrations:
-            rid = str(m.request_id)
-            if rid in self.migrations or self.location.get(rid) != m.src or \
-                    rid in self.inserting:
-                continue
-            self.start_migration(rid, int(m.src), int(m.dst), loads)
-
-    def start_migration(self, rid: str, src: int, dst: int,
-                        loads: dict | None = None) -> MigrationRecord:
-        """Begin moving a running request; returns its record (already ended if it cannot
-        start: no room at the destination, or the request is not on ``src``)."""
-        rec = MigrationRecord(rid, src, dst, started_at=self.clock())
-        if rid in self.migrations:
-            raise ValueError(f"request {rid} is already migrating")
-        if src == dst or dst not in self.decode_pos:
-            return self._end(rec, MigrationOutcome.ABORTED_DESTINATION, "bad destination")
-        if self.location.get(rid) != src or rid in self.inserting:
-            return self._end(rec, MigrationOutcome.ABORTED_SOURCE, "not running on source")
-        loads = loads or {}
-        dst_load = loads.get(dst) or self.by_id[dst].load()
-        if dst_load.free_slots <= 0:
-            return self._end(rec, MigrationOutcome.ABORTED_DESTINATION, "no free slot")
-        kv = self._kv_tokens(rid, src, loads.get(src))
-        pages = reservation_pages(kv, self.page_size, self.cluster.migration)
-        if not self.by_id[dst].reserve(rid, pages):
-            return self._end(rec, MigrationOutcome.ABORTED_DESTINATION,
-                             f"{pages} pages not free on replica {dst}")
-        rec.reserved_pages = pages
-        self.decisions.append((self.iterations, "migrate", rid, src, dst))
-        self.migrations[rid] = rec
-        self.counters["migrations_started"] += 1
-        return rec
-
-    def _kv_tokens(self, rid: str, replica: int, load=None) -> int:
-        load = load or self.by_id[replica].load()
-        try:
-            return int(load.kv_tokens[load.request_ids.index(rid)])
-        except ValueError:
-            return 0
-
-    def _advance_migrations(self) -> None:
-        for rid in list(self.migrations):
-            rec = self.migrations[rid]
-            if rec.in_flight is None:
-                try:
-                    self._next_stage(rec)
-                except Exception as err:  # noqa: BLE001 - e.g. an RPC to a replica failed
-                    self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION,
-                                          f"{type(err).__name__}: {err}")
-
-    def _next_stage(self, rec: MigrationRecord) -> None:
-        rid = rec.request_id
-        src, dst = self.by_id[rec.src], self.by_id[rec.dst]
-        kv = self._kv_tokens(rid, rec.src)
-        decision = next_stage(rec, num_cached=kv, page_size=self.page_size,
-                              cfg=self.cluster.migration, now=self.clock())
-        if isinstance(decision, GiveUp):
-            self._abort_migration(rid, decision.outcome, decision.reason)
-            return
-        if not decision.final:
-            if decision.end > rec.reserved_pages:
-                # The request grew past the reservation (a remote source's load lags it by a
-                # few steps): hold the pages this stage writes, plus headroom, first.
-                more = decision.end - rec.reserved_pages + self.cluster.migration.headroom_pages
-                if not dst.reserve(rid, more):
-                    self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION,
-                                          "no room at the destination as the request grew")
-                    return
-                rec.reserved_pages += more
-            if decision.end > decision.start:
-                rec.in_flight = decision
-                dst.import_kv(rid, decision.start, src.export(
-                    rid, decision.start, decision.end, to=dst.info))
-            elif decision.completes_pass:
-                rec.stages += 1
-            return
-        state = src.detach(rid)
-        if state is None:
-            self._abort_migration(rid, MigrationOutcome.ABORTED_SOURCE,
-                                  "the request left the source during migration")
-            return
-        rec.detached_at = self.clock()
-        self.detached[rid] = state
-        used = pages_for(state.num_cached, self.page_size)
-        need = pages_for(state.num_cached + 1, self.page_size)
-        reserved = rec.reserved_pages
-        if need > reserved:
-            if not dst.reserve(rid, need - reserved):
-                self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION,
-                                      "no room at the destination for the last pages")
-                return
-            rec.reserved_pages = need
-        rec.in_flight = Stage(start=rec.copied_pages, end=used, final=True, completes_pass=True)
-        dst.import_kv(rid, rec.copied_pages, src.export(rid, rec.copied_pages, used,
-                                                        to=dst.info))
-
-    def _on_imported(self, ev: ImportDone) -> None:
-        rid = ev.request_id
-        rec = self.migrations.get(rid)
-        if rec is None or rec.in_flight is None or rec.dst != ev.replica_id:
-            return  # abandoned meanwhile; its destination pages were released then
-        stage, rec.in_flight = rec.in_flight, None
-        if not ev.ok:
-            self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION, ev.error)
-            return
-        rec.bytes_moved += ev.nbytes
-        rec.copied_pages = max(rec.copied_pages, stage.end)
-        if stage.completes_pass:
-            rec.stages += 1
-        if not stage.final:
-            return
-        state = self.detached.pop(rid)
-        src, dst = self.by_id[rec.src], self.by_id[rec.dst]
-        try:
-            dst.adopt(self.trackers[rid].request, state)
-        except Exception as err:  # noqa: BLE001 - the source still has every page
-            self.detached[rid] = state
-            self._abort_migration(rid, MigrationOutcome.ABORTED_DESTINATION,
-                                  f"adopt failed: {type(err).__name__}: {err}")
-            return
-        src.release(rid)
-        rec.adopted_at = self.clock()
-        self.location[rid] = rec.dst
-        self.last_migrated[rid] = rec.adopted_at
-        self.replica_time[rid] += rec.adopted_at - (rec.detached_at or rec.adopted_at)
-        self.trackers[rid].metrics.num_migrations += 1
-        del self.migrations[rid]
-        self._end(rec, MigrationOutcome.COMMITTED, "")
-
-    def _abort_migration(self, rid: str, outcome: MigrationOutcome, reason: str) -> None:
-        """Abandon ``rid``'s migration, if any: the destination's pages are freed and the
-        request goes on decoding on its source (reattached if it was detached)."""
-        rec = self.migrations.pop(rid, None)
-        if rec is None:
-            return
-        state = self.detached.pop(rid, None)
-        if state is not None and rid in self.trackers:
-            self.by_id[rec.src].reattach(rid)
-        rec.in_flight = None
-        self.by_id[rec.dst].release(rid)
-        self._end(rec, outcome, reason)
-
-    def _end(self, rec: MigrationRecord, outcome: MigrationOutcome,
-             reason: str) -> MigrationRecord:
-        rec.outcome, rec.reason, rec.finished_at = outcome, reason, self.clock()
-        if outcome is not MigrationOutcome.COMMITTED:
-            log.info("migration of %s from %d to %d ended %s: %s", rec.request_id, rec.src,
-                     rec.dst, outcome.value, reason)
-        self.decisions.append((self.iterations, "migration_end", rec.request_id, rec.dst,
-                               outcome.value))
-        self.migration_history.append(rec)
-        self.counters[f"migrations_{'committed' if outcome is MigrationOutcome.COMMITTED else 'aborted'}"] += 1  # noqa: E501
-        self.counters["migration_bytes"] += rec.bytes_moved
-        return rec
 
     # ------------------------------------------------------------------ failures
 
