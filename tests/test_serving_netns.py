@@ -19,6 +19,7 @@ Needs root and ``ip netns``; skipped with the reason otherwise.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -221,6 +222,18 @@ def wait_for(cond, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def same_tokens(outs: list, want: list[list[int]]) -> None:
+    """Each output's tokens are ``want``'s; else say where the first one parts from it."""
+    for i, (out, ref) in enumerate(zip(outs, want, strict=True)):
+        got = list(out.token_ids)
+        if got != ref:
+            at = next((k for k, (a, b) in enumerate(zip(got, ref)) if a != b),
+                      min(len(got), len(ref)))
+            raise AssertionError(
+                f"request {i}: {len(got)} tokens, {len(ref)} expected; first difference at "
+                f"{at}: got {got[max(0, at - 3):at + 5]}, expected {ref[max(0, at - 3):at + 5]}")
+
+
 def all_free(stats: dict) -> bool:
     return all(r["kv_pages_used"] == 0 for r in stats["replicas"])
 
@@ -233,7 +246,7 @@ def test_serves_across_the_link(cluster, reference):
     assert row["address"].startswith(cluster.link.ns_ip + ":") and row["healthy"]
     prompts = [prompt(i) for i in range(4)]
     outs, most, wall = cluster.generate_watching(prompts, GREEDY)
-    assert [o.token_ids for o in outs] == reference(prompts)
+    same_tokens(outs, reference(prompts))
     assert most >= 1  # least-load spreads 4 requests over both decode replicas
     BASELINE["wall_s"] = wall
     assert all_free(settled(cluster.client))
@@ -265,7 +278,7 @@ def test_slow_lossy_link_serves_correctly_and_nobody_is_declared_dead(cluster, r
         tc("qdisc", "del", "dev", link.root_if, "root")
         subprocess.run(link.in_ns("tc", "qdisc", "del", "dev", link.ns_if, "root"),
                        check=True, capture_output=True, timeout=10)
-    assert [o.token_ids for o in outs] == reference(prompts)
+    same_tokens(outs, reference(prompts))
     assert most >= 1
     assert after["counters"].get("replica_failures", 0) == before.get("replica_failures", 0)
     assert all(r["healthy"] for r in after["replicas"])
@@ -274,9 +287,21 @@ def test_slow_lossy_link_serves_correctly_and_nobody_is_declared_dead(cluster, r
     assert all_free(settled(cluster.client))
 
 
+def declared_dead_at(cluster: Cluster, address: str) -> float | None:
+    """When (epoch seconds, from the scheduler's log) the watchdog declared ``address``
+    dead; None while it has not. The log, not the Stats RPC, so the time does not include
+    waiting for the scheduler's core thread."""
+    for line in reversed(cluster.procs.log("scheduler", 400).splitlines()):
+        if f"no heartbeat from {address} for" in line and line.endswith("declared dead"):
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp()
+    return None
+
+
 def test_partition_declared_dead_recovered_then_rejoins_clean(cluster, reference):
     link = cluster.link
-    params = SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True)
+    address = cluster.ns_replica()["address"]
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
     prompts = [prompt(10 + i) for i in range(4)]
     cut: dict[str, float] = {}
 
@@ -284,17 +309,13 @@ def test_partition_declared_dead_recovered_then_rejoins_clean(cluster, reference
         if row["running"] < 1:
             return False
         link.ns_side("down")
-        cut["at"] = time.monotonic()
+        cut["at"] = time.time()
         return True
-
-    healed = threading.Event()
 
     def heal_once_dead() -> None:
         wait_for(lambda: "at" in cut, 60, "requests on the namespaced replica")
-        wait_for(lambda: not cluster.ns_replica()["healthy"], 10, "the watchdog")
-        cut["detected"] = time.monotonic() - cut["at"]
-        link.ns_side("up")  # healed before the replica's lease runs out
-        healed.set()
+        cut["dead"] = wait_for(lambda: declared_dead_at(cluster, address), 10, "the watchdog")
+        link.ns_side("up")  # healed before the replica's lease (2 x timeout) runs out
 
     watcher = threading.Thread(target=heal_once_dead)
     watcher.start()
@@ -303,11 +324,14 @@ def test_partition_declared_dead_recovered_then_rejoins_clean(cluster, reference
         watcher.join(timeout=30)
     finally:
         link.ns_side("up")
-    assert healed.is_set(), "the partitioned replica was never declared dead"
-    assert [o.token_ids for o in outs] == reference(prompts, params)
-    # Its last heartbeat came at most one interval (0.5 s) before the cut.
-    assert TIMEOUT_S - 0.6 <= cut["detected"] <= TIMEOUT_S + 1.0, cut["detected"]
-    print(f"\npartitioned replica declared dead {cut['detected']:.2f} s after the cut "
+    assert "dead" in cut, "the partitioned replica was never declared dead"
+    same_tokens(outs, reference(prompts, params))
+    detected = cut["dead"] - cut["at"]
+    # The documented bound: timeout + one watchdog tick (0.1 s) after its last heartbeat,
+    # which came before the cut (every 0.5 s, later on a loaded machine); 0.4 s of slack
+    # for a scheduler starved of CPU.
+    assert 0 < detected <= TIMEOUT_S + 0.5, detected
+    print(f"\npartitioned replica declared dead {detected:.2f} s after the cut "
           f"(timeout {TIMEOUT_S} s)")
     wait_for(lambda: cluster.ns_replica()["healthy"], 30, "the healed replica to rejoin")
     stats = settled(cluster.client)
@@ -315,10 +339,11 @@ def test_partition_declared_dead_recovered_then_rejoins_clean(cluster, reference
     assert stats["counters"]["replica_failures"] == 1
     assert stats["counters"]["replica_rejoins"] == 1
     assert stats["counters"]["recovered_requests"] >= 1
-    assert "dropped" in cluster.procs.log("decode-ns", 300)  # stale requests, before re-registering
+    log = cluster.procs.log("decode-ns", 300)
+    assert "the scheduler does not know this process" in log  # its stale state dropped
     more = [prompt(20 + i) for i in range(4)]
     outs, most, _ = cluster.generate_watching(more, GREEDY)
-    assert [o.token_ids for o in outs] == reference(more)
+    same_tokens(outs, reference(more))
     assert most >= 1  # placed on again
     assert all_free(settled(cluster.client))
     assert cluster.procs.procs["decode-ns"].poll() is None
