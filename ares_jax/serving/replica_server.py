@@ -276,9 +276,16 @@ class ReplicaService(pb_grpc.ReplicaServicer):
                     self.proc.epoch = max(self.proc.epoch, epoch)
         return None
 
-    def _run(self, fn) -> pb.Ack:
+    def _run(self, context, fn) -> pb.Ack:
+        """``fn`` under the lock, unless this process reset since the call was sent: a call
+        that waited (a KV pull outside the lock, a command late in a batch, bytes held up
+        by a partition) must not put a request back after the reset dropped everything, or
+        it would run as a ghost and stream tokens under the new registration."""
         try:
             with self.proc.lock:
+                stale = self._stale(context)
+                if stale is not None:
+                    return pb.Ack(ok=False, error=stale)
                 fn()
         except Exception as err:  # noqa: BLE001 - answered to the scheduler, never fatal here
             return pb.Ack(ok=False, error=f"{type(err).__name__}: {err}")
@@ -302,11 +309,11 @@ class ReplicaService(pb_grpc.ReplicaServicer):
 
     def Prefill(self, request, context) -> pb.Ack:
         reqs = [codec.request_from_pb(r) for r in request.requests]
-        return self._run(lambda: self.proc.replica(request.replica_id).prefill(reqs))
+        return self._run(context, lambda: self.proc.replica(request.replica_id).prefill(reqs))
 
     def DropKv(self, request, context) -> pb.Ack:
         self.proc.forget_offers(request.request_id)
-        return self._run(lambda: self.proc.replica(request.replica_id).drop_kv(
+        return self._run(context, lambda: self.proc.replica(request.replica_id).drop_kv(
             request.request_id))
 
     def Insert(self, request, context) -> pb.Ack:
@@ -323,16 +330,18 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             from ares_jax.replica.types import InsertDone
 
             with self.proc.lock:
+                if self._stale(context) is not None:
+                    return pb.Ack(ok=False, error=self._stale(context))
                 target._events.append(InsertDone(
                     replica_id=request.replica_id, request_id=req.request_id, ok=False,
                     error=f"{type(err).__name__}: {err}"))
             self.proc.wake.set()
             return pb.Ack(ok=True)
-        return self._run(lambda: target.insert(req, prefilled))
+        return self._run(context, lambda: target.insert(req, prefilled))
 
     def Release(self, request, context) -> pb.Ack:
         self.proc.forget_offers(request.request_id)
-        return self._run(lambda: self.proc.replica(request.replica_id).release(
+        return self._run(context, lambda: self.proc.replica(request.replica_id).release(
             request.request_id))
 
     def Reserve(self, request, context) -> pb.Ack:
@@ -340,7 +349,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         if stale is not None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         ok = {}
-        ack = self._run(lambda: ok.setdefault("v", self.proc.replica(
+        ack = self._run(context, lambda: ok.setdefault("v", self.proc.replica(
             request.replica_id).reserve(request.request_id, request.pages)))
         if ack.ok and not ok.get("v"):
             return pb.Ack(ok=False, error=f"{request.pages} pages not free")
@@ -372,13 +381,15 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             block = self.proc.resolved(block)
         except Exception as err:  # noqa: BLE001 - the scheduler abandons the migration
             with self.proc.lock:
+                if self._stale(context) is not None:
+                    return pb.Ack(ok=False, error=self._stale(context))
                 dst._events.append(ImportDone(
                     replica_id=request.replica_id, request_id=request.request_id,
                     start=request.start, pages=block.pages, nbytes=0, ok=False,
                     error=f"{type(err).__name__}: {err}"))
             self.proc.wake.set()
             return pb.Ack(ok=True)
-        return self._run(lambda: dst.import_kv(request.request_id, request.start, block))
+        return self._run(context, lambda: dst.import_kv(request.request_id, request.start, block))
 
     def Detach(self, request, context) -> pb.DetachResponse:
         stale = self._stale(context)
@@ -394,7 +405,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         stale = self._stale(context)
         if stale is not None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
-        return self._run(lambda: self.proc.replica(request.replica_id).reattach(
+        return self._run(context, lambda: self.proc.replica(request.replica_id).reattach(
             request.request_id))
 
     def Adopt(self, request, context) -> pb.Ack:
@@ -403,7 +414,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         req = codec.request_from_pb(request.request)
         state = codec.detached_from_pb(request.state)
-        return self._run(lambda: self.proc.replica(request.replica_id).adopt(req, state))
+        return self._run(context, lambda: self.proc.replica(request.replica_id).adopt(req, state))
 
     def GetLoad(self, request, context) -> pb.Load:
         with self.proc.lock:
