@@ -127,3 +127,34 @@ def test_abort_while_prefilling_is_safe(tiny_model):
     # The aborted request's slot is no longer promised: the next one goes to prefill.
     assert set(core.prefilling) == {"r0", "r1"}
     assert [r.request_id for r in core.waiting] == ["r2"]
+
+
+def test_rows_from_a_replica_the_request_is_not_on_are_dropped_and_freed(tiny_model):
+    """A ghost: a copy of a request running on a replica the core did not place it on (a
+    command that outlived its replica's reset). Its rows must not reach the stream, and its
+    pages are freed there."""
+    from ares_jax.replica.types import Prefilled, TokenInfo
+
+    cfg = tiny_model.cfg
+    kw = dict(page_size=8, max_model_len=256, kv_bytes_per_token=cfg.kv_bytes_per_token)
+    decode = [SimulatedDecodeReplica(i, num_pages=40, max_num_seqs=4, **kw) for i in range(2)]
+    core = ClusterCore([SimulatedPrefillReplica(2, **kw)], decode, None,
+                       vocab_size=cfg.vocab_size, cluster=ClusterConfig(
+                           policy="least-load", refit_after_steps=10**9))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    request = Request(request_id="r", prompt_ids=[5, 6, 7, 8], params=params)
+    core.add_request(request)
+    chunks = []
+    while "r" not in core.location:
+        chunks += core.step()
+    home = core.location["r"]
+    ghost = decode[1 - home]
+    ghost.insert(request, Prefilled(replica_id=2, request_id="r", first=TokenInfo(9),
+                                    num_tokens=4, predicted_remaining=None, finish_reason=None,
+                                    stop_reason=None, kv=None))
+    while core.has_work:
+        chunks += core.step()
+    tokens = [c.token_id for c in chunks if c.token_id >= 0]
+    assert len(tokens) == 12 and core.finished["r"].token_ids == tokens
+    assert core.counters["ghost_rows"] >= 1
+    assert ghost.load().used_pages == 0 and decode[home].load().used_pages == 0

@@ -394,7 +394,12 @@ class ClusterCore(Migrations):
         now = self.clock()
         for row, rid in enumerate(ev.request_ids):
             tracker = self.trackers.get(rid)
-            if tracker is None:  # aborted while the step ran (a remote race): free it there
+            if tracker is None or self.location.get(rid) != ev.replica_id:
+                # Aborted while the step ran (a remote race), or a ghost: a copy of a request
+                # the core placed elsewhere since (a command that outlived its replica's
+                # reset). Its tokens are not the request's; free it there.
+                if tracker is not None:
+                    self.counters["ghost_rows"] += 1
                 if ev.finish_reasons[row] is None:
                     h.release(rid)
                 continue
