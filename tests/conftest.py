@@ -19,6 +19,17 @@ def embedded_model():
 
 
 @pytest.fixture(scope="session")
+def embedded_llm():
+    """One ``LLM`` on the embedded model (f32, the packaged length head) for every end-to-end
+    module: its jitted prefill and decode steps compile once per session, not once per module.
+    Tests leave it idle and leak-free."""
+    from ares_jax import LLM
+
+    return LLM(dtype="float32", max_model_len=512, max_num_seqs=16, num_pages=512,
+               page_size=16)
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     """A tiny random Llama (2 layers) with a known config, for fast engine tests."""
     import jax

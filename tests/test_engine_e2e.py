@@ -2,7 +2,7 @@
 
 import pytest
 
-from ares_jax import LLM, SamplingParams
+from ares_jax import SamplingParams
 from ares_jax.engine.types import Request
 
 QUESTIONS = [
@@ -13,8 +13,8 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return LLM(max_model_len=512, max_num_seqs=32, num_pages=512, page_size=16)
+def llm(embedded_llm):
+    return embedded_llm
 
 
 def chat_ids(llm, q: str) -> list[int]:
@@ -32,7 +32,7 @@ def test_batch_invariance_with_requests_joining_and_leaving(llm):
     added = 0
     while loop.has_work:
         # Others join every other step, with lengths that make them leave at different times.
-        if step % 2 == 0 and added < 31:
+        if step % 2 == 0 and added < llm.engine_config.max_num_seqs - 1:
             q = QUESTIONS[added % len(QUESTIONS)]
             loop.add_request(Request(request_id=f"other{added}", prompt_ids=chat_ids(llm, q),
                                      params=SamplingParams(temperature=0.0,
@@ -47,16 +47,18 @@ def test_batch_invariance_with_requests_joining_and_leaving(llm):
     loop.check_no_leaks()
 
 
-def test_outputs_identical_after_pool_wraparound():
-    small = LLM(max_model_len=256, max_num_seqs=8, num_pages=24, page_size=16)
+def test_outputs_identical_after_pool_wraparound(llm):
+    """Freed pages go back on top of the free list, so the churn below writes its KV over the
+    pages the first round used, and the last round reads pages full of stale KV: the tokens
+    must not change."""
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
     params = SamplingParams(temperature=0.0, max_tokens=24)
-    first = [o.token_ids for o in small.chat(convs, params)]
+    engine = llm.decode_engine
+    first = [o.token_ids for o in llm.chat(convs, params)]
     for _ in range(3):  # churn the pool so later requests get recycled pages
-        small.chat([[{"role": "user", "content": q}] for q in QUESTIONS[4:]], params)
-    again = [o.token_ids for o in small.chat(convs, params)]
+        llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS[4:]], params)
+    again = [o.token_ids for o in llm.chat(convs, params)]
     assert again == first
-    engine = small.decode_engine
     assert engine.num_free_pages == engine.capacity_pages
 
 

@@ -5,7 +5,7 @@ import httpx
 import pytest
 from frontend_support import metric, openai_client
 
-from ares_jax import LLM, SamplingParams
+from ares_jax import SamplingParams
 from ares_jax.frontend import HTTPServerThread, LoopBackend
 
 pytestmark = pytest.mark.slow
@@ -17,8 +17,8 @@ PROMPT = ("Here is a short list of facts about the planets of the solar system, 
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return LLM(dtype="float32", max_num_seqs=4)
+def llm(embedded_llm):
+    return embedded_llm
 
 
 def test_http_greedy_text_equals_llm_and_predictor_metrics(llm):

@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ares_jax import LLM, SamplingParams  # noqa: E402
+from ares_jax import SamplingParams  # noqa: E402
 from ares_jax.model import forward  # noqa: E402
 from ares_jax.model.gguf_loader import embedded_model_path, load_gguf  # noqa: E402
 
@@ -46,18 +46,25 @@ def test_tokenizer_matches_transformers(embedded_model, hf):
 def test_last_position_logits_match(embedded_model, hf):
     model, _ = hf
     tok = embedded_model.tokenizer
-    for q in CHATS:
-        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+               for q in CHATS]
+    # One batch, right-padded: attention is causal, so the padding cannot reach the logits
+    # at each prompt's own last position (and one forward pass is one compilation).
+    width = max(len(ids) for ids in prompts)
+    batch = np.zeros((len(prompts), width), np.int32)
+    for i, ids in enumerate(prompts):
+        batch[i, :len(ids)] = ids
+    ours = np.asarray(forward(embedded_model.weights, embedded_model.cfg, batch))
+    for q, ids, row in zip(CHATS, prompts, ours):
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0, -1].numpy()
-        ours = np.asarray(forward(embedded_model.weights, embedded_model.cfg, np.array([ids])))
-        rel = np.abs(ours[0, -1] - ref).max() / np.abs(ref).max()
+        rel = np.abs(row[len(ids) - 1] - ref).max() / np.abs(ref).max()
         assert rel < 1e-3, (q, rel)
 
 
-def test_greedy_continuation_matches_transformers(embedded_model, hf):
+def test_greedy_continuation_matches_transformers(embedded_llm, hf):
     model, _ = hf
-    llm = LLM(max_model_len=512)
+    llm = embedded_llm
     tok = llm.tokenizer
     convs = [[{"role": "user", "content": q}] for q in CHATS]
     outs = llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32))

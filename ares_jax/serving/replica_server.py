@@ -21,6 +21,7 @@ block whose source is a mesh of this same process is read directly (``jax.device
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -93,6 +94,9 @@ class ReplicaProcess:
                 raise ValueError(f"a mesh's role is 'prefill' or 'decode', not {role!r}")
         self.by_id = {r.info.replica_id: r for r in self.replicas}
         self.events: queue.Queue[pb.ReplicaEvent | None] = queue.Queue()
+        # Events a replaced Events subscription took off the queue: the current one sends
+        # them first.
+        self.handed_back: collections.deque[pb.ReplicaEvent | None] = collections.deque()
         self.wake = threading.Event()
         self.stopped = threading.Event()
         self.vocab_size = model.cfg.vocab_size
@@ -157,6 +161,7 @@ class ReplicaProcess:
                     self.forget_offers(rid)
                     dropped += 1
                 r.poll()  # events not yet forwarded describe requests now gone
+            self.handed_back.clear()
             while True:
                 try:
                     self.events.get_nowait()
@@ -261,6 +266,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
     def __init__(self, proc: ReplicaProcess) -> None:
         self.proc = proc
         self._subscriber = 0
+        self._handoff_lock = threading.Lock()
 
     def _stale(self, context) -> str | None:
         """Why a call must be refused: it belongs to a registration older than this
@@ -297,13 +303,24 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         stale = self._stale(context)
         if stale is not None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
-        self._subscriber += 1
-        me = self._subscriber  # a newer subscription (a restarted scheduler) replaces this one
-        while context.is_active() and me == self._subscriber and not self.proc.stopped.is_set():
-            try:
-                msg = self.proc.events.get(timeout=0.1)
-            except queue.Empty:
-                continue
+        with self._handoff_lock:
+            self._subscriber += 1
+            me = self._subscriber  # a newer subscription (a rejoin, a new scheduler) wins
+        while context.is_active() and not self.proc.stopped.is_set():
+            with self._handoff_lock:
+                if me != self._subscriber:
+                    return
+                msg = self.proc.handed_back.popleft() if self.proc.handed_back else None
+            if msg is None:
+                try:
+                    msg = self.proc.events.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                with self._handoff_lock:
+                    if me != self._subscriber:
+                        # Replaced while waiting: the event belongs to the new subscription.
+                        self.proc.handed_back.append(msg)
+                        return
             if msg is not None:
                 yield msg
 
