@@ -13,6 +13,7 @@ killed or restarted. In order (each test leaves the cluster as the next expects 
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -197,7 +198,10 @@ def test_scheduler_restarted_replicas_release_after_lease_and_rejoin(cluster, re
     print(f"\npages free {freed:.2f} s after the scheduler died (lease {2 * TIMEOUT_S} s)")
     assert freed >= 2 * TIMEOUT_S - 0.5, freed  # not before the lease
     log = cluster.procs.log(cluster.name_of(dst["process_id"]), 300).splitlines()
-    assert "dropped 1 request(s)" in [ln for ln in log if "(the lease)" in ln][-1]
+    # At least the stale reservation; the 3 streams too if the replica was still running
+    # them when the lease ran out (they run on after their scheduler died; load decides).
+    dropped = re.search(r"dropped (\d+) request", [ln for ln in log if "(the lease)" in ln][-1])
+    assert dropped and 1 <= int(dropped.group(1)) <= 4, log[-5:]
     cluster.start_scheduler(prefill=2, decode=2)
     client = Client(cluster.address, timeout_s=120)
     cluster.client.close()
