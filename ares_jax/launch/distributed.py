@@ -247,12 +247,16 @@ def _from_k8s(env: Mapping[str, str]) -> dict[str, object | None]:
 
 
 def initialize(spec: DistributedSpec, *, timeout_s: int = 300,
-               cpu_collectives: str = "gloo") -> None:
+               cpu_collectives: str = "gloo", heartbeat_timeout_s: int | None = None) -> None:
     """Join the group (blocks until every process has joined or ``timeout_s`` passes).
 
     On CPU, cross-process collectives need an implementation: gloo ships with jaxlib (and is
     its default in recent versions); setting it explicitly keeps older defaults from failing
     with "collectives not implemented". GPUs use NCCL regardless.
+
+    ``heartbeat_timeout_s``: how long the group's coordination service waits for a silent
+    process before failing the whole group (JAX's default, 100 s, when None); a replica group
+    sets it lower so that a follower whose leader died exits soon rather than serving nobody.
     """
     import jax
 
@@ -266,7 +270,9 @@ def initialize(spec: DistributedSpec, *, timeout_s: int = 300,
         coordinator_address=spec.coordinator, num_processes=spec.num_processes,
         process_id=spec.process_id,
         local_device_ids=list(spec.local_device_ids) if spec.local_device_ids else None,
-        initialization_timeout=timeout_s)
+        initialization_timeout=timeout_s,
+        **({} if heartbeat_timeout_s is None
+           else {"heartbeat_timeout_seconds": heartbeat_timeout_s}))
 
 
 def shutdown() -> None:
