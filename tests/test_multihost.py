@@ -107,7 +107,8 @@ def test_greedy_tokens_equal_the_single_process_engine(group, tiny_model):
 
 def test_migration_between_the_groups_meshes_keeps_tokens(group, tiny_model):
     client, _, _, _, logs = group
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    # Long enough that the staged copy commits before the request ends, even on a busy host.
+    params = SamplingParams(temperature=0.0, max_tokens=72, ignore_eos=True)
     p = prompt(9, 20)
     tokens: list[int] = []
     dst = -1
