@@ -1,12 +1,13 @@
 """A multi-controller replica: ONE replica process made of two ``jax.distributed`` CPU
-processes (2 virtual devices each), started as ``ares-jax replica --roles prefill,decode,decode
---devices-per-replica 2 --coordinator ... --num-processes 2 --process-id I``, so that every mesh
-spans both processes, and driven by a real scheduler process through ``Client``. Process 0
-registers and serves; process 1 replays its calls. Checked: the group registers as three
-replicas of one process, greedy tokens equal the single-process engine's, a migration between
-the group's two decode meshes (KV copied per process) keeps the tokens, every page is free
-afterwards, and SIGTERM to the leader stops both processes (the follower on the leader's stop)
-with nothing left behind."""
+processes (2 virtual devices each), started as ``ares-jax replica --roles prefill,decode
+--devices-per-replica 2 --coordinator ... --num-processes 2 --process-id I``, so that both
+meshes span both processes, and driven by a real scheduler process through ``Client``.
+Process 0 registers and serves; process 1 replays its calls. Checked: the group registers as
+two replicas of one process, greedy tokens equal the single-process engine's (the KV of each
+prefill moves to the decode mesh by a per-process copy), every page is free afterwards, and
+SIGTERM to the leader stops both processes (the follower on the leader's stop) with nothing left
+behind. A migration between a group's meshes is checked by tests/test_multihost_replay.py (one
+more decode mesh here costs every compilation twice more, in both processes)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ ECFG = EngineConfig(page_size=8, num_pages=64, max_num_seqs=8, max_model_len=256
 ENGINE_FLAGS = ["--model", "random:tiny", "--predictor", "none", "--page-size", "8",
                 "--num-pages", "64", "--max-model-len", "256", "--max-num-seqs", "8",
                 "--log-level", "INFO"]
-ROLES = "prefill,decode,decode"
+ROLES = "prefill,decode"
 READY_TIMEOUT_S = 240.0
 
 
@@ -53,7 +54,7 @@ def group(tmp_path_factory):
         return p
 
     scheduler = start("scheduler", ["scheduler", *ENGINE_FLAGS, "--expect-prefill", "1",
-                                    "--expect-decode", "2", "--host", "127.0.0.1",
+                                    "--expect-decode", "1", "--host", "127.0.0.1",
                                     "--grpc-port", str(port), "--policy", "least-load"])
     members = [start(f"process{i}", [
         "replica", "--roles", ROLES, "--devices-per-replica", "2", "--scheduler", address,
@@ -86,8 +87,7 @@ def group(tmp_path_factory):
 def test_the_group_registers_as_one_process_of_meshes_spanning_both(group):
     client, _, leader, _, _ = group
     reps = sorted(client.stats()["replicas"], key=lambda r: r["replica_id"])
-    assert [(r["replica_id"], r["role"]) for r in reps] == \
-        [(0, "prefill"), (1, "decode"), (2, "decode")]
+    assert [(r["replica_id"], r["role"]) for r in reps] == [(0, "prefill"), (1, "decode")]
     # Only the leader talks to the scheduler; every mesh has 2 devices, one per process.
     assert {r["process_id"] for r in reps} == {leader.pid}
     assert all(r["kv_pages_total"] == ECFG.num_pages - 1 for r in reps if r["role"] == "decode")
@@ -103,33 +103,6 @@ def test_greedy_tokens_equal_the_single_process_engine(group, tiny_model):
     stats = settled(client)
     assert all(r["kv_pages_used"] == 0 and r["running"] == 0 for r in stats["replicas"]), \
         stats["replicas"]
-
-
-def test_migration_between_the_groups_meshes_keeps_tokens(group, tiny_model):
-    client, _, _, _, logs = group
-    # Long enough that the staged copy commits before the request ends, even on a busy host.
-    params = SamplingParams(temperature=0.0, max_tokens=72, ignore_eos=True)
-    p = prompt(9, 20)
-    tokens: list[int] = []
-    dst = -1
-    for chunk in client.stream(p, params):
-        if chunk.token_id >= 0:
-            tokens.append(chunk.token_id)
-        if len(tokens) == 8 and dst < 0:
-            for candidate in (1, 2):
-                started, _ = client.migrate(chunk.request_id, candidate)
-                if started:
-                    dst = candidate
-                    break
-    assert dst > 0, logs()
-    assert tokens == in_process_tokens(tiny_model, ECFG, [p], params)[0]
-    stats = settled(client)
-    last = stats["migrations"][-1]
-    assert (last["outcome"], last["dst"], last["src"]) == ("committed", dst, 3 - dst), \
-        (stats["migrations"], logs())
-    assert all(r["kv_pages_used"] == 0 for r in stats["replicas"]), stats["replicas"]
-    assert all(r["kv_pages_free"] == ECFG.num_pages - 1
-               for r in stats["replicas"] if r["role"] == "decode"), stats["replicas"]
 
 
 def test_sigterm_to_the_leader_stops_the_whole_group(group):
