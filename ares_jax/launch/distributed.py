@@ -247,12 +247,16 @@ def _from_k8s(env: Mapping[str, str]) -> dict[str, object | None]:
 
 
 def initialize(spec: DistributedSpec, *, timeout_s: int = 300,
-               cpu_collectives: str = "gloo") -> None:
+               cpu_collectives: str = "gloo", heartbeat_timeout_s: int | None = None) -> None:
     """Join the group (blocks until every process has joined or ``timeout_s`` passes).
 
     On CPU, cross-process collectives need an implementation: gloo ships with jaxlib (and is
     its default in recent versions); setting it explicitly keeps older defaults from failing
     with "collectives not implemented". GPUs use NCCL regardless.
+
+    ``heartbeat_timeout_s``: how long the group's coordination service waits for a silent
+    process before failing the whole group (JAX's default, 100 s, when None); a replica group
+    sets it lower so that a follower whose leader died exits soon rather than serving nobody.
     """
     import jax
 
@@ -266,7 +270,9 @@ def initialize(spec: DistributedSpec, *, timeout_s: int = 300,
         coordinator_address=spec.coordinator, num_processes=spec.num_processes,
         process_id=spec.process_id,
         local_device_ids=list(spec.local_device_ids) if spec.local_device_ids else None,
-        initialization_timeout=timeout_s)
+        initialization_timeout=timeout_s,
+        **({} if heartbeat_timeout_s is None
+           else {"heartbeat_timeout_seconds": heartbeat_timeout_s}))
 
 
 def shutdown() -> None:
@@ -277,11 +283,16 @@ def shutdown() -> None:
     jax.distributed.shutdown()
 
 
+# One collective carries a payload up to this size (with its length); longer ones take a second,
+# padded to a power of two. Fixed shapes matter: every new shape compiles a new psum program.
+FRAME_BYTES = 4096
+
+
 def broadcast_bytes(payload: bytes | None) -> bytes:
     """The leader's ``payload`` on every process of the group (followers pass None).
 
-    Collective: every process must call it, in the same order. The length travels first, so
-    followers need not know the payload's size.
+    Collective: every process must call it, in the same order. The length travels in the
+    first frame, so followers need not know the payload's size.
     """
     import jax
     import numpy as np
@@ -290,9 +301,19 @@ def broadcast_bytes(payload: bytes | None) -> bytes:
     leader = jax.process_index() == 0
     if leader and payload is None:
         raise ValueError("the leader must pass the payload to broadcast")
-    size = np.array(len(payload) if leader else 0, np.int32)  # type: ignore[arg-type]
-    size = int(multihost_utils.broadcast_one_to_all(size))
-    if size == 0:
-        return b""
-    buf = np.frombuffer(payload, np.uint8) if leader else np.zeros(size, np.uint8)  # type: ignore[arg-type]
-    return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8).tobytes()
+    room = FRAME_BYTES - 8
+    frame = np.zeros(FRAME_BYTES, np.uint8)
+    if leader:
+        head = payload[:room]  # type: ignore[index]
+        frame[:8] = np.frombuffer(np.int64(len(payload)).tobytes(), np.uint8)  # type: ignore[arg-type]
+        frame[8:8 + len(head)] = np.frombuffer(head, np.uint8)
+    frame = np.asarray(multihost_utils.broadcast_one_to_all(frame), np.uint8)
+    size = int(frame[:8].view(np.int64)[0])
+    data = frame[8:8 + min(size, room)].tobytes()
+    if size > room:
+        rest = size - room
+        buf = np.zeros(1 << (rest - 1).bit_length(), np.uint8)
+        if leader:
+            buf[:rest] = np.frombuffer(payload[room:], np.uint8)  # type: ignore[index]
+        data += np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)[:rest].tobytes()
+    return data

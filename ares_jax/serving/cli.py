@@ -91,7 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--advertise-host", default=None,
                      help="the address others reach this process at, for gRPC and the KV "
                           "transfer server (default: --host, or 127.0.0.1 for 0.0.0.0)")
-    rep.add_argument("--transport", default="jax", choices=("jax", "none"))
+    rep.add_argument("--transport", default="jax", choices=("jax", "none"),
+                     help="KV to and from other processes (a multi-controller group has none)")
+    from ares_jax.launch import distributed
+
+    distributed.add_arguments(rep)
     rep.set_defaults(func=_run_replica)
     for name, p in (("serve", serve), ("scheduler", sched), ("replica", rep)):
         _PARSERS[name] = p
@@ -184,6 +188,13 @@ def _run_replica(args: argparse.Namespace) -> int:
     _logging(args)
     roles = args.roles.split(",") if args.roles else [args.role] * args.meshes
     need = len(roles) * args.devices_per_replica
+    from ares_jax.launch import distributed
+
+    group = distributed.resolve_from_args(args)
+    if group is not None:  # each mesh spans the group: this process holds its share of each
+        from ares_jax.serving.multihost import local_devices_needed
+
+        need = local_devices_needed(args.devices_per_replica, len(roles), group.num_processes)
     # JAX reads the device count when its backend starts, i.e. at the first jax.devices().
     flags = os.environ.get("XLA_FLAGS", "")
     if need > 1 and "xla_force_host_platform_device_count" not in flags and \
@@ -191,7 +202,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}"
     from ares_jax.serving.launch import run_replica
 
-    return run_replica(args, roles)
+    return run_replica(args, roles, group)
 
 
 def install_stop_handlers(stop) -> None:

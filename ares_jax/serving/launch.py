@@ -39,18 +39,36 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def run_replica(args: argparse.Namespace, roles: list[str]) -> int:
+def run_replica(args: argparse.Namespace, roles: list[str], group=None) -> int:
+    """``group``: this process's ``DistributedSpec`` when the replica is a multi-controller
+    group (``serving/multihost.py``), joined here before anything touches JAX's devices."""
     from ares_jax.serving.cli import engine_config, install_stop_handlers
     from ares_jax.serving.models import EMBEDDED, load_serving_model, resolve_head
     from ares_jax.serving.replica_server import ReplicaProcess, serve_replica
     from ares_jax.serving.transport import make_transport
 
+    if group is not None:
+        from ares_jax.launch import distributed
+        from ares_jax.serving.multihost import HEARTBEAT_TIMEOUT_S
+
+        distributed.initialize(group, timeout_s=args.distributed_timeout,
+                               heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
     enable_compilation_cache()
     ecfg = engine_config(args)
-    model = load_serving_model(args.model, dtype=args.dtype)
+    import jax
+
+    from ares_jax.model.sharding import make_mesh
+
+    # A group's processes each load the weights onto a device of their own first.
+    model = load_serving_model(args.model, dtype=args.dtype, mesh=None if group is None
+                               else make_mesh(jax.local_devices()[:1]))
     predictor = None if str(args.predictor).lower() == "none" else args.predictor
     head = resolve_head(model, predictor, embedded=args.model in (None, "", EMBEDDED),
                         engine=ecfg)
+    if group is not None:
+        from ares_jax.serving.multihost import serve_group
+
+        return serve_group(args, roles, group, model, head, ecfg)
     from ares_jax.serving.replica_server import advertised
 
     # The KV transfer server listens where others reach this process (e.g. its address in a

@@ -68,6 +68,14 @@ EPOCH_KEY = "ares-epoch"  # gRPC metadata: the registration a scheduler's call b
 class ReplicaProcess:
     """The meshes of this process and what they are doing."""
 
+    # The handle types of the meshes: a multi-controller group's leader substitutes ones that
+    # replay every call on the group's other processes (``serving/multihost.py``).
+    prefill_type: type[LocalPrefillReplica] = LocalPrefillReplica
+    decode_type: type[LocalDecodeReplica] = LocalDecodeReplica
+    # Set on every process of a multi-controller group: its KV moves between its own meshes
+    # only (see ``pull``, ``resolved`` and ``ReplicaService.Export``).
+    group: object | None = None
+
     def __init__(self, model: LoadedModel, roles: Sequence[str], devices_per_mesh: int,
                  engine: EngineConfig, head=None, transport: KvTransport | None = None,
                  devices: Sequence[jax.Device] | None = None) -> None:
@@ -84,10 +92,10 @@ class ReplicaProcess:
             mesh = make_mesh(devs[i * devices_per_mesh:(i + 1) * devices_per_mesh])
             m = model_on(model, mesh)
             if role == "prefill":
-                self.replicas.append(LocalPrefillReplica(
+                self.replicas.append(self.prefill_type(
                     PrefillEngine(m, engine, head=head_on(head, mesh)), replica_id=i))
             elif role == "decode":
-                self.replicas.append(LocalDecodeReplica(
+                self.replicas.append(self.decode_type(
                     DecodeEngine(m, engine, head=head_on(head, mesh)), replica_id=i,
                     pull=self.pull))
             else:
@@ -201,6 +209,16 @@ class ReplicaProcess:
                     return list(held.arrays)
                 return list(sibling.export(block.request_id, block.start,
                                            block.start + block.pages).arrays or ())
+        if self.group is not None:
+            raise ValueError(f"request {block.request_id}: its KV is on replica {block.source} "
+                             "in another process, and a multi-controller replica group takes "
+                             "KV only from its own meshes (jax.experimental.transfer cannot "
+                             "pull into a mesh that spans processes)")
+        if not block.tickets and block.pages:
+            raise ValueError(f"request {block.request_id}: replica {block.source} is in "
+                             "another process and offered no transport ticket for its KV (a "
+                             "process without a KV transport, or a multi-controller group, "
+                             "cannot send KV to another process)")
         if self.offers is None:
             raise ValueError(f"request {block.request_id}: its KV is in another process and "
                              "this one has no KV transport")
@@ -228,6 +246,12 @@ class ReplicaProcess:
         """``block`` with its arrays pulled here (done outside the lock)."""
         import dataclasses
 
+        sibling = self.by_id.get(block.source)
+        if self.group is not None and sibling is not None and not block.tickets:
+            # In a group the read of a sibling mesh runs inside the replayed insert or import,
+            # so that every process runs it at the same point of the same order.
+            return dataclasses.replace(block, nbytes=block.nbytes or block.pages * (
+                sibling.info.page_size * sibling.info.kv_bytes_per_token))
         chunks = self.pull(block)
         nbytes = block.nbytes or int(sum(k.nbytes + v.nbytes for k, v, _ in chunks))
         return dataclasses.replace(block, arrays=tuple(chunks), nbytes=nbytes)
@@ -380,6 +404,11 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         if request.same_process:  # the destination reads it itself, device to device
             return pb.KvBlock(source=request.replica_id, request_id=request.request_id,
                               pages=request.end - request.start, start=request.start)
+        if self.proc.group is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "a multi-controller replica group cannot send KV to another process "
+                          "(its pages span processes; jax.experimental.transfer offers arrays "
+                          "of one process)")
         # Copy stages run one at a time: a new export means the last one has been imported.
         self.proc.forget_offers(request.request_id)
         try:
