@@ -111,8 +111,10 @@ def test_replicas_have_gpus_grpc_probes_and_the_scheduler_address(name):
     d = all_docs()
     kind = "StatefulSet" if name.endswith("-mh") else "Deployment"
     c = container(d[(kind, name)])
-    role = "prefill" if "prefill" in name else "decode"
-    assert f"--role={role}" in c["args"]
+    if kind == "StatefulSet":  # a multi-host group hosts both phases (KV stays inside)
+        assert "--roles=prefill,decode" in c["args"]
+    else:
+        assert f"--role={'prefill' if 'prefill' in name else 'decode'}" in c["args"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
     port = {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"]
     assert f"--grpc-port={port}" in c["args"]
