@@ -77,6 +77,13 @@ class AresConfig:
     # P99 TPOT over 4 trace seeds (results_sim.md), so it is on whenever there is a choice.
     dispatch_fallback_min_replicas: int = 2
     cooldown_s: float = 10.0
+    # Risk: forecasts read this multiple of each *predicted* remaining length (the truth, for
+    # the oracle, is never scaled). The error is multiplicative, so > 1 plans for an upper
+    # quantile of the length instead of the point estimate.
+    remaining_scale: float = 1.0
+    # Balancing gate: also charge a move the slowdown its copy inflicts on both replicas'
+    # batches (TransferCost.copy_slowdown x copy time x the two batch sizes, token x ms).
+    gate_full_cost: bool = False
     prior_remaining_tokens: float = 512.0  # for a request with no prediction yet
     candidates_per_replica: int = 8  # longest-remaining requests examined per source
     use_true_remaining: bool = False  # the oracle
@@ -110,6 +117,8 @@ def _median(x: np.ndarray) -> float:
 
 def pending_remaining(p: PendingDispatch, cfg: AresConfig) -> float:
     rem = p.predicted_remaining
+    if rem is not None:
+        rem = rem * cfg.remaining_scale
     if cfg.use_true_remaining and p.true_remaining is not None:
         rem = p.true_remaining
     if rem is None:
@@ -383,5 +392,8 @@ class AresPolicy:
             own = np.minimum(rem, horizon)
             saved_ms = (before - tpot_dst) * own + (before - tpot_src) * (others_tokens - own)
         cost_ms = self.transfer.migration_ms(kv)  # elementwise over the candidates
+        if cfg.gate_full_cost and self.transfer.copy_slowdown > 0:
+            both = board.batch[worst, 0] + board.batch[best, 0]
+            cost_ms = cost_ms + self.transfer.copy_slowdown * self.transfer.copy_ms(kv) * both
         ok = np.flatnonzero(fits & improves & (saved_ms >= cfg.recoup_factor * cost_ms))
         return int(rows[ok[0]]) if ok.size else None

@@ -41,6 +41,8 @@ def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
     """Remaining tokens per row: prediction (or truth for the oracle), prior when unknown,
     clipped to what ``max_tokens`` still allows."""
     rem = table.predicted_remaining
+    if cfg.remaining_scale != 1.0:
+        rem = rem * cfg.remaining_scale
     if cfg.use_true_remaining:
         rem = np.where(np.isnan(table.true_remaining), rem, table.true_remaining)
     rem = np.where(np.isnan(rem), cfg.prior_remaining_tokens, rem)
