@@ -68,6 +68,10 @@ class AresConfig:
     max_migrations_per_round: int = 8
     # Scale the per-round bound with the gap: ceil(max * (gap / threshold - 1)), capped at max.
     scale_migrations_with_gap: bool = True
+    # True: balancing gets its own (gap-scaled) bound on top of the moves the memory phases
+    # made, so a round could decide up to twice max_migrations_per_round moves. False: the
+    # whole round stays within max_migrations_per_round.
+    balance_own_budget: bool = True
     # Dispatch: fall back to a current-load policy's choice (if it fits the memory budget)
     # unless ARES's choice predicts a TPOT lower by more than this fraction. 0 disables it.
     dispatch_min_gain: float = 0.2
@@ -362,6 +366,8 @@ class AresPolicy:
             if first and cfg.scale_migrations_with_gap:
                 extra = math.ceil(cfg.max_migrations_per_round * (gap / threshold - 1.0))
                 limit = len(moves) + min(cfg.max_migrations_per_round, max(extra, 1))
+                if not cfg.balance_own_budget:
+                    limit = min(limit, cfg.max_migrations_per_round)
             first = False
             row = self._best_move(board, movable, worst, best)
             if row is None:
