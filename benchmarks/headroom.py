@@ -244,6 +244,15 @@ def plot(hr: list[dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
+def _rates(rates: dict[tuple[int, float], float]) -> list[dict[str, Any]]:
+    return [{"replicas": r, "kv_units": k, "rate": v} for (r, k), v in rates.items()]
+
+
+def _save(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(data, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", default="servegen-r1")
@@ -307,25 +316,23 @@ def main(argv: list[str] | None = None) -> None:
                             key = (rep, kv, mig, v.name, v.spec, seed)
                             if key not in have:
                                 jobs.append(job)
-        # Longest first (16 replicas), so the pool's two workers finish together.
-        jobs.sort(key=lambda j: -j["replicas"])
         rows = list(old["rows"])
         for i, row in enumerate(pool.map(run_one, jobs, chunksize=1)):
             rows.append(row)
-            if (i + 1) % 20 == 0:
+            if (i + 1) % 10 == 0:
                 print(f"{i + 1}/{len(jobs)} runs, {time.perf_counter() - t0:.0f} s",
                       file=sys.stderr)
+                if args.out:  # a checkpoint: --reuse it to resume an interrupted map
+                    _save(args.out, {"rates": _rates(rates), "rows": rows})
     agg = aggregate(rows)
     hr = headroom(agg)
     out = {"command": " ".join(sys.argv), "wall_s": time.perf_counter() - t0,
-           "rates": [{"replicas": r, "kv_units": k, "rate": v} for (r, k), v in rates.items()],
+           "rates": _rates(rates),
            "rows": rows, "aggregate": agg, "headroom": hr}
-    text = json.dumps(out, indent=1)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        _save(args.out, out)
     else:
-        print(text)
+        print(json.dumps(out, indent=1))
     print(markdown(agg, hr), file=sys.stderr)
     print(f"wall {out['wall_s']:.0f} s, {len(rows)} runs", file=sys.stderr)
     if args.plot:

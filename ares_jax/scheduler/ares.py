@@ -127,7 +127,7 @@ def pending_remaining(p: PendingDispatch, cfg: AresConfig) -> float:
         rem = p.true_remaining
     if rem is None:
         rem = cfg.prior_remaining_tokens
-    return float(np.clip(rem, 0.0, max(p.max_tokens - p.generated_tokens, 0)))
+    return float(min(max(rem, 0.0), max(p.max_tokens - p.generated_tokens, 0)))
 
 
 @dataclass(frozen=True, eq=False)

@@ -233,7 +233,7 @@ class Board:
                 left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
                 rows = np.concatenate([joined, left])
                 self._delta = (rows, np.concatenate([self.rep[joined], self._base_rep[left]]),
-                               np.r_[np.ones(joined.shape[0]), -np.ones(left.shape[0])])
+                               np.concatenate([np.ones(joined.shape[0]), -np.ones(left.shape[0])]))
             rows, where, sign = self._delta
             on = (self.rem[rows][None, :] >= steps[:, None]) & (
                 where[None, :] == positions[:, None])
