@@ -48,7 +48,7 @@ def test_full_cost_gate_charges_the_copy_slowdown_of_both_replicas() -> None:
         return len(_ares(slow_copy, **common, **cfg).reschedule(snap, PolicyState())[0]
                    .migrations)
 
-    assert moves(recoup_factor=5000) == 1  # 5,000 x 1,001 = 5.0M <= 12.4M
+    assert moves(recoup_factor=5000, gate_full_cost=False) == 1  # 5,000 x 1,001 = 5.0M <= 12.4M
     assert moves(recoup_factor=5000, gate_full_cost=True) == 0  # 5,000 x 3,001 = 15.0M
     assert moves(recoup_factor=4000, gate_full_cost=True) == 1  # 4,000 x 3,001 = 12.0M
 
