@@ -159,15 +159,11 @@ class AresPolicy:
         if board.n < self.config.dispatch_fallback_min_replicas:
             min_gain = 0.0
         out = []
-        # Every pending request against every replica in one evaluation; a placement changes
-        # only its replica's column, so after each one only that column is re-evaluated for the
-        # requests still to place (the same values as evaluating each request afresh).
-        kvs = np.array([float(p.kv_tokens) for p in snapshot.pending])
-        rems = np.array([pending_remaining(p, self.config) for p in snapshot.pending])
-        tpots = board.tpot_with(kvs, rems, everyone)
-        peaks = board.peak_with(kvs, rems, everyone)
-        for i, p in enumerate(snapshot.pending):
-            tpot, peak = tpots[i], peaks[i]
+        for p in snapshot.pending:
+            kv = np.array([float(p.kv_tokens)])
+            rem = np.array([pending_remaining(p, self.config)])
+            tpot = board.tpot_with(kv, rem, everyone)[0]
+            peak = board.peak_with(kv, rem, everyone)[0]
             overflow = peak - board.budget
             fits = overflow <= 0
             if fits.any():
@@ -183,12 +179,8 @@ class AresPolicy:
             else:
                 pos = int(np.argmin(overflow))
             out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
-            board.place(float(kvs[i]), float(rems[i]), pos, tpot[pos], peak[pos])
+            board.place(float(kv[0]), float(rem[0]), pos, tpot[pos], peak[pos])
             fallback.place(pos, p.kv_tokens)
-            if i + 1 < len(kvs):
-                col = np.array([pos])
-                tpots[i + 1:, pos] = board.tpot_with(kvs[i + 1:], rems[i + 1:], col)[:, 0]
-                peaks[i + 1:, pos] = board.peak_with(kvs[i + 1:], rems[i + 1:], col)[:, 0]
         return Decisions(dispatches=tuple(out)), state
 
     def reschedule(
