@@ -494,6 +494,8 @@ class ReferenceAres:
             if first and cfg.scale_migrations_with_gap:
                 extra = math.ceil(cfg.max_migrations_per_round * (gap / threshold - 1.0))
                 limit = len(moves) + min(cfg.max_migrations_per_round, max(extra, 1))
+                if not cfg.balance_own_budget:  # issue 16: one bound for the whole round
+                    limit = min(limit, cfg.max_migrations_per_round)
             first = False
             row = self._best_move(board, movable, worst, best)
             if row is None:

@@ -68,6 +68,11 @@ class AresConfig:
     max_migrations_per_round: int = 8
     # Scale the per-round bound with the gap: ceil(max * (gap / threshold - 1)), capped at max.
     scale_migrations_with_gap: bool = True
+    # True (before issue 16): balancing gets its own (gap-scaled) bound on top of the moves the
+    # memory phases made, so a round could decide up to twice max_migrations_per_round moves.
+    # False: the whole round stays within max_migrations_per_round, as documented; identical
+    # P99 TPOT and bytes at 4 replicas x 16 KV units (results_sim.md) and a cheaper round.
+    balance_own_budget: bool = False
     # Dispatch: fall back to a current-load policy's choice (if it fits the memory budget)
     # unless ARES's choice predicts a TPOT lower by more than this fraction. 0 disables it.
     dispatch_min_gain: float = 0.2
@@ -77,6 +82,15 @@ class AresConfig:
     # P99 TPOT over 4 trace seeds (results_sim.md), so it is on whenever there is a choice.
     dispatch_fallback_min_replicas: int = 2
     cooldown_s: float = 10.0
+    # Risk: forecasts read this multiple of each *predicted* remaining length (the truth, for
+    # the oracle, is never scaled). The error is multiplicative, so > 1 plans for an upper
+    # quantile of the length instead of the point estimate.
+    remaining_scale: float = 1.0
+    # Balancing gate: also charge a move the slowdown its copy inflicts on both replicas'
+    # batches (TransferCost.copy_slowdown x copy time x the two batch sizes, token x ms). A no-op
+    # unless a slowdown is modelled; with one (5 GB/s, 25%) it was neutral on P99 TPOT and moved
+    # 5% fewer bytes over 4 seeds (results_sim.md), and it charges a cost that exists.
+    gate_full_cost: bool = True
     prior_remaining_tokens: float = 512.0  # for a request with no prediction yet
     candidates_per_replica: int = 8  # longest-remaining requests examined per source
     use_true_remaining: bool = False  # the oracle
@@ -110,11 +124,13 @@ def _median(x: np.ndarray) -> float:
 
 def pending_remaining(p: PendingDispatch, cfg: AresConfig) -> float:
     rem = p.predicted_remaining
+    if rem is not None:
+        rem = rem * cfg.remaining_scale
     if cfg.use_true_remaining and p.true_remaining is not None:
         rem = p.true_remaining
     if rem is None:
         rem = cfg.prior_remaining_tokens
-    return float(np.clip(rem, 0.0, max(p.max_tokens - p.generated_tokens, 0)))
+    return float(min(max(rem, 0.0), max(p.max_tokens - p.generated_tokens, 0)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -345,6 +361,8 @@ class AresPolicy:
             if first and cfg.scale_migrations_with_gap:
                 extra = math.ceil(cfg.max_migrations_per_round * (gap / threshold - 1.0))
                 limit = len(moves) + min(cfg.max_migrations_per_round, max(extra, 1))
+                if not cfg.balance_own_budget:
+                    limit = min(limit, cfg.max_migrations_per_round)
             first = False
             row = self._best_move(board, movable, worst, best)
             if row is None:
@@ -375,5 +393,8 @@ class AresPolicy:
             own = np.minimum(rem, horizon)
             saved_ms = (before - tpot_dst) * own + (before - tpot_src) * (others_tokens - own)
         cost_ms = self.transfer.migration_ms(kv)  # elementwise over the candidates
+        if cfg.gate_full_cost and self.transfer.copy_slowdown > 0:
+            both = board.batch[worst, 0] + board.batch[best, 0]
+            cost_ms = cost_ms + self.transfer.copy_slowdown * self.transfer.copy_ms(kv) * both
         ok = np.flatnonzero(fits & improves & (saved_ms >= cfg.recoup_factor * cost_ms))
         return int(rows[ok[0]]) if ok.size else None

@@ -41,6 +41,8 @@ def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
     """Remaining tokens per row: prediction (or truth for the oracle), prior when unknown,
     clipped to what ``max_tokens`` still allows."""
     rem = table.predicted_remaining
+    if cfg.remaining_scale != 1.0:
+        rem = rem * cfg.remaining_scale
     if cfg.use_true_remaining:
         rem = np.where(np.isnan(table.true_remaining), rem, table.true_remaining)
     rem = np.where(np.isnan(rem), cfg.prior_remaining_tokens, rem)
@@ -86,12 +88,14 @@ def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, tim
     each), each group sorted by ``rem`` descending: :func:`grouped_trajectories` and
     :func:`grouped_peak` for rows that are not in the table's grouping."""
     g = len(lengths)
-    owner = np.repeat(np.arange(g), lengths)
-    alive = rem[:, None] > times[None, :]  # [n, S]
-    batch = np.zeros((g, times.shape[0]))
-    memory = np.zeros((g, times.shape[0]))
-    np.add.at(batch, owner, alive)
-    np.add.at(memory, owner, kv[:, None] * alive)
+    # Groups are contiguous: per-group sums are differences of running sums (counts and
+    # integer KV sums, exact in float64 whatever the order).
+    alive = (rem[:, None] > times[None, :]).astype(np.float64)  # [n, S]
+    ends = np.cumsum(lengths)
+    running = np.zeros((kv.shape[0] + 1, 2 * times.shape[0]))
+    np.cumsum(np.concatenate([alive, kv[:, None] * alive], axis=1), axis=0, out=running[1:])
+    sums = running[ends] - running[ends - lengths]
+    batch, memory = sums[:, :times.shape[0]], sums[:, times.shape[0]:]
     memory += batch * times[None, :]
     peak, peak_at = np.zeros(g), np.zeros(g)
     busy = np.flatnonzero(lengths)
@@ -229,7 +233,7 @@ class Board:
                 left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
                 rows = np.concatenate([joined, left])
                 self._delta = (rows, np.concatenate([self.rep[joined], self._base_rep[left]]),
-                               np.r_[np.ones(joined.shape[0]), -np.ones(left.shape[0])])
+                               np.concatenate([np.ones(joined.shape[0]), -np.ones(left.shape[0])]))
             rows, where, sign = self._delta
             on = (self.rem[rows][None, :] >= steps[:, None]) & (
                 where[None, :] == positions[:, None])

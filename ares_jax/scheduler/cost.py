@@ -304,11 +304,15 @@ def build_cost_model(
 
 @dataclass(frozen=True, kw_only=True)
 class TransferCost:
-    """Moving KV between replicas: bytes over a link, plus a fixed stall per stop-and-copy."""
+    """Moving KV between replicas: bytes over a link, plus a fixed stall per stop-and-copy.
+
+    ``copy_slowdown`` is the fraction by which a copy slows the decode steps of both replicas
+    while it runs (the copy shares HBM bandwidth and the NIC with decoding); 0 = none."""
 
     kv_bytes_per_token: int
     link_gbytes_per_s: float = 50.0
     stall_ms: float = 1.0
+    copy_slowdown: float = 0.0
 
     def copy_ms(self, kv_tokens: float) -> float:
         return kv_tokens * self.kv_bytes_per_token / (self.link_gbytes_per_s * 1e9) * 1e3

@@ -21,6 +21,15 @@ class ClusterConfig:
     kv_capacity_scale: float = 1.0
     link_gbytes_per_s: float = 50.0  # prefill->decode and decode->decode KV links
     migration_stall_ms: float = 1.0  # fixed cost of the final stop-and-copy stage
+    # Decode->decode (migration) link; 0 = the same as link_gbytes_per_s. Separate so a slow
+    # migration path can be studied without slowing prefill->decode transfers too.
+    migration_link_gbytes_per_s: float = 0.0
+    # While a migration copies, the source's and destination's decode steps take this fraction
+    # longer (the copy competes with decoding for HBM bandwidth); 0 = free copies.
+    migration_slowdown: float = 0.0
+    # At most this many migrations may start per 60 s of simulated time, cluster-wide (a
+    # deployment that rations its migration link); more are rejected. 0 = no cap.
+    migrations_per_minute: int = 0
     migration_max_stages: int = 3  # Llumnix: abandon after this many copy stages
     migration_last_stage_max_blocks: int = 16  # Llumnix: stop-and-copy when this few remain
     prefill_token_budget: int = 8192  # prompt tokens batched into one prefill
@@ -32,6 +41,9 @@ class ClusterConfig:
     preemption: str = "prefill"
 
     def __post_init__(self) -> None:
+        if self.migration_slowdown < 0 or self.migrations_per_minute < 0:
+            raise ValueError("cluster.migration_slowdown and cluster.migrations_per_minute "
+                             "must be >= 0")
         if self.preemption not in ("prefill", "local"):
             raise ValueError(f"cluster.preemption must be 'prefill' or 'local', "
                              f"not {self.preemption!r}")

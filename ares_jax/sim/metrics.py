@@ -72,6 +72,7 @@ def summarize(result: SimResult, slo: SloConfig) -> dict[str, Any]:
         "migrations_started": int(c["migrations_started"]),
         "migrations_aborted": int(c["migrations_aborted"]),
         "migrations_rejected": int(c["migrations_rejected"]),
+        "migrations_capped": int(c["migrations_capped"]),
         "bytes_moved_gb": (c["bytes_moved_completed"] + c["bytes_moved_aborted"]) / 1e9,
         "tpot_cv_mean": float(np.mean(result.timeline.tpot_cv)) if result.timeline.tpot_cv.size
         else 0.0,

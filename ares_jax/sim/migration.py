@@ -13,6 +13,7 @@ offsets, counters, the event heap) belongs to ``Simulator``.
 
 from __future__ import annotations
 
+import collections
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,7 +46,8 @@ class MigrationMixin:
     page: int
     watermark_pages: int
     kv_bytes: int
-    transfer: TransferCost
+    mig_transfer: TransferCost
+    mig_starts: collections.deque[float]
     decode: list[DecodeReplica]
     active: dict[int, ActiveMigration]
     counters: dict[str, float]
@@ -79,13 +81,24 @@ class MigrationMixin:
         if pages > dest.free_pages - self.watermark_pages:
             self.counters["migrations_rejected"] += 1
             return
+        cap = self.cfg.cluster.migrations_per_minute
+        if cap:
+            starts = self.mig_starts
+            while starts and starts[0] <= self.now - 60.0:
+                starts.popleft()
+            if len(starts) >= cap:
+                self.counters["migrations_capped"] += 1
+                return
+            starts.append(self.now)
+        self.decode[src].copying += 1
+        dest.copying += 1
         dest.used_pages += pages
         dest.reserved_pages += pages
         mig = self.active[r] = ActiveMigration(r, src, dst, kv, pages)
         mig.bytes = kv * self.kv_bytes
         self.migrating[r] = True
         self.counters["migrations_started"] += 1
-        self._push(self.now + self.transfer.copy_ms(kv) / 1e3, STAGE_DONE, 0, r)
+        self._push(self.now + self.mig_transfer.copy_ms(kv) / 1e3, STAGE_DONE, 0, r)
 
     def _reserve(self, mig: ActiveMigration, pages: int) -> bool:
         dest = self.decode[mig.dst]
@@ -120,7 +133,7 @@ class MigrationMixin:
             mig.stage += 1
             mig.copied = kv_now
             mig.bytes += delta * self.kv_bytes
-            self._push(self.now + self.transfer.copy_ms(delta) / 1e3, STAGE_DONE, 0, r)
+            self._push(self.now + self.mig_transfer.copy_ms(delta) / 1e3, STAGE_DONE, 0, r)
 
     def _depart(self, src: DecodeReplica) -> None:
         for r in src.leaving:
@@ -129,13 +142,15 @@ class MigrationMixin:
             delta = kv - mig.copied
             mig.copied = kv
             mig.bytes += delta * self.kv_bytes
-            stall_ms = self.transfer.copy_ms(delta) + self.transfer.stall_ms
+            stall_ms = self.mig_transfer.copy_ms(delta) + self.mig_transfer.stall_ms
             self._push(self.now + stall_ms / 1e3, FINAL_DONE, 0, r)
         src.leaving.clear()
 
     def _final_done(self, r: int) -> None:
         mig = self.active.pop(r)
         dest = self.decode[mig.dst]
+        self.decode[mig.src].copying -= 1
+        dest.copying -= 1
         need = pages_for(self.kv_cur[r], self.page)
         dest.used_pages -= mig.reserved - need  # the reservation becomes the request's pages
         dest.reserved_pages -= mig.reserved
@@ -150,6 +165,8 @@ class MigrationMixin:
     def _abort_migration(self, r: int) -> None:
         mig = self.active.pop(r)
         dest = self.decode[mig.dst]
+        self.decode[mig.src].copying -= 1
+        dest.copying -= 1
         dest.used_pages -= mig.reserved
         dest.reserved_pages -= mig.reserved
         self.migrating[r] = False

@@ -51,7 +51,7 @@ class DecodeReplica:
     __slots__ = (
         "pos", "capacity_pages", "page_size", "steps", "running", "kv_offset_sum",
         "phase_counts", "used_pages", "reserved_pages", "finish_heap", "queue", "queued_kv",
-        "joining", "leaving", "busy", "step_batch", "recompute_tokens",
+        "joining", "leaving", "busy", "step_batch", "recompute_tokens", "copying",
     )
 
     def __init__(self, pos: int, capacity_pages: int, page_size: int) -> None:
@@ -72,6 +72,7 @@ class DecodeReplica:
         self.busy = False  # a step is in progress
         self.step_batch = 0  # batch size of the step in progress
         self.recompute_tokens = 0  # KV of preempted requests recomputed in the next step
+        self.copying = 0  # migrations in flight from or to this replica (they slow its steps)
 
     @property
     def free_pages(self) -> int:

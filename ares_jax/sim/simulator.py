@@ -23,6 +23,7 @@ every prefill completion (dispatch) and every ``reschedule_period_s`` (migration
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import math
@@ -60,11 +61,23 @@ from ares_jax.sim.workloads import Workload
 
 
 def cluster_transfer(cfg: SimConfig) -> TransferCost:
+    """The prefill->decode link."""
     c = cfg.cluster
     return TransferCost(
         kv_bytes_per_token=MODELS[c.model].kv_bytes_per_token,
         link_gbytes_per_s=c.link_gbytes_per_s,
         stall_ms=c.migration_stall_ms,
+    )
+
+
+def migration_transfer(cfg: SimConfig) -> TransferCost:
+    """The decode->decode link and what a copy costs the two replicas (what policies see)."""
+    c = cfg.cluster
+    return TransferCost(
+        kv_bytes_per_token=MODELS[c.model].kv_bytes_per_token,
+        link_gbytes_per_s=c.migration_link_gbytes_per_s or c.link_gbytes_per_s,
+        stall_ms=c.migration_stall_ms,
+        copy_slowdown=c.migration_slowdown,
     )
 
 
@@ -89,6 +102,9 @@ class Simulator(MigrationMixin, ObserverMixin):
         self.capacity_pages = int(capacity * c.kv_capacity_scale) // self.page
         self.watermark_pages = int(c.admission_watermark * self.capacity_pages)
         self.transfer = cluster_transfer(cfg)
+        self.mig_transfer = migration_transfer(cfg)
+        self.copy_factor = 1.0 + c.migration_slowdown
+        self.mig_starts: collections.deque[float] = collections.deque()  # for the cap
         self.kv_bytes = model.kv_bytes_per_token
         self.predictor = ErrorModel(cfg.prediction, cfg.seed)
         self.decode = [DecodeReplica(i, self.capacity_pages, self.page)
@@ -106,7 +122,7 @@ class Simulator(MigrationMixin, ObserverMixin):
             ("oom_events", "preemptions", "migrations_started", "migrations_completed",
              "migrations_aborted", "migrations_rejected", "bytes_moved_completed",
              "bytes_moved_aborted", "migrated_kv_tokens", "decode_tokens", "clipped_requests",
-             "recomputed_tokens_local"),
+             "recomputed_tokens_local", "migrations_capped"),
             0,
         )
         self.local_recompute = c.preemption == "local"
@@ -350,6 +366,8 @@ class Simulator(MigrationMixin, ObserverMixin):
         rep.busy = n > 0
         if n:
             step_ms = self.timer(n, rep.running_kv())
+            if rep.copying:
+                step_ms *= self.copy_factor
             if rep.recompute_tokens:
                 # The recompute runs in this step (chunked into it, as vLLM mixes prefill
                 # chunks into decode steps): every request of the batch waits for it.
@@ -406,6 +424,6 @@ def simulate(
     """Run one policy on one workload."""
     c = cfg.cluster
     cost = cost or build_cost_model(c.cost_model, c.model, c.gpu, c.tp)
-    policy = make_policy(policy_name, cost=cost, transfer=cluster_transfer(cfg), ares=cfg.ares,
+    policy = make_policy(policy_name, cost=cost, transfer=migration_transfer(cfg), ares=cfg.ares,
                          llumnix=cfg.llumnix)
     return Simulator(workload, policy, cfg, cost=cost).run()
