@@ -13,8 +13,10 @@ STAMP_TEST := $(VENV)/.stamp-test-$(DEPS_HASH)
 demo: $(STAMP_RUN)
 	$(PY) -m ares_jax.demo
 
+# Two workers, a whole test module each (module fixtures compile and start clusters once):
+# most tests wait on subprocesses and sockets, so two share two cores well.
 test: $(STAMP_TEST)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .

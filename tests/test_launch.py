@@ -458,7 +458,8 @@ import sys, tempfile, time
 from pathlib import Path
 from ares_jax.serving.launch import Children
 children = Children(Path(tempfile.mkdtemp()))
-children.start("replica", [sys.executable, "-c", "import time; time.sleep(120)"], {})
+children.start("replica", [sys.executable, "-c", "from ares_jax.serving.launch import "
+               "die_with_parent; die_with_parent(); import time; time.sleep(120)"], {})
 print(children.procs[0][1].pid, flush=True)
 time.sleep(120)
 '''

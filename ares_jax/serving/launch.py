@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("ares_jax.serve")
@@ -53,6 +52,7 @@ def run_replica(args: argparse.Namespace, roles: list[str], group=None) -> int:
 
         distributed.initialize(group, timeout_s=args.distributed_timeout,
                                heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    die_with_parent()
     enable_compilation_cache()
     ecfg = engine_config(args)
     import jax
@@ -186,17 +186,21 @@ def replica_command(args: argparse.Namespace, role: str, scheduler: str) -> list
     return cmd
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the child SIGTERMed when ``serve`` dies, even by SIGKILL,
-    which no handler of ``serve`` can see (Linux's parent-death signal; None elsewhere). libc
-    is resolved here, in the parent: between fork and exec the child may not import. The
-    signal follows the *thread* that started the child: ``serve`` starts them on its main
-    thread."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+PARENT_PID_ENV = "ARES_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """In a replica that ``serve`` started: have the kernel SIGTERM this process when
+    ``serve`` dies, even by SIGKILL, which no handler of ``serve`` can see (Linux's
+    parent-death signal). Set here, by the child, because a ``preexec_fn`` would make
+    ``subprocess`` fork a process that runs gRPC threads, which gRPC does not survive."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
     pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Children:
@@ -208,9 +212,10 @@ class Children:
 
     def start(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the child
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_parent_death_signal())
+        # The child arms the parent-death signal itself (``die_with_parent``).
+        env = {**os.environ, **env, PARENT_PID_ENV: str(os.getpid())}
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
         self.procs.append((name, proc))
 
     def dead(self) -> list[str]:

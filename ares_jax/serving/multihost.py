@@ -41,6 +41,7 @@ from ares_jax.launch import distributed
 from ares_jax.replica.local import LocalDecodeReplica, LocalPrefillReplica
 from ares_jax.replica.types import KvBlock, Prefilled
 from ares_jax.serving.replica_server import ReplicaProcess
+from ares_jax.serving.step_lock import StepLock
 
 log = logging.getLogger("ares_jax.multihost")
 
@@ -83,7 +84,7 @@ class Mirror:
     since the follower's replay of the outer call makes them itself.
     """
 
-    def __init__(self, lock: threading.RLock, send: Send = distributed.broadcast_bytes,
+    def __init__(self, lock: StepLock, send: Send = distributed.broadcast_bytes,
                  on_broken: Callable[[], None] = lambda: None) -> None:
         self.lock = lock
         self._send_bytes = send

@@ -46,6 +46,7 @@ from ares_jax.serving import ares_pb2 as pb
 from ares_jax.serving import ares_pb2_grpc as pb_grpc
 from ares_jax.serving import codec
 from ares_jax.serving.models import head_on, model_on
+from ares_jax.serving.step_lock import StepLock
 from ares_jax.serving.transport import Offers, make_transport
 from ares_jax.transfer.kv_transport import KvTransport
 
@@ -85,7 +86,7 @@ class ReplicaProcess:
             raise ValueError(f"{len(roles)} meshes of {devices_per_mesh} devices need {need} "
                              f"devices; this process sees {len(devs)} (on CPU set XLA_FLAGS="
                              f"--xla_force_host_platform_device_count={need})")
-        self.lock = threading.RLock()
+        self.lock = StepLock()
         self.offers = Offers(transport) if transport is not None else None
         self.replicas: list[LocalPrefillReplica | LocalDecodeReplica] = []
         for i, role in enumerate(roles):
@@ -272,6 +273,7 @@ class ReplicaProcess:
                 # events of the requests it dropped land after it.
                 for r, ev in batch:
                     self.events.put(self._to_wire(r, ev))
+            self.lock.yield_to_waiters()  # a command waiting goes before the next step
             if not busy:
                 self.wake.wait(0.05)
                 self.wake.clear()
