@@ -158,8 +158,13 @@ def test_grpc_deadline_cancels_the_request_everywhere(cluster):
 def test_http_timeout_is_504_before_a_token_and_an_error_event_after(cluster):
     before = cluster.client.stats()["counters"].get("requests_past_deadline", 0)
     body = {"prompt": [12] * 8, "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    # Timeouts as fractions of how long the request takes here (machines differ tenfold).
+    t0 = time.perf_counter()
+    assert httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=60).status_code == 200
+    full = time.perf_counter() - t0
     # Running past its timeout, non-streaming: 504 with OpenAI's error JSON.
-    r = httpx.post(f"{cluster.url}/v1/completions", json={**body, "timeout": 0.5}, timeout=60)
+    r = httpx.post(f"{cluster.url}/v1/completions", json={**body, "timeout": 0.3 * full},
+                   timeout=60)
     assert r.status_code == 504, r.text
     err = r.json()["error"]
     assert err["code"] == "deadline_exceeded" and err["param"] == "timeout"
@@ -167,7 +172,8 @@ def test_http_timeout_is_504_before_a_token_and_an_error_event_after(cluster):
     # Streaming: tokens, then an error event, then [DONE]. (logprobs: every token has an
     # event, even one whose text is empty: this model has no tokenizer.)
     with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=60,
-                      json={**body, "timeout": 1.5, "stream": True, "logprobs": 0}) as r:
+                      json={**body, "timeout": 0.5 * full, "stream": True,
+                            "logprobs": 0}) as r:
         assert r.status_code == 200
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
