@@ -19,27 +19,32 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
-from serving_support import in_process_tokens, settled
+from serving_support import (
+    FAULT_ECFG,
+    FAULT_ENGINE,
+    all_free,
+    close_processes,
+    in_process_tokens,
+    random_prompt,
+    settled,
+    wait_for,
+)
 
 from ares_jax.client import Client
 from ares_jax.engine.sampling import SamplingParams
-from ares_jax.engine.types import EngineConfig
 from ares_jax.serving import ares_pb2 as pb
 from ares_jax.serving import ares_pb2_grpc as pb_grpc
 from ares_jax.serving.local_cluster import Processes, free_port, process_alive
 
-ECFG = EngineConfig(page_size=8, num_pages=256, max_num_seqs=8, max_model_len=512)
+ECFG = FAULT_ECFG
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 TIMEOUT_S = 2.0  # --replica-timeout; the lease is twice this
-ENGINE = ["--model", "random:tiny", "--predictor", "none", "--num-pages", "256",
-          "--max-model-len", "512", "--page-size", "8", "--max-num-seqs", "8",
-          "--log-level", "INFO"]
+ENGINE = FAULT_ENGINE
 
 
 def prompt(i: int, n: int = 12) -> list[int]:
-    return np.random.default_rng(300 + i).integers(4, 500, size=n).tolist()
+    return random_prompt(300 + i, n)
 
 
 class Cluster:
@@ -93,30 +98,12 @@ def cluster(tmp_path_factory):
     try:
         yield c
     finally:
-        c.client.close()
-        pids = [p.pid for p in c.procs.procs.values()]
-        stubborn = c.procs.close()
-        assert not stubborn, f"needed SIGKILL: {stubborn}"
-        assert not [pid for pid in pids if process_alive(pid)]
+        close_processes(c)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     return lambda prompts, params=GREEDY: in_process_tokens(tiny_model, ECFG, prompts, params)
-
-
-def wait_for(cond, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def all_free(stats: dict) -> bool:
-    return all(r["kv_pages_used"] == 0 for r in stats["replicas"])
 
 
 def test_silent_decode_process_declared_dead_then_rejoins_clean(cluster, reference):

@@ -29,25 +29,30 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
-from serving_support import in_process_tokens, settled
+from serving_support import (
+    FAULT_ECFG,
+    FAULT_ENGINE,
+    all_free,
+    close_processes,
+    in_process_tokens,
+    random_prompt,
+    settled,
+    wait_for,
+)
 
 from ares_jax.client import Client
 from ares_jax.engine.sampling import SamplingParams
-from ares_jax.engine.types import EngineConfig
-from ares_jax.serving.local_cluster import Processes, free_port, process_alive
+from ares_jax.serving.local_cluster import Processes, free_port
 
-ECFG = EngineConfig(page_size=8, num_pages=256, max_num_seqs=8, max_model_len=512)
+ECFG = FAULT_ECFG
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 TIMEOUT_S = 2.0  # --replica-timeout; the lease is twice this
-ENGINE = ["--model", "random:tiny", "--predictor", "none", "--num-pages", "256",
-          "--max-model-len", "512", "--page-size", "8", "--max-num-seqs", "8",
-          "--log-level", "INFO"]
+ENGINE = FAULT_ENGINE
 
 
 def prompt(i: int, n: int = 12) -> list[int]:
-    return np.random.default_rng(700 + i).integers(4, 500, size=n).tolist()
+    return random_prompt(700 + i, n)
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -194,11 +199,7 @@ def cluster(link, tmp_path_factory):
     try:
         yield c
     finally:
-        c.client.close()
-        pids = [p.pid for p in c.procs.procs.values()]
-        stubborn = c.procs.close()
-        assert not stubborn, f"needed SIGKILL: {stubborn}"
-        assert not [pid for pid in pids if process_alive(pid)]
+        close_processes(c)
 
 
 @pytest.fixture(scope="module")
@@ -213,16 +214,6 @@ def reference(tiny_model):
     return tokens
 
 
-def wait_for(cond, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def same_tokens(outs: list, want: list[list[int]]) -> None:
     """Each output's tokens are ``want``'s; else say where the first one parts from it."""
     for i, (out, ref) in enumerate(zip(outs, want, strict=True)):
@@ -233,10 +224,6 @@ def same_tokens(outs: list, want: list[list[int]]) -> None:
             raise AssertionError(
                 f"request {i}: {len(got)} tokens, {len(ref)} expected; first difference at "
                 f"{at}: got {got[max(0, at - 3):at + 5]}, expected {ref[max(0, at - 3):at + 5]}")
-
-
-def all_free(stats: dict) -> bool:
-    return all(r["kv_pages_used"] == 0 for r in stats["replicas"])
 
 
 def test_serves_across_the_link(cluster, reference):
