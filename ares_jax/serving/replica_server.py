@@ -308,6 +308,25 @@ class ReplicaService(pb_grpc.ReplicaServicer):
                     self.proc.epoch = max(self.proc.epoch, epoch)
         return None
 
+    def _refuse_if_stale(self, context) -> None:
+        """Abort a call that does not go through ``_run`` (a stream, a synchronous read)
+        with FAILED_PRECONDITION if it belongs to a registration older than the last reset."""
+        stale = self._stale(context)
+        if stale is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
+
+    def _fail_later(self, context, replica, event) -> pb.Ack:
+        """A command that failed before reaching its replica (its KV could not be pulled):
+        the replica reports ``event`` (a failed InsertDone / ImportDone) in order with its
+        other events, unless the process reset since the call was sent."""
+        with self.proc.lock:
+            stale = self._stale(context)
+            if stale is not None:
+                return pb.Ack(ok=False, error=stale)
+            replica._events.append(event)
+        self.proc.wake.set()
+        return pb.Ack(ok=True)
+
     def _run(self, context, fn) -> pb.Ack:
         """``fn`` under the lock, unless this process reset since the call was sent: a call
         that waited (a KV pull outside the lock, a command late in a batch, bytes held up
@@ -326,9 +345,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return pb.Ack(ok=True)
 
     def Events(self, request, context) -> Iterator[pb.ReplicaEvent]:
-        stale = self._stale(context)
-        if stale is not None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
+        self._refuse_if_stale(context)
         with self._handoff_lock:
             self._subscriber += 1
             me = self._subscriber  # a newer subscription (a rejoin, a new scheduler) wins
@@ -372,14 +389,9 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         except Exception as err:  # noqa: BLE001 - the scheduler recomputes the request
             from ares_jax.replica.types import InsertDone
 
-            with self.proc.lock:
-                if self._stale(context) is not None:
-                    return pb.Ack(ok=False, error=self._stale(context))
-                target._events.append(InsertDone(
-                    replica_id=request.replica_id, request_id=req.request_id, ok=False,
-                    error=f"{type(err).__name__}: {err}"))
-            self.proc.wake.set()
-            return pb.Ack(ok=True)
+            return self._fail_later(context, target, InsertDone(
+                replica_id=request.replica_id, request_id=req.request_id, ok=False,
+                error=f"{type(err).__name__}: {err}"))
         return self._run(context, lambda: target.insert(req, prefilled))
 
     def Release(self, request, context) -> pb.Ack:
@@ -388,9 +400,6 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             request.request_id))
 
     def Reserve(self, request, context) -> pb.Ack:
-        stale = self._stale(context)
-        if stale is not None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         ok = {}
         ack = self._run(context, lambda: ok.setdefault("v", self.proc.replica(
             request.replica_id).reserve(request.request_id, request.pages)))
@@ -399,9 +408,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return ack
 
     def Export(self, request, context) -> pb.KvBlock:
-        stale = self._stale(context)
-        if stale is not None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
+        self._refuse_if_stale(context)
         src = self.proc.replica(request.replica_id)
         if request.same_process:  # the destination reads it itself, device to device
             return pb.KvBlock(source=request.replica_id, request_id=request.request_id,
@@ -428,21 +435,14 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         try:
             block = self.proc.resolved(block)
         except Exception as err:  # noqa: BLE001 - the scheduler abandons the migration
-            with self.proc.lock:
-                if self._stale(context) is not None:
-                    return pb.Ack(ok=False, error=self._stale(context))
-                dst._events.append(ImportDone(
-                    replica_id=request.replica_id, request_id=request.request_id,
-                    start=request.start, pages=block.pages, nbytes=0, ok=False,
-                    error=f"{type(err).__name__}: {err}"))
-            self.proc.wake.set()
-            return pb.Ack(ok=True)
+            return self._fail_later(context, dst, ImportDone(
+                replica_id=request.replica_id, request_id=request.request_id,
+                start=request.start, pages=block.pages, nbytes=0, ok=False,
+                error=f"{type(err).__name__}: {err}"))
         return self._run(context, lambda: dst.import_kv(request.request_id, request.start, block))
 
     def Detach(self, request, context) -> pb.DetachResponse:
-        stale = self._stale(context)
-        if stale is not None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
+        self._refuse_if_stale(context)
         with self.proc.lock:
             state = self.proc.replica(request.replica_id).detach(request.request_id)
         if state is None:
@@ -450,16 +450,10 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return pb.DetachResponse(found=True, state=codec.detached_to_pb(state))
 
     def Reattach(self, request, context) -> pb.Ack:
-        stale = self._stale(context)
-        if stale is not None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         return self._run(context, lambda: self.proc.replica(request.replica_id).reattach(
             request.request_id))
 
     def Adopt(self, request, context) -> pb.Ack:
-        stale = self._stale(context)
-        if stale is not None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
         req = codec.request_from_pb(request.request)
         state = codec.detached_from_pb(request.state)
         return self._run(context, lambda: self.proc.replica(request.replica_id).adopt(req, state))
