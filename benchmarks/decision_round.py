@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from ares_jax.paging import pages_for
 from ares_jax.scheduler import (
     ClusterSnapshot,
     Policy,
@@ -39,8 +40,7 @@ from ares_jax.scheduler import (
     build_cost_model,
     make_policy,
 )
-from ares_jax.sim import ClusterConfig, SimConfig, Simulator
-from ares_jax.sim.replica import pages_for
+from ares_jax.sim import SimClusterConfig, SimConfig, Simulator
 from ares_jax.sim.simulator import cluster_transfer
 from ares_jax.sim.synthetic import random_snapshot
 from ares_jax.sim.workloads import Workload
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows = []
     for replicas in [int(x) for x in args.replicas.split(",")]:
-        cfg = SimConfig(cluster=ClusterConfig(decode_replicas=replicas))
+        cfg = SimConfig(cluster=SimClusterConfig(decode_replicas=replicas))
         for per in [int(x) for x in args.requests.split(",")]:
             rng = np.random.default_rng(args.seed)
             snap = random_snapshot(rng, replicas, per, pending=args.pending,

@@ -36,7 +36,7 @@ import numpy as np
 
 from ares_jax.config import with_overrides
 from ares_jax.scheduler.cost import GPUS, MODELS, kv_capacity_tokens
-from ares_jax.sim import ClusterConfig, SimConfig, WorkloadConfig, load_workload, simulate
+from ares_jax.sim import SimClusterConfig, SimConfig, WorkloadConfig, load_workload, simulate
 from ares_jax.sim.metrics import summarize
 
 # Migration settings: overrides for every policy, plus the policy-specific "off" switches.
@@ -101,7 +101,7 @@ def kv_scale(units: float, model: str, workload: str) -> float:
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One simulation; ``job`` carries everything (it crosses a process boundary)."""
     w = _workload(job["workload"], job["requests"], job["seed"])
-    cfg = SimConfig(seed=job["seed"], cluster=ClusterConfig(
+    cfg = SimConfig(seed=job["seed"], cluster=SimClusterConfig(
         model=job["model"], decode_replicas=job["replicas"],
         prefill_replicas=max(1, job["replicas"] // 2), kv_capacity_scale=job["kv_scale"]))
     cfg = with_overrides(cfg, list(job["overrides"]))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from ares_jax.config import with_overrides
-from ares_jax.sim import ClusterConfig, SimConfig, WorkloadConfig, load_workload, simulate
+from ares_jax.sim import SimClusterConfig, SimConfig, WorkloadConfig, load_workload, simulate
 from ares_jax.sim.metrics import compare_to_baselines, summarize
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         if seed not in workloads:
             workloads[seed] = load_workload(WorkloadConfig(
                 name=args.workload, num_requests=args.requests, seed=seed))
-        cfg = SimConfig(seed=seed, cluster=ClusterConfig(
+        cfg = SimConfig(seed=seed, cluster=SimClusterConfig(
             model=args.model, tp=args.tp, decode_replicas=args.decode_replicas,
             prefill_replicas=args.prefill_replicas, kv_capacity_scale=point.kv_capacity_scale))
         cfg = with_overrides(cfg, [*args.set, *v.overrides])

@@ -9,7 +9,7 @@ import argparse
 import json
 import time
 
-from ares_jax.sim import ClusterConfig, SimConfig, WorkloadConfig, load_workload, simulate
+from ares_jax.sim import SimClusterConfig, SimConfig, WorkloadConfig, load_workload, simulate
 from ares_jax.sim.metrics import summarize
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     workload = load_workload(WorkloadConfig(name="servegen-r1", num_requests=args.requests,
                                             rate=args.rate))
     load_s = time.perf_counter() - start
-    cfg = SimConfig(cluster=ClusterConfig(decode_replicas=args.decode_replicas,
+    cfg = SimConfig(cluster=SimClusterConfig(decode_replicas=args.decode_replicas,
                                           prefill_replicas=args.prefill_replicas))
     for policy in args.policy.split(","):
         t0, c0 = time.perf_counter(), time.process_time()

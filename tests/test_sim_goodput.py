@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from test_sim_simulator import COST, synthetic
 
-from ares_jax.sim.config import ClusterConfig, SimConfig
+from ares_jax.sim.config import SimClusterConfig, SimConfig
 from ares_jax.sim.goodput import find_goodput, search_rate
 from ares_jax.sim.metrics import attainment
 from ares_jax.sim.simulator import simulate
@@ -35,7 +35,7 @@ def test_goodput_on_the_simulator(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(goodput, "simulate",
                         lambda w, p, c: simulate(w, p, c, cost=COST))
-    cfg = SimConfig(cluster=ClusterConfig(decode_replicas=2, prefill_replicas=1,
+    cfg = SimConfig(cluster=SimClusterConfig(decode_replicas=2, prefill_replicas=1,
                                           kv_capacity_scale=0.05))
     cfg = dataclasses.replace(cfg, slo=dataclasses.replace(cfg.slo, tpot_ms=12.0))
     w = synthetic(150, long=False)

@@ -10,7 +10,7 @@ import pytest
 from test_sim_simulator import ShuffleEverything, assert_conserved, config, run, synthetic
 
 from ares_jax.scheduler import LeastLoadPolicy
-from ares_jax.sim.config import ClusterConfig
+from ares_jax.sim.config import SimClusterConfig
 
 
 def _shuffle_cfg(**cluster: float):  # noqa: ANN202 - a SimConfig
@@ -56,6 +56,6 @@ def test_migration_link_is_separate_from_the_prefill_link() -> None:
 
 def test_negative_knobs_are_refused() -> None:
     with pytest.raises(ValueError, match="migration_slowdown"):
-        ClusterConfig(migration_slowdown=-0.1)
+        SimClusterConfig(migration_slowdown=-0.1)
     with pytest.raises(ValueError, match="migrations_per_minute"):
-        ClusterConfig(migrations_per_minute=-1)
+        SimClusterConfig(migrations_per_minute=-1)

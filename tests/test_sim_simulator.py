@@ -16,7 +16,7 @@ from ares_jax.scheduler import (
     PolicyState,
     StaticPolicy,
 )
-from ares_jax.sim.config import ClusterConfig, SimConfig
+from ares_jax.sim.config import SimClusterConfig, SimConfig
 from ares_jax.sim.metrics import compare_to_baselines, summarize, tpot_ms
 from ares_jax.sim.simulator import Simulator, simulate
 from ares_jax.sim.workloads import Workload
@@ -39,7 +39,7 @@ def synthetic(n: int = 300, seed: int = 1, rate: float = 20.0, long: bool = Fals
 
 
 def config(decode: int = 4, scale: float = 1.0, **cluster: float) -> SimConfig:
-    return SimConfig(cluster=ClusterConfig(decode_replicas=decode, prefill_replicas=1,
+    return SimConfig(cluster=SimClusterConfig(decode_replicas=decode, prefill_replicas=1,
                                            kv_capacity_scale=scale, **cluster))
 
 
@@ -134,8 +134,8 @@ def test_migration_accounting() -> None:
     c = sim.result.counters
     assert c["migrations_completed"] > 20
     assert c["migrations_started"] == (c["migrations_completed"] + c["migrations_aborted"])
-    # The stages copy each token once: bytes moved = KV that arrived x bytes per token.
-    assert c["bytes_moved_completed"] == c["migrated_kv_tokens"] * sim.kv_bytes
+    # The stages copy each page once: bytes moved = pages that arrived x bytes per page.
+    assert c["bytes_moved_completed"] == c["migrated_pages"] * sim.page * sim.kv_bytes
     assert sim.result.migrations_per_request.sum() == c["migrations_completed"]
     assert_conserved(sim)
 
@@ -192,7 +192,7 @@ def test_local_preemption_recomputes_on_the_decode_replica(policy) -> None:  # n
 
 def test_unknown_preemption_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="cluster.preemption"):
-        ClusterConfig(preemption="swap")
+        SimClusterConfig(preemption="swap")
 
 
 def test_compare_to_baselines_by_hand() -> None:

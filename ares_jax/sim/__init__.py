@@ -5,14 +5,14 @@
     print(summarize(result, SimConfig().slo))
 """
 
-from ares_jax.sim.config import ClusterConfig, PredictionConfig, SimConfig, SloConfig
+from ares_jax.sim.config import PredictionConfig, SimClusterConfig, SimConfig, SloConfig
 from ares_jax.sim.goodput import GoodputResult, find_goodput, search_rate
 from ares_jax.sim.metrics import attainment, summarize, tpot_ms, ttft_s
 from ares_jax.sim.simulator import SimResult, Simulator, simulate
 from ares_jax.sim.workloads import Workload, WorkloadConfig, load_workload
 
 __all__ = [
-    "ClusterConfig", "GoodputResult", "PredictionConfig", "SimConfig", "SimResult", "Simulator",
+    "SimClusterConfig", "GoodputResult", "PredictionConfig", "SimConfig", "SimResult", "Simulator",
     "SloConfig", "Workload", "WorkloadConfig", "attainment", "find_goodput", "load_workload",
     "search_rate", "simulate", "summarize", "tpot_ms", "ttft_s",
 ]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ares_jax.config import with_overrides
 from ares_jax.scheduler.registry import POLICY_NAMES
-from ares_jax.sim.config import ClusterConfig, SimConfig, SloConfig
+from ares_jax.sim.config import SimClusterConfig, SimConfig, SloConfig
 from ares_jax.sim.goodput import find_goodput
 from ares_jax.sim.metrics import summarize
 from ares_jax.sim.simulator import SimResult, simulate
@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _sim_config(args: argparse.Namespace) -> SimConfig:
     cfg = SimConfig(
-        cluster=ClusterConfig(
+        cluster=SimClusterConfig(
             model=args.model, gpu=args.gpu, tp=args.tp,
             prefill_replicas=args.prefill_replicas, decode_replicas=args.decode_replicas,
             cost_model=args.cost_model, kv_capacity_scale=args.kv_capacity_scale,

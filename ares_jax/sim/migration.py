@@ -1,14 +1,22 @@
-"""KV migration between decode replicas: Llumnix's staged protocol, as a mixin of the simulator.
+"""KV migration between decode replicas in the simulator: the live system's protocol, timed.
 
-The destination reserves pages for the request's current KV; copy stages run while the request
-keeps decoding on the source; when the new KV since the last stage fits in
-``migration_last_stage_max_blocks`` pages, the request leaves the source at its next step
-boundary and is out of both batches for the final copy plus a fixed stall; it is abandoned after
-``migration_max_stages`` stages, when the destination runs out of pages, or when the request
-finishes or is preempted meanwhile. Bytes moved count every stage, completed or not.
+The decisions are ``cluster/migration.py``'s, the same pure ``next_stage`` the scheduler core
+runs over real replicas, with the same ``MigrationConfig`` (``cluster.migration`` here): the
+destination reserves ``reservation_pages`` up front; copy stages of at most ``stage_pages``
+filled pages run while the request keeps decoding on the source; once at most
+``final_stage_pages`` remain uncopied, or after ``max_stages`` completed passes, the request
+leaves the source at its next step boundary and is out of both batches for the last copy plus
+a fixed stall, then joins the destination's batch. A migration is abandoned (the destination's
+pages freed, the request still decoding on its source) when the destination runs out of pages
+as the request grows, when it exceeds ``timeout_s`` of simulated time, or when the request
+finishes or is preempted meanwhile. Bytes count whole pages of completed copies, as the live
+``ImportDone`` does.
 
-``MigrationMixin`` holds only the protocol; the state it reads and writes (replicas, per-request
-offsets, counters, the event heap) belongs to ``Simulator``.
+What only the simulator adds is time: a stage takes ``bytes / link`` (``mig_transfer``), and
+while a migration is in flight both its replicas step ``1 + migration_slowdown`` times slower.
+
+``MigrationMixin`` holds only the protocol's driving; the state it reads and writes (replicas,
+per-request offsets, counters, the event heap) belongs to ``Simulator``.
 """
 
 from __future__ import annotations
@@ -18,23 +26,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ares_jax.sim.replica import DecodeReplica, pages_for
+from ares_jax.cluster.migration import (
+    GiveUp,
+    MigrationOutcome,
+    MigrationRecord,
+    Stage,
+    next_stage,
+    reservation_pages,
+)
+from ares_jax.paging import pages_for
+from ares_jax.sim.replica import DecodeReplica
 
 if TYPE_CHECKING:
     from ares_jax.scheduler.cost import TransferCost
     from ares_jax.sim.config import SimConfig
 
+NO_ROOM = MigrationOutcome.ABORTED_DESTINATION
+
 # Event kinds of the simulator's heap.
 PREFILL_DONE, STEP_DONE, TRANSFER_DONE, STAGE_DONE, FINAL_DONE, RESCHEDULE, SAMPLE = range(7)
-
-
-class ActiveMigration:
-    __slots__ = ("req", "src", "dst", "stage", "copied", "reserved", "bytes")
-
-    def __init__(self, req: int, src: int, dst: int, copied: int, reserved: int) -> None:
-        self.req, self.src, self.dst = req, src, dst
-        self.stage, self.copied, self.reserved = 1, copied, reserved
-        self.bytes = 0
 
 
 class MigrationMixin:
@@ -49,7 +59,8 @@ class MigrationMixin:
     mig_transfer: TransferCost
     mig_starts: collections.deque[float]
     decode: list[DecodeReplica]
-    active: dict[int, ActiveMigration]
+    active: dict[int, MigrationRecord]
+    migration_history: collections.deque[MigrationRecord]
     counters: dict[str, float]
     kv_cur: list[int]
     rep_of: np.ndarray
@@ -77,7 +88,7 @@ class MigrationMixin:
             return
         dest = self.decode[dst]
         kv = int(self.kv_off[r]) + self.decode[src].steps
-        pages = pages_for(kv, self.page)
+        pages = reservation_pages(kv, self.page, self.cfg.cluster.migration)
         if pages > dest.free_pages - self.watermark_pages:
             self.counters["migrations_rejected"] += 1
             return
@@ -92,87 +103,124 @@ class MigrationMixin:
             starts.append(self.now)
         self.decode[src].copying += 1
         dest.copying += 1
-        dest.used_pages += pages
-        dest.reserved_pages += pages
-        mig = self.active[r] = ActiveMigration(r, src, dst, kv, pages)
-        mig.bytes = kv * self.kv_bytes
+        self._hold(dest, pages)
+        rec = self.active[r] = MigrationRecord(str(r), src, dst, started_at=self.now,
+                                               reserved_pages=pages)
         self.migrating[r] = True
         self.counters["migrations_started"] += 1
-        self._push(self.now + self.mig_transfer.copy_ms(kv) / 1e3, STAGE_DONE, 0, r)
+        self._next_stage(r, rec)
 
-    def _reserve(self, mig: ActiveMigration, pages: int) -> bool:
-        dest = self.decode[mig.dst]
-        extra = pages - mig.reserved
-        if extra > dest.free_pages:
+    def _hold(self, dest: DecodeReplica, pages: int) -> None:
+        dest.used_pages += pages
+        dest.reserved_pages += pages
+
+    def _grow_reservation(self, rec: MigrationRecord, pages: int) -> bool:
+        """Hold ``pages`` more at the destination; False if they are not free."""
+        dest = self.decode[rec.dst]
+        if pages > dest.free_pages:
             return False
-        if extra > 0:
-            dest.used_pages += extra
-            dest.reserved_pages += extra
-            mig.reserved = pages
+        self._hold(dest, pages)
+        rec.reserved_pages += pages
         return True
 
-    def _stage_done(self, r: int) -> None:
-        mig = self.active.get(r)
-        if mig is None:
-            return  # aborted meanwhile
-        src = self.decode[mig.src]
-        kv_now = int(self.kv_off[r]) + src.steps
-        delta = kv_now - mig.copied
-        c = self.cfg.cluster
-        if pages_for(delta, self.page) <= c.migration_last_stage_max_blocks:
-            # The step in progress may still add one token before the request leaves.
-            if not self._reserve(mig, pages_for(kv_now + 1, self.page)):
-                self._abort_migration(r)
+    def _next_stage(self, r: int, rec: MigrationRecord) -> None:
+        mcfg = self.cfg.cluster.migration
+        while True:  # a pass with nothing new to copy only counts, then decides again
+            kv = int(self.kv_off[r]) + self.decode[rec.src].steps
+            decision = next_stage(rec, num_cached=kv, page_size=self.page, cfg=mcfg,
+                                  now=self.now)
+            if isinstance(decision, GiveUp):
+                self._abort_migration(r, decision.outcome, decision.reason)
                 return
-            src.leaving.append(r)
-        elif mig.stage >= c.migration_max_stages or not self._reserve(
-            mig, pages_for(kv_now, self.page)
-        ):
-            self._abort_migration(r)
-        else:
-            mig.stage += 1
-            mig.copied = kv_now
-            mig.bytes += delta * self.kv_bytes
-            self._push(self.now + self.mig_transfer.copy_ms(delta) / 1e3, STAGE_DONE, 0, r)
+            if decision.final:
+                # Stop-and-copy once the step in progress ends (``_depart``).
+                self.decode[rec.src].leaving.append(r)
+                return
+            if decision.end > rec.reserved_pages and not self._grow_reservation(
+                    rec, decision.end - rec.reserved_pages + mcfg.headroom_pages):
+                self._abort_migration(r, NO_ROOM, "no room at the destination as the "
+                                      "request grew")
+                return
+            if decision.end > decision.start:
+                rec.in_flight = decision
+                tokens = (decision.end - decision.start) * self.page
+                self._push(self.now + self.mig_transfer.copy_ms(tokens) / 1e3, STAGE_DONE, 0, r)
+                return
+            if decision.completes_pass:
+                rec.stages += 1
+
+    def _copied(self, rec: MigrationRecord, stage: Stage) -> None:
+        rec.bytes_moved += (stage.end - stage.start) * self.page * self.kv_bytes
+        rec.copied_pages = max(rec.copied_pages, stage.end)
+        if stage.completes_pass:
+            rec.stages += 1
+
+    def _stage_done(self, r: int) -> None:
+        rec = self.active.get(r)
+        if rec is None or rec.in_flight is None:
+            return  # aborted meanwhile
+        stage, rec.in_flight = rec.in_flight, None
+        self._copied(rec, stage)
+        self._next_stage(r, rec)
 
     def _depart(self, src: DecodeReplica) -> None:
-        for r in src.leaving:
-            mig = self.active[r]
+        """The stop-and-copy stage: the leaving requests detach at this step boundary."""
+        leaving, src.leaving = src.leaving, []
+        for r in leaving:
+            rec = self.active[r]
             kv = self._leave(src, r)
-            delta = kv - mig.copied
-            mig.copied = kv
-            mig.bytes += delta * self.kv_bytes
-            stall_ms = self.mig_transfer.copy_ms(delta) + self.mig_transfer.stall_ms
+            need = pages_for(kv + 1, self.page)
+            if need > rec.reserved_pages and not self._grow_reservation(
+                    rec, need - rec.reserved_pages):
+                # No room for the last pages: back into the source's batch (reattach); the
+                # pages it just freed there are still free.
+                src.used_pages += pages_for(kv, self.page)
+                self._joins(src, r)
+                self._abort_migration(r, NO_ROOM, "no room at the destination for the "
+                                      "last pages")
+                continue
+            rec.detached_at = self.now
+            rec.in_flight = Stage(start=rec.copied_pages, end=pages_for(kv, self.page),
+                                  final=True, completes_pass=True)
+            tokens = (rec.in_flight.end - rec.in_flight.start) * self.page
+            stall_ms = self.mig_transfer.copy_ms(tokens) + self.mig_transfer.stall_ms
             self._push(self.now + stall_ms / 1e3, FINAL_DONE, 0, r)
-        src.leaving.clear()
 
     def _final_done(self, r: int) -> None:
-        mig = self.active.pop(r)
-        dest = self.decode[mig.dst]
-        self.decode[mig.src].copying -= 1
+        rec = self.active.pop(r)
+        stage, rec.in_flight = rec.in_flight, None
+        self._copied(rec, stage)
+        dest = self.decode[rec.dst]
+        self.decode[rec.src].copying -= 1
         dest.copying -= 1
         need = pages_for(self.kv_cur[r], self.page)
-        dest.used_pages -= mig.reserved - need  # the reservation becomes the request's pages
-        dest.reserved_pages -= mig.reserved
+        dest.used_pages -= rec.reserved_pages - need  # the reservation becomes its pages
+        dest.reserved_pages -= rec.reserved_pages
+        rec.adopted_at = rec.finished_at = self.now
+        rec.outcome = MigrationOutcome.COMMITTED
+        self.migration_history.append(rec)
         self.migrating[r] = False
         self.last_migrated[r] = self.now
         self.req_migrations[r] += 1
         self.counters["migrations_completed"] += 1
-        self.counters["bytes_moved_completed"] += mig.bytes
-        self.counters["migrated_kv_tokens"] += self.kv_cur[r]
+        self.counters["bytes_moved_completed"] += rec.bytes_moved
+        self.counters["migrated_pages"] += rec.copied_pages
         self._joins(dest, r)
 
-    def _abort_migration(self, r: int) -> None:
-        mig = self.active.pop(r)
-        dest = self.decode[mig.dst]
-        self.decode[mig.src].copying -= 1
+    def _abort_migration(self, r: int, outcome: MigrationOutcome, reason: str) -> None:
+        """Abandon ``r``'s migration: the destination's pages are freed; the request goes on
+        decoding on its source (or finishes, or is preempted, whatever ended it)."""
+        rec = self.active.pop(r)
+        rec.outcome, rec.reason, rec.finished_at = outcome, reason, self.now
+        self.migration_history.append(rec)
+        dest, src = self.decode[rec.dst], self.decode[rec.src]
+        src.copying -= 1
         dest.copying -= 1
-        dest.used_pages -= mig.reserved
-        dest.reserved_pages -= mig.reserved
+        dest.used_pages -= rec.reserved_pages
+        dest.reserved_pages -= rec.reserved_pages
         self.migrating[r] = False
         self.counters["migrations_aborted"] += 1
-        self.counters["bytes_moved_aborted"] += mig.bytes
-        src = self.decode[mig.src]
+        self.counters["bytes_moved_aborted"] += rec.bytes_moved
         if r in src.leaving:
             src.leaving.remove(r)
         self._admit(dest)

@@ -18,10 +18,6 @@ import numpy as np
 from ares_jax.scheduler.cost import StepCostModel
 
 
-def pages_for(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
-
-
 class StepTimer:
     """Memoised scalar ``step_ms``: per batch size, one row over log-spaced KV-per-request bins.
 

@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from ares_jax.cluster.migration import MigrationOutcome, MigrationRecord
+from ares_jax.paging import pages_for
 from ares_jax.scheduler.cost import (
     GPUS,
     MODELS,
@@ -51,12 +53,11 @@ from ares_jax.sim.migration import (
     STAGE_DONE,
     STEP_DONE,
     TRANSFER_DONE,
-    ActiveMigration,
     MigrationMixin,
 )
 from ares_jax.sim.observe import ObserverMixin, SimResult
 from ares_jax.sim.predictions import ErrorModel
-from ares_jax.sim.replica import DecodeReplica, PrefillReplica, StepTimer, pages_for
+from ares_jax.sim.replica import DecodeReplica, PrefillReplica, StepTimer
 from ares_jax.sim.workloads import Workload
 
 
@@ -115,13 +116,16 @@ class Simulator(MigrationMixin, ObserverMixin):
         self.seq = 0
         self.now = 0.0
         self.state = PolicyState()
-        self.active: dict[int, ActiveMigration] = {}
+        self.active: dict[int, MigrationRecord] = {}
+        # Every ended migration, as the live core keeps them (the last 10,000).
+        self.migration_history: collections.deque[MigrationRecord] = collections.deque(
+            maxlen=10_000)
         self.view: ClusterSnapshot | None = None  # the dispatcher's last poll
         self.held: list[int] = []  # finished prefill, not yet placed by the policy
         self.counters = dict.fromkeys(
             ("oom_events", "preemptions", "migrations_started", "migrations_completed",
              "migrations_aborted", "migrations_rejected", "bytes_moved_completed",
-             "bytes_moved_aborted", "migrated_kv_tokens", "decode_tokens", "clipped_requests",
+             "bytes_moved_aborted", "migrated_pages", "decode_tokens", "clipped_requests",
              "recomputed_tokens_local", "migrations_capped"),
             0,
         )
@@ -384,7 +388,8 @@ class Simulator(MigrationMixin, ObserverMixin):
             _, r, epoch = heapq.heappop(heap)
             if epoch == self.epoch[r]:
                 if self.migrating[r]:
-                    self._abort_migration(r)
+                    self._abort_migration(r, MigrationOutcome.ABORTED_SOURCE,
+                                          "the request finished")
                 self._leave(rep, r)
                 self._complete(r)
         if rep.leaving:
@@ -395,7 +400,8 @@ class Simulator(MigrationMixin, ObserverMixin):
 
     def _preempt(self, rep: DecodeReplica, r: int) -> None:
         if self.migrating[r]:
-            self._abort_migration(r)
+            self._abort_migration(r, MigrationOutcome.ABORTED_SOURCE, "the request was "
+                                  "preempted")
         kv = self._leave(rep, r)
         self.counters["preemptions"] += 1
         self.req_preemptions[r] += 1

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ares_jax.scheduler.cost import GPUS, MODELS, build_cost_model, kv_capacity_tokens
-from ares_jax.sim.config import ClusterConfig, SimConfig
+from ares_jax.sim.config import SimClusterConfig, SimConfig
 from ares_jax.sim.goodput import search_rate
 from ares_jax.sim.metrics import summarize
 from ares_jax.sim.simulator import SimResult, simulate
@@ -45,7 +45,8 @@ class Regime:
 
 
 def _cluster(decode: int, prefill: int, **kw: Any) -> SimConfig:
-    return SimConfig(cluster=ClusterConfig(decode_replicas=decode, prefill_replicas=prefill, **kw))
+    return SimConfig(cluster=SimClusterConfig(decode_replicas=decode, prefill_replicas=prefill,
+                                              **kw))
 
 
 def regimes(size: str = "quick") -> list[Regime]:
