@@ -14,6 +14,10 @@ import os
 import signal
 from pathlib import Path
 
+# KV transports between replica processes (serving/transport.make_transport); jax is not
+# imported here, so the names are listed rather than taken from that module.
+TRANSPORTS = ("jax", "shm", "none")
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="JSON or YAML file with defaults for these flags")
@@ -61,7 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--devices-per-replica", type=int, default=1)
     serve.add_argument("--platform", default="auto", choices=("auto", "cpu", "gpu"),
                        help="gpu: one CUDA_VISIBLE_DEVICES slice per replica process")
-    serve.add_argument("--transport", default="jax", choices=("jax", "none"))
+    serve.add_argument("--transport", default="jax", choices=TRANSPORTS,
+                       help="KV between replica processes: jax (jax.experimental.transfer "
+                            "over TCP), shm (/dev/shm segments: one host only), none")
     serve.add_argument("--log-dir", type=Path, default=None,
                        help="where replica processes write their logs (default: a temp dir)")
     serve.add_argument("--ready-timeout", type=float, default=600.0)
@@ -91,8 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--advertise-host", default=None,
                      help="the address others reach this process at, for gRPC and the KV "
                           "transfer server (default: --host, or 127.0.0.1 for 0.0.0.0)")
-    rep.add_argument("--transport", default="jax", choices=("jax", "none"),
-                     help="KV to and from other processes (a multi-controller group has none)")
+    rep.add_argument("--transport", default="jax", choices=TRANSPORTS,
+                     help="KV to and from other processes: jax (any host), shm (processes of "
+                          "this host only; every replica must use the same), none (a "
+                          "multi-controller group has none)")
     from ares_jax.launch import distributed
 
     distributed.add_arguments(rep)

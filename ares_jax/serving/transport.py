@@ -1,7 +1,8 @@
 """The KV transport of a replica process, and the bookkeeping of what it has offered.
 
 Blocks leave the process as ``KvTicket``s of the ``KvTransport`` seam
-(``ares_jax/transfer/kv_transport.py``; ``jax.experimental.transfer`` by default). The
+(``ares_jax/transfer/kv_transport.py``; ``jax.experimental.transfer`` by default, or
+``/dev/shm`` segments between processes of one host with ``--transport shm``). The
 process remembers which offers belong to which request, so an offer is dropped as soon as the
 scheduler says the block is no longer needed (the decode side took it, the request moved on or
 ended) instead of waiting for its expiry.
@@ -25,7 +26,11 @@ def make_transport(kind: str, host: str = "127.0.0.1") -> KvTransport | None:
         from ares_jax.transfer.remote import JaxTransferTransport
 
         return JaxTransferTransport(f"{host}:0")
-    raise ValueError(f"unknown KV transport {kind!r} (jax | none)")
+    if kind == "shm":  # same-host processes only: the segments live in this host's /dev/shm
+        from ares_jax.transfer.shm import ShmTransport
+
+        return ShmTransport()
+    raise ValueError(f"unknown KV transport {kind!r} (jax | shm | none)")
 
 
 class Offers:
