@@ -12,6 +12,9 @@ Commands, one per stdin line; every answer is one JSON line on stdout:
 - ``status``: ``{"pending": n, "expired": [uuids whose on_expire fired]}``.
 - ``quit``: exit.
 
+``shm`` as the first argument offers through ``ShmTransport`` (``/dev/shm``) instead of
+``JaxTransferTransport``.
+
 Importing this module (for ``SHAPE``/``block``) must not touch JAX's configuration.
 """
 
@@ -39,9 +42,14 @@ def main() -> None:
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from ares_jax.transfer.remote import JaxTransferTransport
+    if sys.argv[1:] == ["shm"]:
+        from ares_jax.transfer.shm import ShmTransport
 
-    transport = JaxTransferTransport()
+        transport = ShmTransport()
+    else:
+        from ares_jax.transfer.remote import JaxTransferTransport
+
+        transport = JaxTransferTransport()
     mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
     sharded = NamedSharding(mesh, PartitionSpec(None, None, None, "model", None))
     replicated = NamedSharding(mesh, PartitionSpec())
