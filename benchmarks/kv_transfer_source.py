@@ -9,8 +9,11 @@ copies, every replica of a replicated block offered). Commands, one per stdin li
   on each server (one uuid per pull), and print one JSON line:
   ``{"tickets": [...], "legacy": {"address": .., "uuids": [...]}, "k_sum": .., "v_sum": ..}``
   (float64 sums for the receiver's integrity check).
-- ``drop``: ack every tuned offer still pending and forget the blocks; prints
-  ``{"dropped": true, "pending": n}``.
+- ``shm_offer``: offer the last block once more through ``ShmTransport`` (a copy into a
+  ``/dev/shm`` segment), timed here: ``{"ticket": .., "offer_s": wall, "offer_cpu_s": CPU}``.
+- ``shm_ack UUID``: acknowledge that shm offer (unlinks its segment): ``{"ok": bool}``.
+- ``drop``: ack every tuned and shm offer still pending and forget the blocks; prints
+  ``{"dropped": true, "pending": n}`` (both transports' pending offers).
 - ``quit``: exit.
 
 Run by the benchmark (``--shape L,S,KVH,K``), not by hand. Importing this module does not touch
@@ -24,6 +27,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 LEGACY = {"bulk_connections": 1, "transfer_size": 256 << 20, "use_raw_buffers": False}
@@ -39,12 +43,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from ares_jax.model.sharding import kv_pool_sharding, make_mesh
     from ares_jax.transfer.remote import JaxTransferTransport
+    from ares_jax.transfer.shm import ShmTransport
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", required=True, help="L,S,KVH,K of one page block")
     a = p.parse_args(argv)
     layers, page_size, kv_heads, head_dim = (int(x) for x in a.shape.split(","))
     transport = JaxTransferTransport()
+    shm = ShmTransport()
     legacy = jax_transfer.start_transfer_server(
         jax.devices()[0].client, "127.0.0.1:0", ["127.0.0.1:0"] * LEGACY["bulk_connections"],
         transfer_size=LEGACY["transfer_size"], use_raw_buffers=LEGACY["use_raw_buffers"])
@@ -63,8 +69,17 @@ def main(argv: list[str] | None = None) -> None:
                 transport.ack(uuid)
             pending.clear()
             held.clear()
-            print(json.dumps({"dropped": True, "pending": transport.pending_offers()}),
-                  flush=True)
+            print(json.dumps({"dropped": True, "pending": transport.pending_offers()
+                              + shm.pending_offers()}), flush=True)
+            continue
+        if words[0] == "shm_offer":
+            wall, cpu = time.perf_counter(), time.process_time()
+            ticket = shm.offer(held[-2], held[-1], ttl_s=600.0)
+            print(json.dumps({"ticket": ticket.to_json(), "offer_s": time.perf_counter() - wall,
+                              "offer_cpu_s": time.process_time() - cpu}), flush=True)
+            continue
+        if words[0] == "shm_ack":
+            print(json.dumps({"ok": shm.ack(int(words[1]))}), flush=True)
             continue
         if words[0] != "offer":
             print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)

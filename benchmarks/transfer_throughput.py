@@ -113,6 +113,7 @@ from ares_jax.replica.local import pow2_chunks  # noqa: E402
 from ares_jax.transfer.kv_transport import KvTicket  # noqa: E402
 from ares_jax.transfer.local import handoff  # noqa: E402
 from ares_jax.transfer.remote import JaxTransferTransport  # noqa: E402
+from ares_jax.transfer.shm import ShmTransport  # noqa: E402
 
 # SmolLM2-135M's page geometry: layers, page size, KV heads, head dim.
 PAGE_GEOMETRY = (30, 16, 3, 64)
@@ -127,6 +128,8 @@ class Options:
     remote: bool = True
     in_process: bool = True
     copy_path: bool = True
+    legacy: bool = True  # the pre-seam receiver (slow: ~0.5 s per 64-page pull)
+    shm: bool = True  # the same-host shared-memory transport
     pull_timeout_s: float = 120.0
 
 
@@ -295,12 +298,17 @@ class LegacyPuller:
         return out["arrays"]
 
 
-def remote_pulls(source: SourceProcess, transport: JaxTransferTransport, legacy: LegacyPuller,
-                 pages: int, repeats: int, memcpy_gbs: float, timeout_s: float
-                 ) -> dict[str, Any]:
-    """Legacy pull, tuned pull onto the pool's 2-device layout, tuned pull onto one device and
-    a memcpy of the same payload, round-robin in a rotating order (so drifting load hits all
-    alike); each mode's first call (connection set-up, first allocation) is reported apart."""
+def remote_pulls(source: SourceProcess, transport: JaxTransferTransport,
+                 legacy: LegacyPuller | None, shm: ShmTransport | None, pages: int,
+                 repeats: int, memcpy_gbs: float, timeout_s: float) -> dict[str, Any]:
+    """Legacy pull, tuned pull onto the pool's 2-device layout, tuned pull onto one device,
+    the shm transport's pull onto one device and onto the pool layout, and a memcpy of the
+    same payload, round-robin in a rotating order (so drifting load hits all alike); each
+    mode's first call (connection set-up, first allocation) is reported apart.
+
+    An shm pull's block is offered by the source right before it (untimed here; the source
+    times its offer, the copy into ``/dev/shm``) and acknowledged right after (untimed), so
+    at most one segment exists at a time."""
     shape = block_shape(pages)
     offer = source.ask(f"offer {pages} {2 * (repeats + 1)} {pages}")
     tickets = [KvTicket.from_json(t) for t in offer["tickets"]]
@@ -314,8 +322,11 @@ def remote_pulls(source: SourceProcess, transport: JaxTransferTransport, legacy:
     host_dst = np.empty_like(host_src)
     np.copyto(host_dst, host_src)
     last: dict[str, Any] = {}
+    offers: dict[str, list[tuple[float, float]]] = {"shm_pull": [], "shm_pull_pool": []}
+    shm_ticket: dict[str, KvTicket] = {}
 
     def legacy_pull() -> object:
+        assert legacy is not None
         last["legacy"] = legacy.pull(offer["legacy"]["address"], legacy_uuids.pop(0),
                                      legacy_spec, timeout_s)
         return last["legacy"]
@@ -327,12 +338,41 @@ def remote_pulls(source: SourceProcess, transport: JaxTransferTransport, legacy:
             return last[name]
         return run
 
-    modes: dict[str, Callable[[], object]] = {
-        "legacy_pull": legacy_pull,
-        "remote_pull": tuned(pool, "pool"),
-        "remote_pull_one_device": tuned(one, "one"),
-        "memcpy": lambda: np.copyto(host_dst, host_src),
-    }
+    def shm_offer(name: str) -> Callable[[], None]:
+        def prepare() -> None:
+            got = source.ask("shm_offer")
+            shm_ticket[name] = KvTicket.from_json(got["ticket"])
+            offers[name].append((got["offer_s"], got["offer_cpu_s"]))
+        return prepare
+
+    def shm_pull(target: Any, mode: str, name: str) -> Callable[[], object]:
+        def run() -> object:
+            assert shm is not None
+            last[name] = shm.pull(shm_ticket[mode], target=target, shape=shape,
+                                  dtype="float32", timeout_s=timeout_s)
+            return last[name]
+        return run
+
+    def shm_ack(name: str) -> Callable[[], None]:
+        def finish() -> None:
+            if not source.ask(f"shm_ack {shm_ticket.pop(name).uuid}")["ok"]:
+                raise RuntimeError(f"{name}: the source had dropped the shm offer before its ack")
+        return finish
+
+    # name -> (untimed set-up, the timed call, untimed clean-up)
+    modes: dict[str, tuple[Callable[[], None] | None, Callable[[], object],
+                           Callable[[], None] | None]] = {}
+    if legacy is not None:
+        modes["legacy_pull"] = (None, legacy_pull, None)
+    modes["remote_pull"] = (None, tuned(pool, "pool"), None)
+    modes["remote_pull_one_device"] = (None, tuned(one, "one"), None)
+    if shm is not None:
+        modes["shm_pull"] = (shm_offer("shm_pull"), shm_pull(one, "shm_pull", "shm_one"),
+                             shm_ack("shm_pull"))
+        modes["shm_pull_pool"] = (shm_offer("shm_pull_pool"),
+                                  shm_pull(pool, "shm_pull_pool", "shm_pool"),
+                                  shm_ack("shm_pull_pool"))
+    modes["memcpy"] = (None, lambda: np.copyto(host_dst, host_src), None)
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     cpu: dict[str, list[float]] = {name: [] for name in modes}
     first: dict[str, float] = {}
@@ -340,18 +380,30 @@ def remote_pulls(source: SourceProcess, transport: JaxTransferTransport, legacy:
     for r in range(repeats + 1):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            prepare, call, finish = modes[name]
+            if prepare is not None:
+                prepare()
             cpu_start = time.process_time() + source.cpu_s()
             start = time.perf_counter()
-            jax.block_until_ready(modes[name]())
+            jax.block_until_ready(call())
             elapsed = time.perf_counter() - start
             cpu_used = time.process_time() + source.cpu_s() - cpu_start
+            if finish is not None:
+                finish()
             if r == 0:
                 first[name] = elapsed
+                if name in offers:
+                    offers[name].pop(0)
             else:
                 seconds[name].append(elapsed)
                 cpu[name].append(cpu_used)
-    for name in ("legacy", "pool", "one"):
-        k, v = (np.asarray(x) for x in last[name])
+    checked = [("pool", "remote_pull"), ("one", "remote_pull_one_device")]
+    if legacy is not None:
+        checked.append(("legacy", "legacy_pull"))
+    if shm is not None:
+        checked += [("shm_one", "shm_pull"), ("shm_pool", "shm_pull_pool")]
+    for key, name in checked:
+        k, v = (np.asarray(x) for x in last[key])
         sums = (float(k.sum(dtype=np.float64)), float(v.sum(dtype=np.float64)))
         if sums != (offer["k_sum"], offer["v_sum"]):
             raise RuntimeError(f"{name}: pulled block differs from the source's: {sums} vs "
@@ -359,11 +411,11 @@ def remote_pulls(source: SourceProcess, transport: JaxTransferTransport, legacy:
     last.clear()
     dropped = source.ask("drop")
     memcpy = seconds["memcpy"]
+    memcpy_cpu = statistics.median(cpu["memcpy"])
     out: dict[str, Any] = {"memcpy_payload": {**summarize_ms(memcpy),
                                               "gbs_median": payload / statistics.median(memcpy)
                                               / 1e9,
-                                              "cpu_ms_median": 1e3 * statistics.median(
-                                                  cpu["memcpy"])}}
+                                              "cpu_ms_median": 1e3 * memcpy_cpu}}
     for name in names[:-1]:
         row = rate(payload, seconds[name], memcpy_gbs)
         # The ratios that matter: against the same payload copied in the same rounds.
@@ -374,10 +426,23 @@ def remote_pulls(source: SourceProcess, transport: JaxTransferTransport, legacy:
         # work a pull is, which CPU contention from other jobs distorts far less than the
         # wall clock (a pull needs several threads scheduled in turn, a memcpy one).
         row["cpu_ms_median"] = 1e3 * statistics.median(cpu[name])
-        row["fraction_of_memcpy_cpu"] = statistics.median(cpu["memcpy"]) / statistics.median(
-            cpu[name])
+        row["fraction_of_memcpy_cpu"] = memcpy_cpu / statistics.median(cpu[name])
         row["first_pull_ms"] = 1e3 * first[name]
         row["checksum_ok"] = True
+        if name in offers:
+            # The jax transport's offer copies nothing; the shm one is the block's one copy,
+            # so the whole handoff (offer + pull) is set against memcpy too.
+            offer_s = [o[0] for o in offers[name]]
+            offer_cpu = [o[1] for o in offers[name]]
+            handoff = [a + b for a, b in zip(offer_s, seconds[name])]
+            handoff_cpu = [a + b for a, b in zip(offer_cpu, cpu[name])]
+            row["offer_ms_median"] = 1e3 * statistics.median(offer_s)
+            row["offer_cpu_ms_median"] = 1e3 * statistics.median(offer_cpu)
+            row["offer_plus_pull_ms_median"] = 1e3 * statistics.median(handoff)
+            row["fraction_of_memcpy_with_offer"] = statistics.median(memcpy) / \
+                statistics.median(handoff)
+            row["fraction_of_memcpy_cpu_with_offer"] = memcpy_cpu / statistics.median(
+                handoff_cpu)
         out[name] = row
     out["source_pending_after_ack"] = dropped["pending"]
     return out
@@ -397,7 +462,8 @@ def run(opts: Options) -> dict[str, Any]:
         f"load {load_average()}")
     source = SourceProcess() if opts.remote else None
     transport = JaxTransferTransport() if opts.remote else None
-    legacy = LegacyPuller() if opts.remote else None
+    legacy = LegacyPuller() if opts.remote and opts.legacy else None
+    shm = ShmTransport() if opts.remote and opts.shm else None
     rows = []
     try:
         for mb in opts.sizes_mb:
@@ -409,21 +475,29 @@ def run(opts: Options) -> dict[str, Any]:
                                    "payload_mb": payload / 1e6, "replicas": 2}
             if opts.in_process:
                 row.update(in_process(pages, repeats, memcpy_gbs, opts.copy_path))
-            if source is not None and transport is not None and legacy is not None:
-                row.update(remote_pulls(source, transport, legacy, pages, repeats, memcpy_gbs,
-                                        opts.pull_timeout_s))
+            if source is not None and transport is not None:
+                row.update(remote_pulls(source, transport, legacy, shm, pages, repeats,
+                                        memcpy_gbs, opts.pull_timeout_s))
             rows.append(row)
             parts = [f"{k} {row[k]['gbs_median']:.2f} GB/s"
                      + (f" ({row[k]['fraction_of_memcpy_median']:.0%} of memcpy, "
                         f"{row[k]['fraction_of_memcpy_cpu']:.0%} by CPU time)"
                         if "fraction_of_memcpy_median" in row[k] else "")
                      for k in ("handoff", "copy_path", "copy_path_runs", "legacy_pull",
-                               "remote_pull", "remote_pull_one_device") if k in row]
+                               "remote_pull", "remote_pull_one_device", "shm_pull",
+                               "shm_pull_pool") if k in row]
+            if "shm_pull" in row:
+                shm_row = row["shm_pull"]
+                parts.append(f"shm offer+pull {shm_row['fraction_of_memcpy_with_offer']:.0%} "
+                             f"of memcpy ({shm_row['fraction_of_memcpy_cpu_with_offer']:.0%} "
+                             "by CPU time)")
             log(f"{payload / 1e6:7.1f} MB ({pages} pages): " + " | ".join(parts) +
                 f" [{time.perf_counter() - t0:.0f} s]")
     finally:
         if source is not None:
             source.close()
+        if shm is not None:
+            shm.close()
     bandwidth_end = copy_bandwidth_gbs()
     return {
         "benchmark": "transfer_throughput",
@@ -453,6 +527,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--no-copy-path", action="store_true", help="skip gather+handoff+scatter")
     p.add_argument("--remote-only", action="store_true",
                    help="only the cross-process pulls (and their memcpy)")
+    p.add_argument("--no-legacy", action="store_true",
+                   help="skip the pre-seam receiver (the slowest mode)")
+    p.add_argument("--no-shm", action="store_true", help="skip the shared-memory transport")
     p.add_argument("--pages", help="comma-separated block sizes in pages (64 = 1k tokens), "
                    "instead of --sizes-mb")
     a = p.parse_args(argv)
@@ -467,7 +544,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     if a.repeats:
         opts = dataclasses.replace(opts, repeats=a.repeats, large_repeats=a.repeats)
     return dataclasses.replace(opts, remote=not a.no_remote, copy_path=not a.no_copy_path,
-                               in_process=not a.remote_only)
+                               in_process=not a.remote_only, legacy=not a.no_legacy,
+                               shm=not a.no_shm)
 
 
 def main(argv: list[str] | None = None) -> None:
