@@ -95,6 +95,14 @@ def test_flags_on_the_command_line_win_over_the_file(tmp_path):
     assert cluster_config(args).policy == "llumnix"
 
 
+def test_transport_comes_from_the_file_and_an_unknown_one_is_refused(tmp_path):
+    args = serve_args("--config", str(write(tmp_path / "s.yaml", {**SETTINGS,
+                                                                  "transport": "shm"})))
+    assert args.transport == "shm"
+    with pytest.raises(ValueError, match=r"transport must be one of \['jax', 'shm', 'none'\]"):
+        serve_args("--config", str(write(tmp_path / "bad.yaml", {"transport": "rdma"})))
+
+
 def test_without_a_file_the_flag_defaults_stand():
     args = serve_args("--model", "random:tiny")
     assert (args.policy, args.page_size, args.decode_replicas) == ("ares", 16, 2)
