@@ -15,12 +15,15 @@ from ares_jax.engine.types import EngineConfig
 from ares_jax.serving.local_cluster import LocalCluster, process_alive
 from ares_jax.transfer.shm import DEFAULT_DIR, PREFIX
 
+# The engine, prompts and sampling of test_serving_cluster.py (jax transport), so that in a
+# suite run the in-process reference (jit cache) and the replicas' programs (the persistent
+# compilation cache) come from that module's run instead of compiling again.
 ECFG = EngineConfig(page_size=8, num_pages=64, max_num_seqs=8, max_model_len=256)
-GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
 def prompt(i: int, n: int = 12) -> list[int]:
-    return np.random.default_rng(300 + i).integers(4, 500, size=n).tolist()
+    return np.random.default_rng(100 + i).integers(4, 500, size=n).tolist()
 
 
 def segments_of(pids: list[int]) -> list[str]:
@@ -51,7 +54,7 @@ def reference(tiny_model):
 
 def test_handoff_through_shared_memory_gives_the_reference_tokens(cluster, reference):
     client, pids = cluster
-    prompts = [prompt(i, 6 + 4 * i) for i in range(3)]  # one prefill bucket: one compile
+    prompts = [prompt(i, 5 + 7 * i) for i in range(5)]
     outs = client.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == reference(prompts)
     stats = settled(client)
@@ -62,13 +65,13 @@ def test_handoff_through_shared_memory_gives_the_reference_tokens(cluster, refer
 
 def test_migration_between_decode_processes_through_shared_memory(cluster, reference):
     client, pids = cluster
-    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
-    p = prompt(9, 13)
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    p = prompt(7, 40)
     tokens, migrated = [], []
     for chunk in client.stream(p, params):
         if chunk.token_id >= 0:
             tokens.append(chunk.token_id)
-        if len(tokens) == 8 and not migrated:
+        if len(tokens) == 12 and not migrated:
             for dst in (1, 2):  # whichever decode replica it is not on
                 started, reason = client.migrate(chunk.request_id, dst)
                 if started:
