@@ -21,7 +21,7 @@ Measured, for every size:
   and as a migration copy stage sends it (``ares_jax.replica.local``): power-of-two chunks, each a
   ``read_page_run`` slice + ``handoff`` + ``write_page_run`` slice update (donated).
 - Across processes, a spawned source process (``benchmarks/kv_transfer_source.py``) offers the
-  block over localhost and this process pulls it, four modes round-robin in a rotating order
+  block over localhost and this process pulls it, the modes below round-robin in a rotating order
   (so load drift hits all alike), each mode's first call (connection set-up) reported apart:
 
   - ``legacy_pull``: the receiver as before the ``KvTransport`` seam: runtime defaults with one
@@ -31,6 +31,11 @@ Measured, for every size:
     onto the receiver's KV-pool sharding on 2 devices, i.e. including the local copy that
     makes the second replica;
   - ``remote_pull_one_device``: the same onto one device (the transfer alone);
+  - ``shm_pull`` / ``shm_pull_pool``: ``ShmTransport.pull`` (``/dev/shm``, same host only)
+    onto one device / onto the pool layout. The source offers the block right before each such
+    pull (its one copy, into a fresh segment) and the receiver acknowledges it right after, both
+    outside the timed pull; the source times its offer, reported as ``offer_ms_median``, and
+    ``fraction_of_memcpy_with_offer`` sets offer + pull against the memcpy;
   - ``memcpy``: a numpy copy of the same payload between warm buffers.
 
   Each pull's ``fraction_of_memcpy_median`` divides the memcpy's median time by the pull's;
@@ -51,6 +56,8 @@ Run (repository root; about 2-3 minutes on 2 shared cores)::
     .venv/bin/python benchmarks/transfer_throughput.py --quick          # ~40 s
     .venv/bin/python benchmarks/transfer_throughput.py --sizes-mb 1,64 --repeats 5
     .venv/bin/python benchmarks/transfer_throughput.py --remote-only --pages 64 --repeats 15
+    .venv/bin/python benchmarks/transfer_throughput.py --remote-only --no-legacy --pages 1,16,64 \
+        --repeats 15                                                   # jax vs shm, ~15 s
 
 JSON goes to stdout, progress to stderr.
 """
