@@ -101,7 +101,9 @@ def namespace(directory: str) -> str:
 def sweep_stale(directory: str = DEFAULT_DIR) -> list[str]:
     """Unlink the segments of processes that no longer run; returns their names. Segments of
     running processes, and files that are not ours, are left alone."""
-    removed = []
+    removed: list[str] = []
+    if not os.path.exists("/proc/self/stat"):
+        return removed  # no way to tell a running process from a gone one: sweep nothing
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -113,9 +115,13 @@ def sweep_stale(directory: str = DEFAULT_DIR) -> list[str]:
         pid, start = int(m.group(1)), int(m.group(2))
         if process_start(pid) == start:
             continue
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(os.path.join(directory, name))
-            removed.append(name)
+        except FileNotFoundError:
+            continue  # another process swept it first
+        except PermissionError:
+            continue  # another user's (/dev/shm is sticky): theirs to sweep
+        removed.append(name)
     if removed:
         log.info("removed %d shared-memory KV segment(s) of exited processes from %s",
                  len(removed), directory)
