@@ -162,7 +162,8 @@ class AresPolicy:
         for p in snapshot.pending:
             kv = np.array([float(p.kv_tokens)])
             rem = np.array([pending_remaining(p, self.config)])
-            tpot = board.tpot_with(kv, rem, everyone)[0]
+            tpot, work = board.tpot_and_work(kv, rem, everyone)
+            tpot, work = tpot[0], work[0]
             peak = board.peak_with(kv, rem, everyone)[0]
             overflow = peak - board.budget
             fits = overflow <= 0
@@ -179,7 +180,7 @@ class AresPolicy:
             else:
                 pos = int(np.argmin(overflow))
             out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
-            board.place(float(kv[0]), float(rem[0]), pos, tpot[pos], peak[pos])
+            board.place(float(kv[0]), float(rem[0]), pos, tpot[pos], peak[pos], work[pos])
             fallback.place(pos, p.kv_tokens)
         return Decisions(dispatches=tuple(out)), state
 
@@ -212,10 +213,10 @@ class AresPolicy:
         return board.candidates(src, movable, self.config.candidates_per_replica)
 
     def _move(self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]],
-              row: int, dst: int) -> None:
+              row: int, dst: int, work: np.ndarray | None = None) -> None:
         moves.append((row, int(board.rep[row]), dst))
         movable[row] = False
-        board.move(row, dst)
+        board.move(row, dst, work)
 
     def _guard_memory(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
@@ -255,8 +256,14 @@ class AresPolicy:
                 if c is None:
                     break
                 dests = np.flatnonzero(fits[c])
-                tpot = board.tpot_with(kv[c:c + 1], rem[c:c + 1], dests)[0]
-                self._move(board, movable, moves, int(rows[c]), int(dests[np.argmin(tpot)]))
+                # The source without the request rides along: its work is what the move needs.
+                at = np.append(dests, src)
+                sign = np.ones(at.shape[0])
+                sign[-1] = -1.0
+                tpot, work = board.tpot_and_work(kv[c:c + 1], rem[c:c + 1], at, sign)
+                best = int(np.argmin(tpot[0, :-1]))
+                self._move(board, movable, moves, int(rows[c]), int(dests[best]),
+                           work[0, [-1, best]])
 
     def _delay_overflow(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
@@ -364,24 +371,25 @@ class AresPolicy:
                 if not cfg.balance_own_budget:
                     limit = min(limit, cfg.max_migrations_per_round)
             first = False
-            row = self._best_move(board, movable, worst, best)
-            if row is None:
+            found = self._best_move(board, movable, worst, best)
+            if found is None:
                 exhausted[worst] = True
                 continue
-            self._move(board, movable, moves, row, best)
+            self._move(board, movable, moves, found[0], best, found[1])
 
     def _best_move(
         self, board: Board, movable: np.ndarray, worst: int, best: int
-    ) -> int | None:
+    ) -> tuple[int, np.ndarray] | None:
         """The first candidate of ``worst`` (longest remaining first) whose move to ``best``
-        fits its memory, improves the pair and recoups its transfer cost."""
+        fits its memory, improves the pair and recoups its transfer cost, and the move's work
+        (:meth:`Board.tpot_moved`)."""
         cfg = self.config
         rows = self._candidates(board, movable, worst)
         if rows.size == 0:
             return None
         kv, rem = board.kv[rows], board.rem[rows]
         fits = board.peak_pairs(kv, rem, np.full(rows.shape[0], best)) <= board.budget[best]
-        tpot_src, tpot_dst = board.tpot_moved(rows, best)
+        tpot_src, tpot_dst, work = board.tpot_moved(rows, best)
         before = board.tpot[worst]
         improves = np.maximum(tpot_src, tpot_dst) < before  # the pair must improve
         if cfg.net_gain:
@@ -397,4 +405,4 @@ class AresPolicy:
             both = board.batch[worst, 0] + board.batch[best, 0]
             cost_ms = cost_ms + self.transfer.copy_slowdown * self.transfer.copy_ms(kv) * both
         ok = np.flatnonzero(fits & improves & (saved_ms >= cfg.recoup_factor * cost_ms))
-        return int(rows[ok[0]]) if ok.size else None
+        return (int(rows[ok[0]]), work[ok[0]]) if ok.size else None

@@ -29,7 +29,8 @@ from ares_jax.scheduler.load import (
     grouped_peak,
     grouped_trajectories,
     sample_times,
-    weighted_tpot,
+    step_work,
+    tpot_of_work,
 )
 from ares_jax.scheduler.state import ClusterSnapshot, RequestTable
 
@@ -62,6 +63,8 @@ class BaseForecast:
     memory: np.ndarray  # [R, S]
     peak: np.ndarray  # [R]
     peak_at: np.ndarray  # [R]
+    work: np.ndarray  # [R, S] step time x batch size (step_work)
+    tokens: np.ndarray  # [R] batch sizes summed over the samples
     tpot: np.ndarray  # [R]
 
 
@@ -78,8 +81,10 @@ def base_forecast(
     groups = group_rows(kv, rem, rep, num_replicas)
     batch, memory = grouped_trajectories(groups, sample_times(cfg.horizon_steps, cfg.samples))
     peak, peak_at = grouped_peak(groups, cfg.memory_horizon_steps)
+    work, tokens = step_work(cost, batch, memory), batch.sum(axis=1)
     return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups, batch=batch, memory=memory,
-                        peak=peak, peak_at=peak_at, tpot=weighted_tpot(cost, batch, memory))
+                        peak=peak, peak_at=peak_at, work=work, tokens=tokens,
+                        tpot=tpot_of_work(work, tokens))
 
 
 def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, times: np.ndarray,
@@ -87,7 +92,6 @@ def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, tim
     """``(B, M, peak, peak_at)`` of a few replicas whose rows are laid end to end (``lengths``
     each), each group sorted by ``rem`` descending: :func:`grouped_trajectories` and
     :func:`grouped_peak` for rows that are not in the table's grouping."""
-    g = len(lengths)
     # Groups are contiguous: per-group sums are differences of running sums (counts and
     # integer KV sums, exact in float64 whatever the order).
     alive = (rem[:, None] > times[None, :]).astype(np.float64)  # [n, S]
@@ -97,6 +101,13 @@ def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, tim
     sums = running[ends] - running[ends - lengths]
     batch, memory = sums[:, :times.shape[0]], sums[:, times.shape[0]:]
     memory += batch * times[None, :]
+    return (batch, memory, *_replicas_peak(kv, rem, lengths, horizon))
+
+
+def _replicas_peak(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray,
+                   horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(peak, peak_at)`` part of :func:`_replicas_forecast`."""
+    g = len(lengths)
     peak, peak_at = np.zeros(g), np.zeros(g)
     busy = np.flatnonzero(lengths)
     if busy.size:
@@ -108,7 +119,7 @@ def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, tim
         peak[busy] = np.maximum.reduceat(m, starts)
         at = np.where(m == np.repeat(peak[busy], lengths[busy]), finish, -1.0)
         peak_at[busy] = np.maximum.reduceat(at, starts)
-    return batch, memory, peak, peak_at
+    return peak, peak_at
 
 
 class Board:
@@ -123,6 +134,10 @@ class Board:
         self.cost = cost
         self.horizon = cfg.memory_horizon_steps
         self.times = sample_times(cfg.horizon_steps, cfg.samples)
+        # KV tokens are integers; with integer sample steps too, every trajectory sum is exact
+        # in float64 whatever the order, so a move can add and subtract the moved row's share
+        # instead of re-summing both replicas (the same values).
+        self._exact_sums = bool(np.all(self.times == np.floor(self.times)))
         self.n = snapshot.num_replicas
         self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
         base = base_forecast(snapshot.table(), self.n, cost, cfg)
@@ -137,6 +152,9 @@ class Board:
         self.batch, self.memory = base.batch.copy(), base.memory.copy()
         self.peak, self.peak_at = base.peak.copy(), base.peak_at.copy()
         self.tpot = base.tpot.copy()
+        # Kept with the trajectories so that a request joining re-evaluates the cost model only
+        # at the samples where it is alive (tpot_and_work).
+        self.work, self.tokens = base.work.copy(), base.tokens.copy()
         # Memory outside the running batch (page rounding, transfers, reservations, queue)
         # does not grow; the running batch's trajectory must fit in what is left.
         fixed = snapshot.used_tokens - snapshot.running_kv_tokens + snapshot.queued_kv_tokens
@@ -180,10 +198,15 @@ class Board:
                                              self.times, self.horizon)
         self.batch[positions], self.memory[positions] = b, m
         self.peak[positions], self.peak_at[positions] = pk, pk_at
-        self.tpot[positions] = weighted_tpot(self.cost, b, m)
+        work, tokens = step_work(self.cost, b, m), b.sum(axis=1)
+        self.work[positions], self.tokens[positions] = work, tokens
+        self.tpot[positions] = tpot_of_work(work, tokens)
         self._stale.update(positions)  # their predicted overflow, when next asked for
 
-    def move(self, row: int, dst: int) -> None:
+    def move(self, row: int, dst: int, work: np.ndarray | None = None) -> None:
+        """Move ``row`` to ``dst``. ``work``: the ``[2, S]`` :func:`step_work` of its replica
+        without it and of ``dst`` with it, when the caller evaluated them already (the same
+        values as re-evaluating)."""
         src = int(self.rep[row])
         self.rep[row] = dst
         self._left.append(row)
@@ -192,14 +215,34 @@ class Board:
         left = self.rows_of(src)
         self._rows[src] = left[left != row]
         self._set_rows(dst, np.append(self.rows_of(dst), row))
-        self.refresh([src, dst])
+        if not self._exact_sums:
+            self.refresh([src, dst])
+            return
+        pair = [src, dst]
+        alive = (self.rem[row] > self.times).astype(np.float64)  # as _added
+        share = np.stack([-alive, alive]), np.stack([-alive, alive]) * (self.kv[row] + self.times)
+        self.batch[pair] += share[0]
+        self.memory[pair] += share[1]
+        if work is None:
+            work = step_work(self.cost, self.batch[pair], self.memory[pair])
+        self.work[pair], self.tokens[pair] = work, self.batch[pair].sum(axis=1)
+        self.tpot[pair] = tpot_of_work(work, self.tokens[pair])
+        rows = [self.rows_of(src), self.rows_of(dst)]
+        both = np.concatenate(rows)
+        lengths = np.array([rows[0].shape[0], rows[1].shape[0]], dtype=np.int64)
+        self.peak[pair], self.peak_at[pair] = _replicas_peak(self.kv[both], self.rem[both],
+                                                             lengths, self.horizon)
+        self._stale.update(pair)
 
-    def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float) -> None:
-        """Add a request to ``pos`` with the forecast :meth:`tpot_with` / :meth:`peak_with`
-        computed for it. The peak is updated approximately (as dispatch has always done)."""
+    def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float,
+              work: np.ndarray) -> None:
+        """Add a request to ``pos`` with the forecast :meth:`tpot_and_work` /
+        :meth:`peak_with` computed for it (``work``: its row of ``pos``). The peak is updated
+        approximately (as dispatch has always done)."""
         d_batch, d_memory = self._added(np.array([kv]), np.array([rem]))
         self.batch[pos] += d_batch[0]
         self.memory[pos] += d_memory[0]
+        self.work[pos], self.tokens[pos] = work, self.batch[pos].sum()
         self.tpot[pos] = tpot
         self.idle[pos] = False
         if peak > self.peak[pos]:
@@ -221,7 +264,8 @@ class Board:
         return alive, alive * (kv[:, None] + self.times[None, :])
 
     def kv_alive_at(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """``M`` of ``positions[k]`` just before ``steps[k]`` (rows with ``rem >= step``)."""
+        """``M`` of ``positions`` just before ``steps`` (rows with ``rem >= step``); the two
+        broadcast together (``[C, 1]`` steps and ``[P]`` positions: ``[C, P]``)."""
         g = self.groups
         u = g.levels.shape[0]
         start = g.starts[positions]
@@ -235,28 +279,26 @@ class Board:
                 self._delta = (rows, np.concatenate([self.rep[joined], self._base_rep[left]]),
                                np.concatenate([np.ones(joined.shape[0]), -np.ones(left.shape[0])]))
             rows, where, sign = self._delta
-            on = (self.rem[rows][None, :] >= steps[:, None]) & (
-                where[None, :] == positions[:, None])
-            alive += (on * (self.kv[rows][None, :] + steps[:, None]) * sign).sum(axis=1)
+            on = (self.rem[rows] >= steps[..., None]) & (where == positions[..., None])
+            alive = alive + (on * (self.kv[rows] + steps[..., None]) * sign).sum(axis=-1)
         return alive
 
     def peak_pairs(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Predicted peak of ``positions[k]`` if request ``(kv[k], rem[k])`` joined it. Exact at
-        the old peak, at the request's own finish and at the samples."""
-        _, d_memory = self._added(kv, rem)
-        memory = self.memory[positions] + d_memory
+        the old peak, at the request's own finish and at the samples. The arguments broadcast
+        (:meth:`peak_with`: ``[C, 1]`` requests with ``[P]`` positions)."""
+        alive = (rem[..., None] > self.times).astype(np.float64)  # as _added
+        memory = self.memory[positions] + alive * (kv[..., None] + self.times)
         t_x = np.minimum(rem, float(self.horizon))
         alive_at_x = self.kv_alive_at(t_x, positions)
         peak, peak_at = self.peak[positions], self.peak_at[positions]
         at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
         at_own_finish = alive_at_x + kv + t_x
-        return np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=1))
+        return np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=-1))
 
     def peak_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """``[C, P]``: :meth:`peak_pairs` of every request with every position."""
-        c, p = kv.shape[0], positions.shape[0]
-        return self.peak_pairs(np.repeat(kv, p), np.repeat(rem, p),
-                               np.tile(positions, c)).reshape(c, p)
+        return self.peak_pairs(kv[:, None], rem[:, None], positions)
 
     def old_peak_bound(self, kv: np.ndarray, rem: np.ndarray) -> np.ndarray:
         """``[C, R]``: the part of :meth:`peak_with` at the old peak, a lower bound of it."""
@@ -265,10 +307,30 @@ class Board:
 
     def tpot_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """``[C, P]``: predicted TPOT of each position if request ``c`` joined it."""
-        d_batch, d_memory = self._added(kv, rem)
-        batch = self.batch[positions][None, :, :] + d_batch[:, None, :]
-        memory = self.memory[positions][None, :, :] + d_memory[:, None, :]
-        return weighted_tpot(self.cost, batch, memory)
+        return self.tpot_and_work(kv, rem, positions)[0]
+
+    def tpot_and_work(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray,
+                      sign: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`tpot_with`, and the ``[C, P, S]`` :func:`step_work` it comes from. ``sign``
+        (``[P]``, +1 or -1): -1 evaluates the request *leaving* that position instead (a
+        move's source, in the same evaluation as its destinations).
+
+        A request is alive at the samples before its remaining length only; at the later ones
+        every position keeps its own work, so the cost model runs on those samples alone (the
+        same values as evaluating all of them: the same inputs, the same sums)."""
+        k = int(np.searchsorted(self.times, rem.max(), side="left")) if rem.size else 0
+        times = self.times[:k]  # the samples some request is alive at (rem > t)
+        d_batch = (rem[:, None, None] > times).astype(np.float64)  # [C, 1, k], as _added
+        d_memory = d_batch * (kv[:, None, None] + times)
+        if sign is not None:  # (x + -y is x - y exactly)
+            d_batch, d_memory = d_batch * sign[:, None], d_memory * sign[:, None]
+        work = np.repeat(self.work[positions][None, :, :], kv.shape[0], axis=0)
+        if k:
+            batch = self.batch[positions, :k][None, :, :] + d_batch
+            memory = self.memory[positions, :k][None, :, :] + d_memory
+            work[:, :, :k] = step_work(self.cost, batch, memory)
+        tokens = self.tokens[positions][None, :] + d_batch.sum(axis=-1)
+        return tpot_of_work(work, tokens), work
 
     def could_take(self, kv: np.ndarray) -> np.ndarray:
         """``[C, R]``: replicas that might fit a request of ``kv`` tokens (a necessary
@@ -276,15 +338,19 @@ class Board:
         return (self.peak <= self.budget)[None, :] & (
             self.memory[None, :, 0] + kv[:, None] <= self.budget[None, :])
 
-    def tpot_moved(self, rows: np.ndarray, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    def tpot_moved(self, rows: np.ndarray,
+                   dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predicted TPOT of each row's replica without it, and of ``dst`` with it (one
-        evaluation of the cost model for both)."""
+        evaluation of the cost model for both), and the ``[C, 2, S]`` work of the two (what
+        :meth:`move` takes)."""
         src = self.rep[rows]
         d_batch, d_memory = self._added(self.kv[rows], self.rem[rows])
         batch = np.concatenate([self.batch[src] - d_batch, self.batch[dst] + d_batch])
         memory = np.concatenate([self.memory[src] - d_memory, self.memory[dst] + d_memory])
-        tpot = weighted_tpot(self.cost, batch, memory)
-        return tpot[:rows.shape[0]], tpot[rows.shape[0]:]
+        work = step_work(self.cost, batch, memory)
+        tpot = tpot_of_work(work, batch.sum(axis=-1))
+        c = rows.shape[0]
+        return tpot[:c], tpot[c:], np.stack([work[:c], work[c:]], axis=1)
 
     def token_time_saved(self, rows: np.ndarray, dst: int, tpot_src: np.ndarray,
                          tpot_dst: np.ndarray) -> np.ndarray:
@@ -294,7 +360,7 @@ class Board:
         speed. Per sample, ``sum B * step = tpot * sum B``; samples are ``H / (S - 1)`` apart."""
         src = self.rep[rows]
         d_batch, _ = self._added(self.kv[rows], self.rem[rows])
-        tokens_src, tokens_dst = self.batch[src].sum(axis=1), self.batch[dst].sum()
+        tokens_src, tokens_dst = self.tokens[src], self.tokens[dst]
         moved = d_batch.sum(axis=1)
         before = self.tpot[src] * tokens_src + self.tpot[dst] * tokens_dst
         after = tpot_src * (tokens_src - moved) + tpot_dst * (tokens_dst + moved)

@@ -140,11 +140,19 @@ def kv_alive_at(
     return np.bincount(replica[alive], weights=kv[alive] + step, minlength=num_replicas)
 
 
+def step_work(cost: StepCostModel, batch: np.ndarray, memory: np.ndarray) -> np.ndarray:
+    """Token-time of each sample (step time x batch size), what :func:`weighted_tpot` sums."""
+    return cost.step_ms(batch, memory) * batch
+
+
+def tpot_of_work(work: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """:func:`weighted_tpot` from :func:`step_work` and ``tokens = batch.sum(axis=-1)``."""
+    return np.where(tokens > 0, work.sum(axis=-1) / np.maximum(tokens, 1), 0.0)
+
+
 def weighted_tpot(cost: StepCostModel, batch: np.ndarray, memory: np.ndarray) -> np.ndarray:
     """Token-weighted mean step time over the samples (0 for a replica with no work)."""
-    step = cost.step_ms(batch, memory)
-    tokens = batch.sum(axis=-1)
-    return np.where(tokens > 0, (step * batch).sum(axis=-1) / np.maximum(tokens, 1), 0.0)
+    return tpot_of_work(step_work(cost, batch, memory), batch.sum(axis=-1))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
