@@ -153,18 +153,14 @@ class AresPolicy:
         if not snapshot.pending:
             return Decisions(), state
         board = Board(snapshot, self.cost, self.config, room=len(snapshot.pending))
-        everyone = np.arange(board.n)
         fallback = DISPATCH_SCORES[self.config.dispatch_fallback](snapshot)
         min_gain = self.config.dispatch_min_gain
         if board.n < self.config.dispatch_fallback_min_replicas:
             min_gain = 0.0
         out = []
         for p in snapshot.pending:
-            kv = np.array([float(p.kv_tokens)])
-            rem = np.array([pending_remaining(p, self.config)])
-            tpot, work = board.tpot_and_work(kv, rem, everyone)
-            tpot, work = tpot[0], work[0]
-            peak = board.peak_with(kv, rem, everyone)[0]
+            kv, rem = float(p.kv_tokens), pending_remaining(p, self.config)
+            tpot, peak, work = board.joined_everywhere(kv, rem)
             overflow = peak - board.budget
             fits = overflow <= 0
             if fits.any():
@@ -180,7 +176,7 @@ class AresPolicy:
             else:
                 pos = int(np.argmin(overflow))
             out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
-            board.place(float(kv[0]), float(rem[0]), pos, tpot[pos], peak[pos], work[pos])
+            board.place(kv, rem, pos, tpot[pos], peak[pos], work[pos])
             fallback.place(pos, p.kv_tokens)
         return Decisions(dispatches=tuple(out)), state
 
