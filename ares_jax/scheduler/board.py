@@ -25,11 +25,14 @@ import numpy as np
 from ares_jax.scheduler.cost import StepCostModel
 from ares_jax.scheduler.load import (
     GroupedRows,
-    first_crossings,
+    Segments,
     group_rows,
-    grouped_peak,
+    grouped_segments,
     grouped_trajectories,
     sample_times,
+    segments_crossings,
+    segments_of,
+    segments_peak,
     step_work,
     tpot_of_work,
 )
@@ -60,6 +63,7 @@ class BaseForecast:
     rem: np.ndarray  # [N]
     rep: np.ndarray  # [N] int64
     groups: GroupedRows
+    segments: Segments  # of the grouping: its peaks, and its budget crossings per snapshot
     batch: np.ndarray  # [R, S]
     memory: np.ndarray  # [R, S]
     peak: np.ndarray  # [R]
@@ -81,9 +85,11 @@ def base_forecast(
     rep = table.replica.astype(np.int64)
     groups = group_rows(kv, rem, rep, num_replicas)
     batch, memory = grouped_trajectories(groups, sample_times(cfg.horizon_steps, cfg.samples))
-    peak, peak_at = grouped_peak(groups, cfg.memory_horizon_steps)
+    segments = grouped_segments(groups, cfg.memory_horizon_steps)
+    peak, peak_at = segments_peak(segments)
     work, tokens = step_work(cost, batch, memory), batch.sum(axis=1)
-    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups, batch=batch, memory=memory,
+    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups, segments=segments,
+                        batch=batch, memory=memory,
                         peak=peak, peak_at=peak_at, work=work, tokens=tokens,
                         tpot=tpot_of_work(work, tokens))
 
@@ -92,7 +98,7 @@ def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, tim
                        horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(B, M, peak, peak_at)`` of a few replicas whose rows are laid end to end (``lengths``
     each), each group sorted by ``rem`` descending: :func:`grouped_trajectories` and
-    :func:`grouped_peak` for rows that are not in the table's grouping."""
+    :func:`segments_peak` for rows that are not in the table's grouping."""
     # Groups are contiguous: per-group sums are differences of running sums (counts and
     # integer KV sums, exact in float64 whatever the order).
     alive = (rem[:, None] > times[None, :]).astype(np.float64)  # [n, S]
@@ -108,19 +114,8 @@ def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, tim
 def _replicas_peak(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray,
                    horizon: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``(peak, peak_at)`` part of :func:`_replicas_forecast`."""
-    g = len(lengths)
-    peak, peak_at = np.zeros(g), np.zeros(g)
-    busy = np.flatnonzero(lengths)
-    if busy.size:
-        starts = (np.cumsum(lengths) - lengths)[busy]
-        finish = np.minimum(np.maximum(rem, 0.0), float(horizon))
-        cum = np.cumsum(kv)
-        rank = np.arange(kv.shape[0]) - np.repeat(starts, lengths[busy])
-        m = cum - np.repeat(cum[starts] - kv[starts], lengths[busy]) + (rank + 1) * finish
-        peak[busy] = np.maximum.reduceat(m, starts)
-        at = np.where(m == np.repeat(peak[busy], lengths[busy]), finish, -1.0)
-        peak_at[busy] = np.maximum.reduceat(at, starts)
-    return peak, peak_at
+    finish = np.minimum(np.maximum(rem, 0.0), float(horizon))
+    return segments_peak(segments_of(finish, kv, lengths))
 
 
 class Board:
@@ -144,7 +139,7 @@ class Board:
         self._everyone = np.arange(self.n)
         self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
         base = base_forecast(snapshot.table(), self.n, cost, cfg)
-        self.groups = base.groups
+        self.groups, self._segments = base.groups, base.segments
         self.size = base.kv.shape[0]  # rows in use
         if room:
             self.kv = np.concatenate([base.kv, np.zeros(room)])
@@ -401,9 +396,7 @@ class Board:
     def overflow_steps(self) -> np.ndarray:
         """Predicted steps until each replica's running KV passes its budget (inf: never)."""
         if self._crossing is None:
-            g = self.groups
-            finish = np.minimum(np.maximum(g.rem, 0.0), float(self.horizon))
-            self._crossing = first_crossings(finish, g.kv, g.lengths, self.budget)
+            self._crossing = segments_crossings(self._segments, self.budget)
             self._stale = set(self._rows)
         if self._stale:
             stale = sorted(self._stale)
@@ -432,5 +425,5 @@ class Board:
             lengths = lengths + 1
         # (ties in remaining length may come in any order: they do not change the crossing)
         finish = np.minimum(np.maximum(self.rem[rows], 0.0), float(self.horizon))
-        return first_crossings(finish, self.kv[rows], lengths,
-                               self.budget[np.asarray(positions, dtype=np.int64)])
+        return segments_crossings(segments_of(finish, self.kv[rows], lengths),
+                                  self.budget[np.asarray(positions, dtype=np.int64)])

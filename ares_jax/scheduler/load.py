@@ -273,44 +273,71 @@ def grouped_trajectories(g: GroupedRows, times: np.ndarray) -> tuple[np.ndarray,
     return alive.T.astype(np.float64), np.ascontiguousarray(memory.T)
 
 
-def grouped_peak(g: GroupedRows, horizon_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`peak_kv` from grouped rows (the same arithmetic, so the same values)."""
-    num_replicas = g.starts.shape[0]
-    peak, peak_at = np.zeros(num_replicas), np.zeros(num_replicas)
-    n = g.rows.shape[0]
-    if n == 0:
-        return peak, peak_at
-    finish = np.clip(g.rem, 0.0, float(horizon_steps))
-    rank = np.arange(n) - np.repeat(g.starts, g.lengths)
-    m = g.prefix[1:] - np.repeat(g.prefix[g.starts], g.lengths) + (rank + 1) * finish
-    busy = np.flatnonzero(g.lengths)
-    starts = g.starts[busy]
-    group_peak = np.maximum.reduceat(m, starts)
-    at_peak = np.where(m == np.repeat(group_peak, g.lengths[busy]), finish, -1.0)
-    peak[busy] = group_peak
-    peak_at[busy] = np.maximum.reduceat(at_peak, starts)
-    return peak, peak_at
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """Groups of rows laid end to end, each sorted by ``finish`` descending: the rising
+    segments of each group's ``M`` that :func:`peak_kv` and :func:`steps_to_overflow` evaluate.
+    Rank ``k`` of a group finishes at ``finish[k]``; up to then ranks ``0..k`` are alive and
+    ``M(t) = alive_kv[k] + (k + 1) t``. Computed once per table, shared by the peak and the
+    budget crossings."""
+
+    finish: np.ndarray  # [N] remaining steps clipped to the horizon
+    alive_kv: np.ndarray  # [N] KV now of ranks 0..k of the row's group
+    rank1: np.ndarray  # [N] k + 1
+    lengths: np.ndarray  # [G]
+    busy: np.ndarray  # groups with rows
+    starts: np.ndarray  # first row of each busy group
+    sizes: np.ndarray  # rows of each busy group
 
 
-def first_crossings(finish: np.ndarray, kv: np.ndarray, lengths: np.ndarray,
-                    budget: np.ndarray) -> np.ndarray:
-    """:func:`steps_to_overflow` of groups laid end to end, each already sorted by ``finish``
-    (remaining steps clipped to the horizon) descending: the first step each group's ``M``
-    passes its budget (``inf``: never). The arithmetic is ``steps_to_overflow``'s."""
-    out = np.full(lengths.shape[0], np.inf)
-    out[budget < 0] = 0.0
+def segments_of(finish: np.ndarray, kv: np.ndarray, lengths: np.ndarray) -> Segments:
+    """:class:`Segments` of rows laid end to end, ``lengths`` per group, each group sorted by
+    ``finish`` descending (KV sums: integers, exact whatever the order)."""
     n = finish.shape[0]
-    if n == 0:
-        return out
     busy = np.flatnonzero(lengths)
     starts, sizes = (np.cumsum(lengths) - lengths)[busy], lengths[busy]
     cum = np.cumsum(kv)
-    alive_kv = cum - np.repeat(cum[starts] - kv[starts], sizes)
-    rank = np.arange(n) - np.repeat(starts, sizes)
+    return Segments(finish=finish, alive_kv=cum - np.repeat(cum[starts] - kv[starts], sizes),
+                    rank1=np.arange(n) - np.repeat(starts, sizes) + 1, lengths=lengths,
+                    busy=busy, starts=starts, sizes=sizes)
+
+
+def grouped_segments(g: GroupedRows, horizon_steps: int) -> Segments:
+    """:func:`segments_of` the table's grouping (its running KV sums are already there)."""
+    n = g.rows.shape[0]
+    busy = np.flatnonzero(g.lengths)
+    return Segments(finish=np.clip(g.rem, 0.0, float(horizon_steps)),
+                    alive_kv=g.prefix[1:] - np.repeat(g.prefix[g.starts], g.lengths),
+                    rank1=np.arange(n) - np.repeat(g.starts, g.lengths) + 1, lengths=g.lengths,
+                    busy=busy, starts=g.starts[busy], sizes=g.lengths[busy])
+
+
+def segments_peak(s: Segments) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`peak_kv` of each group (the same arithmetic, so the same values)."""
+    peak, peak_at = np.zeros(s.lengths.shape[0]), np.zeros(s.lengths.shape[0])
+    if s.finish.shape[0] == 0:
+        return peak, peak_at
+    # Just before a request finishes, every request ranked at or above it is still alive.
+    m = s.alive_kv + s.rank1 * s.finish
+    group_peak = np.maximum.reduceat(m, s.starts)
+    at_peak = np.where(m == np.repeat(group_peak, s.sizes), s.finish, -1.0)
+    peak[s.busy] = group_peak
+    peak_at[s.busy] = np.maximum.reduceat(at_peak, s.starts)
+    return peak, peak_at
+
+
+def segments_crossings(s: Segments, budget: np.ndarray) -> np.ndarray:
+    """:func:`steps_to_overflow` of each group: the first step its ``M`` passes its budget
+    (``inf``: never). The arithmetic is ``steps_to_overflow``'s."""
+    out = np.full(s.lengths.shape[0], np.inf)
+    out[budget < 0] = 0.0
+    n = s.finish.shape[0]
+    if n == 0:
+        return out
     seg_start = np.empty(n)  # (np.r_ costs more than the rest of a small call)
-    seg_start[:-1], seg_start[-1] = finish[1:], 0.0
-    seg_start[starts + sizes - 1] = 0.0  # a group's last rank is alive from t = 0
-    at_budget = (np.repeat(budget, lengths) - alive_kv) / (rank + 1)
-    cross = np.where(at_budget < finish, np.maximum(at_budget, seg_start), np.inf)
-    out[busy] = np.minimum(out[busy], np.minimum.reduceat(cross, starts))
+    seg_start[:-1], seg_start[-1] = s.finish[1:], 0.0
+    seg_start[s.starts + s.sizes - 1] = 0.0  # a group's last rank is alive from t = 0
+    at_budget = (np.repeat(budget, s.lengths) - s.alive_kv) / s.rank1
+    cross = np.where(at_budget < s.finish, np.maximum(at_budget, seg_start), np.inf)
+    out[s.busy] = np.minimum(out[s.busy], np.minimum.reduceat(cross, s.starts))
     return out
