@@ -160,7 +160,7 @@ class AresPolicy:
         out = []
         for p in snapshot.pending:
             kv, rem = float(p.kv_tokens), pending_remaining(p, self.config)
-            tpot, peak, work = board.joined_everywhere(kv, rem)
+            tpot, peak, work = board.joined(kv, rem)
             overflow = peak - board.budget
             fits = overflow <= 0
             if fits.any():
@@ -230,6 +230,8 @@ class AresPolicy:
                 rows = self._candidates(board, movable, src)
                 # Only requests still alive at the peak lower it.
                 rows = rows[board.rem[rows] >= board.peak_at[src]]
+                if rows.size == 0:
+                    break
                 kv, rem = board.kv[rows], board.rem[rows]
                 fits = board.could_take(kv)  # [rows, replicas]
                 fits[:, src] = False
@@ -237,29 +239,33 @@ class AresPolicy:
                 # then the exact peak for the pairs left: of the first candidate alone (it
                 # usually fits somewhere), then of all the others at once.
                 fits &= board.old_peak_bound(kv, rem) <= board.budget
-                c = None
-                for first, last in ((0, 1), (1, rows.shape[0])):
-                    c_idx, p_idx = np.nonzero(fits[first:last])
-                    c_idx += first
-                    if c_idx.size:
-                        over = (board.peak_pairs(kv[c_idx], rem[c_idx], p_idx)
-                                > board.budget[p_idx])
-                        fits[c_idx[over], p_idx[over]] = False
-                    hit = np.flatnonzero(fits[first:last].any(axis=1))
-                    if hit.size:
-                        c = first + int(hit[0])  # the first candidate that fits somewhere
-                        break
-                if c is None:
+                # The first candidate's exact peak and TPOT on the replicas left, with the
+                # source's work without it (what the move needs), in one evaluation.
+                dests = np.flatnonzero(fits[0])
+                if dests.size:
+                    tpot, peak, work = board.joined(float(kv[0]), float(rem[0]), dests, src)
+                    ok = peak <= board.budget[dests]
+                    if ok.any():
+                        best = int(np.argmin(np.where(ok, tpot, np.inf)))
+                        self._move(board, movable, moves, int(rows[0]), int(dests[best]),
+                                   work[[-1, best]])
+                        continue
+                # Then the exact peaks of all the others at once; the first that fits somewhere
+                # goes where its TPOT is lowest.
+                c_idx, p_idx = np.nonzero(fits[1:])
+                c_idx += 1
+                if c_idx.size:
+                    over = board.peak_pairs(kv[c_idx], rem[c_idx], p_idx) > board.budget[p_idx]
+                    fits[c_idx[over], p_idx[over]] = False
+                hit = np.flatnonzero(fits[1:].any(axis=1))
+                if hit.size == 0:
                     break
+                c = 1 + int(hit[0])
                 dests = np.flatnonzero(fits[c])
-                # The source without the request rides along: its work is what the move needs.
-                at = np.append(dests, src)
-                sign = np.ones(at.shape[0])
-                sign[-1] = -1.0
-                tpot, work = board.tpot_and_work(kv[c:c + 1], rem[c:c + 1], at, sign)
-                best = int(np.argmin(tpot[0, :-1]))
+                tpot, _, work = board.joined(float(kv[c]), float(rem[c]), dests, src)
+                best = int(np.argmin(tpot))
                 self._move(board, movable, moves, int(rows[c]), int(dests[best]),
-                           work[0, [-1, best]])
+                           work[[-1, best]])
 
     def _delay_overflow(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]

@@ -151,7 +151,7 @@ class Board:
         self.peak, self.peak_at = base.peak.copy(), base.peak_at.copy()
         self.tpot = base.tpot.copy()
         # Kept with the trajectories so that a request joining re-evaluates the cost model only
-        # at the samples where it is alive (tpot_and_work).
+        # at the samples where it is alive (joined).
         self.work, self.tokens = base.work.copy(), base.tokens.copy()
         # Memory outside the running batch (page rounding, transfers, reservations, queue)
         # does not grow; the running batch's trajectory must fit in what is left.
@@ -240,9 +240,9 @@ class Board:
 
     def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float,
               work: np.ndarray) -> None:
-        """Add a request to ``pos`` with the forecast :meth:`tpot_and_work` /
-        :meth:`peak_with` computed for it (``work``: its row of ``pos``). The peak is updated
-        approximately (as dispatch has always done)."""
+        """Add a request to ``pos`` with the forecast :meth:`joined` computed for it
+        (``work``: its row of ``pos``). The peak is updated approximately (as dispatch has
+        always done)."""
         k = bisect.bisect_left(self._time_list, rem)  # the samples it is alive at (t < rem)
         # (_added's values: 1.0 and 1.0 * (kv + t) where alive, 0.0 after, which adds nothing)
         self.batch[pos, :k] += 1.0
@@ -292,7 +292,7 @@ class Board:
     def peak_pairs(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Predicted peak of ``positions[k]`` if request ``(kv[k], rem[k])`` joined it. Exact at
         the old peak, at the request's own finish and at the samples. The arguments broadcast
-        (:meth:`peak_with`: ``[C, 1]`` requests with ``[P]`` positions)."""
+        (``[C, 1]`` requests with ``[P]`` positions: ``[C, P]``)."""
         alive = (rem[..., None] > self.times).astype(np.float64)  # as _added
         memory = self.memory[positions] + alive * (kv[..., None] + self.times)
         t_x = np.minimum(rem, float(self.horizon))
@@ -302,61 +302,51 @@ class Board:
         at_own_finish = alive_at_x + kv + t_x
         return np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=-1))
 
-    def peak_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """``[C, P]``: :meth:`peak_pairs` of every request with every position."""
-        return self.peak_pairs(kv[:, None], rem[:, None], positions)
+    def joined(self, kv: float, rem: float, positions: np.ndarray | None = None,
+               src: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """If request ``(kv, rem)`` joined each of ``positions`` (every replica by default):
+        its predicted TPOT, its predicted peak (:meth:`peak_pairs`'s values) and its ``[P, S]``
+        :func:`step_work`. With ``src``, ``work`` has one more row, last: ``src`` with the
+        request *leaving* it (a move's source, in the same evaluation of the cost model).
 
-    def joined_everywhere(self, kv: float, rem: float) -> tuple[np.ndarray, np.ndarray,
-                                                                np.ndarray]:
-        """``(tpot, peak, work)`` of every replica if request ``(kv, rem)`` joined it: what
-        :meth:`tpot_and_work` and :meth:`peak_with` give for one request and every position,
-        in fewer numpy calls (dispatch's per-request cost is the number of calls). The same
-        values: the same operations on the same operands."""
+        One request at a time, in as few numpy calls as possible: a decision's cost is mostly
+        the number of calls. The request is alive at the samples before its remaining length
+        only; at the later ones every position keeps its own work, so the cost model runs on
+        the first ``k`` samples alone (the same values as evaluating all of them)."""
         k = bisect.bisect_left(self._time_list, rem)  # the samples it is alive at (t < rem)
-        added = kv + self.times[:k]  # its KV there (_added: 1.0 * (kv + t))
-        memory = self.memory.copy()
-        memory[:, :k] += added  # elsewhere it adds 0.0: nothing
-        work = self.work.copy()
-        work[:, :k] = step_work(self.cost, self.batch[:, :k] + 1.0, memory[:, :k])
-        tpot = tpot_of_work(work, self.tokens + k)
+        added = kv + self.times[:k]  # its KV there (_added: 1.0 * (kv + t)); 0.0 later
+        if positions is None:
+            positions = self._everyone
+            memory, work, tokens = self.memory.copy(), self.work.copy(), self.tokens + k
+            memory[:, :k] += added
+            batch = self.batch[:, :k] + 1.0
+            peak, peak_at = self.peak, self.peak_at
+        else:
+            at = positions if src is None else np.append(positions, src)
+            memory, work = self.memory[at], self.work[at]
+            if src is None:
+                memory[:, :k] += added
+                batch, tokens = self.batch[at, :k] + 1.0, self.tokens[at] + k
+            else:  # (x + -y is x - y exactly)
+                sign = np.ones(at.shape[0])
+                sign[-1] = -1.0
+                memory[:, :k] += added * sign[:, None]
+                batch, tokens = self.batch[at, :k] + sign[:, None], self.tokens[at] + k * sign
+            peak, peak_at = self.peak[positions], self.peak_at[positions]
+        work[:, :k] = step_work(self.cost, batch, memory[:, :k])
+        tpot = tpot_of_work(work, tokens)
+        p = positions.shape[0]
         t_x = np.float64(min(rem, float(self.horizon)))
-        alive_at_x = self.kv_alive_at(t_x, self._everyone)
-        at_old_peak = np.where(rem >= self.peak_at, self.peak + kv + self.peak_at, self.peak)
+        alive_at_x = self.kv_alive_at(t_x, positions)
+        at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
         at_own_finish = alive_at_x + kv + t_x
-        peak = np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=1))
-        return tpot, peak, work
+        peak = np.maximum(np.maximum(at_old_peak, at_own_finish), memory[:p].max(axis=1))
+        return tpot[:p], peak, work
 
     def old_peak_bound(self, kv: np.ndarray, rem: np.ndarray) -> np.ndarray:
-        """``[C, R]``: the part of :meth:`peak_with` at the old peak, a lower bound of it."""
+        """``[C, R]``: the part of :meth:`peak_pairs` at the old peak, a lower bound of it."""
         peak, peak_at = self.peak[None, :], self.peak_at[None, :]
         return np.where(rem[:, None] >= peak_at, peak + kv[:, None] + peak_at, peak)
-
-    def tpot_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """``[C, P]``: predicted TPOT of each position if request ``c`` joined it."""
-        return self.tpot_and_work(kv, rem, positions)[0]
-
-    def tpot_and_work(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray,
-                      sign: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`tpot_with`, and the ``[C, P, S]`` :func:`step_work` it comes from. ``sign``
-        (``[P]``, +1 or -1): -1 evaluates the request *leaving* that position instead (a
-        move's source, in the same evaluation as its destinations).
-
-        A request is alive at the samples before its remaining length only; at the later ones
-        every position keeps its own work, so the cost model runs on those samples alone (the
-        same values as evaluating all of them: the same inputs, the same sums)."""
-        k = int(np.searchsorted(self.times, rem.max(), side="left")) if rem.size else 0
-        times = self.times[:k]  # the samples some request is alive at (rem > t)
-        d_batch = (rem[:, None, None] > times).astype(np.float64)  # [C, 1, k], as _added
-        d_memory = d_batch * (kv[:, None, None] + times)
-        if sign is not None:  # (x + -y is x - y exactly)
-            d_batch, d_memory = d_batch * sign[:, None], d_memory * sign[:, None]
-        work = np.repeat(self.work[positions][None, :, :], kv.shape[0], axis=0)
-        if k:
-            batch = self.batch[positions, :k][None, :, :] + d_batch
-            memory = self.memory[positions, :k][None, :, :] + d_memory
-            work[:, :, :k] = step_work(self.cost, batch, memory)
-        tokens = self.tokens[positions][None, :] + d_batch.sum(axis=-1)
-        return tpot_of_work(work, tokens), work
 
     def could_take(self, kv: np.ndarray) -> np.ndarray:
         """``[C, R]``: replicas that might fit a request of ``kv`` tokens (a necessary
