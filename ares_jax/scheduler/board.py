@@ -166,8 +166,10 @@ class Board:
         self._base_rep = base.rep
         self._left: list[int] = []
         self._joined: list[int] = []
-        # The same as arrays, for kv_alive_at: rows, the replica each counts at, +1 / -1.
-        self._delta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # The same as arrays, for kv_alive_at: the rows' remaining and KV, the replica each
+        # counts at, +1 / -1; and the replicas they touch (the others need no correction).
+        self._delta: tuple[np.ndarray, ...] | None = None
+        self._touched = np.zeros(self.n, dtype=bool)
         self._crossing: np.ndarray | None = None
         self._stale: set[int] = set()
 
@@ -216,6 +218,7 @@ class Board:
         self._left.append(row)
         self._joined.append(row)
         self._delta = None
+        self._touched[[src, dst]] = True
         left = self.rows_of(src)
         self._rows[src] = left[left != row]
         self._set_rows(dst, np.append(self.rows_of(dst), row))
@@ -261,6 +264,7 @@ class Board:
         self.size += 1
         self._joined.append(row)
         self._delta = None
+        self._touched[pos] = True
         self._placed.setdefault(pos, []).append(row)
 
     # ------------------------------------------------------------------ forecasts with a request
@@ -282,11 +286,20 @@ class Board:
             if self._delta is None:
                 left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
                 rows = np.concatenate([joined, left])
-                self._delta = (rows, np.concatenate([self.rep[joined], self._base_rep[left]]),
+                self._delta = (self.rem[rows], self.kv[rows],
+                               np.concatenate([self.rep[joined], self._base_rep[left]]),
                                np.concatenate([np.ones(joined.shape[0]), -np.ones(left.shape[0])]))
-            rows, where, sign = self._delta
-            on = (self.rem[rows] >= steps[..., None]) & (where == positions[..., None])
-            alive = alive + (on * (self.kv[rows] + steps[..., None]) * sign).sum(axis=-1)
+            rem, kv, where, sign = self._delta
+            if np.ndim(steps) == 0 and np.ndim(positions) == 1:
+                # Only the touched positions get a correction (elsewhere it is 0.0); the same
+                # sums, row by row.
+                sel = np.flatnonzero(self._touched[positions])
+                if sel.size:
+                    on = (rem >= steps) & (where == positions[sel, None])
+                    alive[sel] += (on * (kv + steps) * sign).sum(axis=-1)
+            else:
+                on = (rem >= steps[..., None]) & (where == positions[..., None])
+                alive = alive + (on * (kv + steps[..., None]) * sign).sum(axis=-1)
         return alive
 
     def peak_pairs(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
