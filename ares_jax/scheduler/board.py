@@ -52,7 +52,8 @@ def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
         rem = np.where(np.isnan(table.true_remaining), rem, table.true_remaining)
     rem = np.where(np.isnan(rem), cfg.prior_remaining_tokens, rem)
     allowed = np.maximum(table.max_tokens - table.generated_tokens, 0)
-    return np.clip(rem, 0.0, allowed).astype(np.float64)
+    # (np.clip's value: no NaN is left; minimum/maximum cost less on 32k rows)
+    return np.minimum(np.maximum(rem, 0.0), allowed).astype(np.float64, copy=False)
 
 
 @dataclass(frozen=True, eq=False)

@@ -253,14 +253,15 @@ def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
     rep_dtype = np.int16 if num_replicas < 2**15 else np.int64
     by_rep = np.argsort(replica[by_rem].astype(rep_dtype), kind="stable")
     rows = by_rem[by_rep]
-    rep_s = replica[rows].astype(np.int64)
-    kv_s = kv[rows].astype(np.float64)
-    lengths = np.bincount(rep_s, minlength=num_replicas).astype(np.int64)
+    # Grouped by replica: the replica column is each replica's number repeated (no gather).
+    lengths = np.bincount(replica, minlength=num_replicas).astype(np.int64)
+    rep_s = np.repeat(np.arange(num_replicas, dtype=np.int64), lengths)
+    kv_s = kv[rows].astype(np.float64, copy=False)
     prefix = np.zeros(n + 1)
     np.cumsum(kv_s, out=prefix[1:])
     return GroupedRows(
         rows=rows, replica=rep_s, starts=np.cumsum(lengths) - lengths, lengths=lengths,
-        rem=remaining[rows], kv=kv_s, prefix=prefix,
+        rem=ordered[by_rep], kv=kv_s, prefix=prefix,
         key=rep_s * levels.shape[0] + level_desc[by_rep], levels=levels,
     )
 
