@@ -228,9 +228,9 @@ class Board:
             return
         pair = [src, dst]
         alive = (self.rem[row] > self.times).astype(np.float64)  # as _added
-        share = np.stack([-alive, alive]), np.stack([-alive, alive]) * (self.kv[row] + self.times)
-        self.batch[pair] += share[0]
-        self.memory[pair] += share[1]
+        d_batch = np.stack([-alive, alive])  # it leaves src, joins dst (-x * y is -(x * y))
+        self.batch[pair] += d_batch
+        self.memory[pair] += d_batch * (self.kv[row] + self.times)
         if work is None:
             work = step_work(self.cost, self.batch[pair], self.memory[pair])
         self.work[pair], self.tokens[pair] = work, self.batch[pair].sum(axis=1)
