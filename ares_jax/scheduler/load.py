@@ -239,9 +239,9 @@ def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
                num_replicas: int) -> GroupedRows:
     """Sort rows by (replica, remaining descending): one float sort by ``remaining`` (which
     also ranks it), then a stable integer sort by replica (a radix sort for fewer than 32,768
-    replicas). Rows with equal ``remaining`` come in no particular order (3x faster than a
-    lexsort that would order them too); :meth:`Board.candidates` orders them where it
-    matters."""
+    replicas, one pass up to 256). Rows with equal ``remaining`` come in no particular order
+    (3x faster than a lexsort that would order them too); :meth:`Board.candidates` orders them
+    where it matters."""
     n = remaining.shape[0]
     by_rem = np.argsort(remaining)[::-1]  # descending (ties in any order)
     ordered = remaining[by_rem]
@@ -250,7 +250,9 @@ def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
     levels = ordered[first][::-1].copy()  # ascending
     level_desc = np.cumsum(first) - 1  # 0 for the largest value
-    rep_dtype = np.int16 if num_replicas < 2**15 else np.int64
+    # (the narrowest type: a radix sort makes one pass per byte)
+    rep_dtype = (np.uint8 if num_replicas <= 2**8 else np.int16 if num_replicas < 2**15
+                 else np.int64)
     by_rep = np.argsort(replica[by_rem].astype(rep_dtype), kind="stable")
     rows = by_rem[by_rep]
     # Grouped by replica: the replica column is each replica's number repeated (no gather).
