@@ -227,19 +227,24 @@ class GridStepCost:
     def _bracket(axis: np.ndarray, width: np.ndarray,
                  x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Lower index and weight for linear interpolation; weights outside [0, 1] extrapolate."""
-        # (np.minimum/np.maximum: np.clip's dtype checks cost more than the clipping here)
-        i = np.minimum(np.maximum(np.searchsorted(axis, x, side="right") - 1, 0), axis.size - 2)
+        # The lower index clipped to [0, size - 2]: the count of interior points <= x
+        # (searchsorted over all points, minus one, clipped: the same index in one call).
+        i = np.searchsorted(axis[1:-1], x, side="right")
         w = (x - axis.take(i)) / width.take(i)
         return i, w
 
     @staticmethod
-    def _as_counts(n: np.ndarray) -> np.ndarray | None:
-        """``n`` as indices of the precomputed brackets, or None unless every value is an
-        integer in ``[0, _COUNTS)`` (NaN fails the first test, before any cast)."""
-        if n.size == 0 or not (n.min() >= 0 and n.max() < _COUNTS):
-            return None
+    def _as_counts(n: np.ndarray) -> tuple[np.ndarray | None, bool]:
+        """``n`` as indices of the precomputed brackets (None unless every value is an integer
+        in ``[0, _COUNTS)``; NaN fails the first test, before any cast), and whether every
+        value is known to be positive."""
+        if n.size == 0:
+            return None, False
+        lowest = n.min()
+        if not (lowest >= 0 and n.max() < _COUNTS):
+            return None, False
         count = n.astype(np.intp)
-        return count if (count == n).all() else None
+        return (count if (count == n).all() else None), bool(lowest > 0)
 
     def step_ms(self, batch: ArrayLike, kv_tokens: ArrayLike) -> np.ndarray:
         n = np.asarray(batch, dtype=np.float64)
@@ -248,7 +253,7 @@ class GridStepCost:
         # Below the grid's first row (batch 1 / 256 tokens) the step time is flat: clamp there.
         length = np.maximum(kv / safe_n, self.lens[0])
         li, lw = self._bracket(self.lens, self._len_width, length)
-        count = self._as_counts(n)
+        count, positive = self._as_counts(n)
         if count is not None:
             at = self._count_row.take(count) + li  # grid[bi, li] in the flat grid
             bw, bw1 = self._count_w.take(count), self._count_w1.take(count)
@@ -262,7 +267,7 @@ class GridStepCost:
         low = g00.take(at) * lw1 + g01.take(at) * lw
         high = g10.take(at) * lw1 + g11.take(at) * lw
         ms = low * bw1 + high * bw
-        return np.where(n > 0, ms, 0.0)
+        return ms if positive else np.where(n > 0, ms, 0.0)
 
     def prefill_ms(self, prompt_tokens: ArrayLike) -> np.ndarray:
         return self._prefill(prompt_tokens)
