@@ -209,10 +209,11 @@ class AresPolicy:
         return board.candidates(src, movable, self.config.candidates_per_replica)
 
     def _move(self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]],
-              row: int, dst: int, work: np.ndarray | None = None) -> None:
+              row: int, dst: int, work: np.ndarray | None = None,
+              tpot: np.ndarray | None = None) -> None:
         moves.append((row, int(board.rep[row]), dst))
         movable[row] = False
-        board.move(row, dst, work)
+        board.move(row, dst, work, tpot)
 
     def _guard_memory(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
@@ -246,9 +247,9 @@ class AresPolicy:
                     tpot, peak, work = board.joined(float(kv[0]), float(rem[0]), dests, src)
                     ok = peak <= board.budget[dests]
                     if ok.any():
-                        best = int(np.argmin(np.where(ok, tpot, np.inf)))
+                        best = int(np.argmin(np.where(ok, tpot[:-1], np.inf)))
                         self._move(board, movable, moves, int(rows[0]), int(dests[best]),
-                                   work[[-1, best]])
+                                   work[[-1, best]], tpot[[-1, best]])
                         continue
                 # Then the exact peaks of all the others at once; the first that fits somewhere
                 # goes where its TPOT is lowest.
@@ -263,9 +264,9 @@ class AresPolicy:
                 c = 1 + int(hit[0])
                 dests = np.flatnonzero(fits[c])
                 tpot, _, work = board.joined(float(kv[c]), float(rem[c]), dests, src)
-                best = int(np.argmin(tpot))
+                best = int(np.argmin(tpot[:-1]))
                 self._move(board, movable, moves, int(rows[c]), int(dests[best]),
-                           work[[-1, best]])
+                           work[[-1, best]], tpot[[-1, best]])
 
     def _delay_overflow(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
@@ -377,14 +378,15 @@ class AresPolicy:
             if found is None:
                 exhausted[worst] = True
                 continue
-            self._move(board, movable, moves, found[0], best, found[1])
+            row, work, tpot = found
+            self._move(board, movable, moves, row, best, work, tpot)
 
     def _best_move(
         self, board: Board, movable: np.ndarray, worst: int, best: int
-    ) -> tuple[int, np.ndarray] | None:
+    ) -> tuple[int, np.ndarray, np.ndarray] | None:
         """The first candidate of ``worst`` (longest remaining first) whose move to ``best``
-        fits its memory, improves the pair and recoups its transfer cost, and the move's work
-        (:meth:`Board.tpot_moved`)."""
+        fits its memory, improves the pair and recoups its transfer cost, with the move's work
+        and TPOTs (:meth:`Board.tpot_moved`)."""
         cfg = self.config
         rows = self._candidates(board, movable, worst)
         if rows.size == 0:
@@ -407,4 +409,7 @@ class AresPolicy:
             both = board.batch[worst, 0] + board.batch[best, 0]
             cost_ms = cost_ms + self.transfer.copy_slowdown * self.transfer.copy_ms(kv) * both
         ok = np.flatnonzero(fits & improves & (saved_ms >= cfg.recoup_factor * cost_ms))
-        return (int(rows[ok[0]]), work[ok[0]]) if ok.size else None
+        if ok.size == 0:
+            return None
+        i = int(ok[0])
+        return int(rows[i]), work[i], np.array([tpot_src[i], tpot_dst[i]])

@@ -210,10 +210,11 @@ class Board:
         self.tpot[positions] = tpot_of_work(work, tokens)
         self._stale.update(positions)  # their predicted overflow, when next asked for
 
-    def move(self, row: int, dst: int, work: np.ndarray | None = None) -> None:
-        """Move ``row`` to ``dst``. ``work``: the ``[2, S]`` :func:`step_work` of its replica
-        without it and of ``dst`` with it, when the caller evaluated them already (the same
-        values as re-evaluating)."""
+    def move(self, row: int, dst: int, work: np.ndarray | None = None,
+             tpot: np.ndarray | None = None) -> None:
+        """Move ``row`` to ``dst``. ``work`` and ``tpot``: the ``[2, S]`` :func:`step_work` and
+        the TPOT of its replica without it and of ``dst`` with it, when the caller evaluated
+        them already (the same values as re-evaluating)."""
         src = int(self.rep[row])
         self.rep[row] = dst
         self._left.append(row)
@@ -231,10 +232,13 @@ class Board:
         d_batch = np.stack([-alive, alive])  # it leaves src, joins dst (-x * y is -(x * y))
         self.batch[pair] += d_batch
         self.memory[pair] += d_batch * (self.kv[row] + self.times)
-        if work is None:
+        k = bisect.bisect_left(self._time_list, float(self.rem[row]))  # its alive samples
+        self.tokens[src] -= k  # (sums of integers, exact)
+        self.tokens[dst] += k
+        if work is None or tpot is None:
             work = step_work(self.cost, self.batch[pair], self.memory[pair])
-        self.work[pair], self.tokens[pair] = work, self.batch[pair].sum(axis=1)
-        self.tpot[pair] = tpot_of_work(work, self.tokens[pair])
+            tpot = tpot_of_work(work, self.tokens[pair])
+        self.work[pair], self.tpot[pair] = work, tpot
         rows = [self.rows_of(src), self.rows_of(dst)]
         both = np.concatenate(rows)
         lengths = np.array([rows[0].shape[0], rows[1].shape[0]], dtype=np.int64)
@@ -320,8 +324,9 @@ class Board:
                src: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """If request ``(kv, rem)`` joined each of ``positions`` (every replica by default):
         its predicted TPOT, its predicted peak (:meth:`peak_pairs`'s values) and its ``[P, S]``
-        :func:`step_work`. With ``src``, ``work`` has one more row, last: ``src`` with the
-        request *leaving* it (a move's source, in the same evaluation of the cost model).
+        :func:`step_work`. With ``src``, ``tpot`` and ``work`` have one more row, last: ``src``
+        with the request *leaving* it (a move's source, in the same evaluation of the cost
+        model).
 
         One request at a time, in as few numpy calls as possible: a decision's cost is mostly
         the number of calls. The request is alive at the samples before its remaining length
@@ -355,7 +360,7 @@ class Board:
         at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
         at_own_finish = alive_at_x + kv + t_x
         peak = np.maximum(np.maximum(at_old_peak, at_own_finish), memory[:p].max(axis=1))
-        return tpot[:p], peak, work
+        return tpot, peak, work
 
     def old_peak_bound(self, kv: np.ndarray, rem: np.ndarray) -> np.ndarray:
         """``[C, R]``: the part of :meth:`peak_pairs` at the old peak, a lower bound of it."""
