@@ -351,65 +351,89 @@ class AresPolicy:
     def _balance(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
     ) -> None:
+        """While the worst-minus-best TPOT gap is over the threshold (and over chance spread),
+        move from the worst replica to the best the first candidate that pays; a replica with
+        no such candidate is passed over for the next worst.
+
+        Until a move changes the board, the replicas passed over come in the order of their
+        TPOT and the checks depend on that alone, so they are examined in chunks (1, then
+        doubling while none has a move): one evaluation per chunk, not one per replica."""
         cfg = self.config
         exhausted = np.zeros(board.n, dtype=bool)
         limit = cfg.max_migrations_per_round
         first = True
+        chunk = 1
         while len(moves) < limit:
             mean = float(board.tpot.mean())
-            worst = int(np.argmax(np.where(exhausted, -np.inf, board.tpot)))
             best = int(np.argmin(board.tpot))
-            gap = board.tpot[worst] - board.tpot[best]
             threshold = max(cfg.balance_threshold_ms, cfg.balance_threshold * mean)
-            if exhausted[worst] or gap <= threshold:
-                return
+            waiting = np.flatnonzero(~exhausted)
+            # Worst first, ties by position (np.argmax's order); stop at the first that is
+            # within the threshold or within chance spread of the rest: so is every later one.
+            order = waiting[np.argsort(-board.tpot[waiting], kind="stable")]
+            gap = board.tpot[order] - board.tpot[best]
+            passes = gap > threshold
             if cfg.balance_noise_z > 0 and board.n >= cfg.balance_noise_min_replicas:
                 median = _median(board.tpot)
                 sigma = 1.4826 * _median(np.abs(board.tpot - median))
-                if board.tpot[worst] - median <= cfg.balance_noise_z * sigma:
-                    return  # the worst replica is within chance spread of the rest
+                passes &= board.tpot[order] - median > cfg.balance_noise_z * sigma
+            stop = np.flatnonzero(~passes)
+            order = order[: stop[0] if stop.size else order.shape[0]]
+            if order.size == 0:
+                return
             if first and cfg.scale_migrations_with_gap:
-                extra = math.ceil(cfg.max_migrations_per_round * (gap / threshold - 1.0))
+                extra = math.ceil(cfg.max_migrations_per_round * (gap[0] / threshold - 1.0))
                 limit = len(moves) + min(cfg.max_migrations_per_round, max(extra, 1))
                 if not cfg.balance_own_budget:
                     limit = min(limit, cfg.max_migrations_per_round)
             first = False
-            found = self._best_move(board, movable, worst, best)
+            sources = order[:chunk]
+            found = self._best_move(board, movable, sources, best)
             if found is None:
-                exhausted[worst] = True
+                exhausted[sources] = True
+                chunk *= 2
                 continue
-            row, work, tpot = found
+            k, row, work, tpot = found
+            exhausted[sources[:k]] = True
             self._move(board, movable, moves, row, best, work, tpot)
+            chunk = 1
 
     def _best_move(
-        self, board: Board, movable: np.ndarray, worst: int, best: int
-    ) -> tuple[int, np.ndarray, np.ndarray] | None:
-        """The first candidate of ``worst`` (longest remaining first) whose move to ``best``
-        fits its memory, improves the pair and recoups its transfer cost, with the move's work
-        and TPOTs (:meth:`Board.tpot_moved`)."""
+        self, board: Board, movable: np.ndarray, sources: np.ndarray, best: int
+    ) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+        """The first of ``sources`` (in order) with a candidate (longest remaining first) whose
+        move to ``best`` fits its memory, improves the pair and recoups its transfer cost:
+        ``(index in sources, row, the move's work and TPOTs)`` (:meth:`Board.tpot_moved`).
+        All the sources' candidates are evaluated at once."""
         cfg = self.config
-        rows = self._candidates(board, movable, worst)
+        per = [self._candidates(board, movable, int(src)) for src in sources]
+        rows = np.concatenate(per)
         if rows.size == 0:
             return None
+        counts = [r.shape[0] for r in per]
+        owner = np.repeat(np.arange(len(per)), counts)
+        src = sources[owner]
         kv, rem = board.kv[rows], board.rem[rows]
         fits = board.peak_pairs(kv, rem, np.full(rows.shape[0], best)) <= board.budget[best]
         tpot_src, tpot_dst, work = board.tpot_moved(rows, best)
-        before = board.tpot[worst]
+        before = board.tpot[src]
         improves = np.maximum(tpot_src, tpot_dst) < before  # the pair must improve
         if cfg.net_gain:
             saved_ms = board.token_time_saved(rows, best, tpot_src, tpot_dst)
         else:
             horizon = float(cfg.horizon_steps)
             # Summed in row order, as the rows of a replica were always summed.
-            others_tokens = np.minimum(board.rem[np.sort(board.rows_of(worst))], horizon).sum()
+            others = [np.minimum(board.rem[np.sort(board.rows_of(int(s)))], horizon).sum()
+                      for s in sources]
+            others_tokens = np.repeat(np.array(others, dtype=np.float64), counts)
             own = np.minimum(rem, horizon)
             saved_ms = (before - tpot_dst) * own + (before - tpot_src) * (others_tokens - own)
         cost_ms = self.transfer.migration_ms(kv)  # elementwise over the candidates
         if cfg.gate_full_cost and self.transfer.copy_slowdown > 0:
-            both = board.batch[worst, 0] + board.batch[best, 0]
+            both = board.batch[src, 0] + board.batch[best, 0]
             cost_ms = cost_ms + self.transfer.copy_slowdown * self.transfer.copy_ms(kv) * both
         ok = np.flatnonzero(fits & improves & (saved_ms >= cfg.recoup_factor * cost_ms))
         if ok.size == 0:
             return None
-        i = int(ok[0])
-        return int(rows[i]), work[i], np.array([tpot_src[i], tpot_dst[i]])
+        i = int(ok[0])  # rows are in source order: the first source with a move, its first
+        return int(owner[i]), int(rows[i]), work[i], np.array([tpot_src[i], tpot_dst[i]])
