@@ -365,28 +365,34 @@ class AresPolicy:
         chunk = 1
         while len(moves) < limit:
             mean = float(board.tpot.mean())
+            worst = int(np.argmax(np.where(exhausted, -np.inf, board.tpot)))
             best = int(np.argmin(board.tpot))
+            gap = board.tpot[worst] - board.tpot[best]
             threshold = max(cfg.balance_threshold_ms, cfg.balance_threshold * mean)
-            waiting = np.flatnonzero(~exhausted)
-            # Worst first, ties by position (np.argmax's order); stop at the first that is
-            # within the threshold or within chance spread of the rest: so is every later one.
-            order = waiting[np.argsort(-board.tpot[waiting], kind="stable")]
-            gap = board.tpot[order] - board.tpot[best]
-            passes = gap > threshold
-            if cfg.balance_noise_z > 0 and board.n >= cfg.balance_noise_min_replicas:
+            if exhausted[worst] or gap <= threshold:
+                return
+            gated = cfg.balance_noise_z > 0 and board.n >= cfg.balance_noise_min_replicas
+            if gated:
                 median = _median(board.tpot)
                 sigma = 1.4826 * _median(np.abs(board.tpot - median))
-                passes &= board.tpot[order] - median > cfg.balance_noise_z * sigma
-            stop = np.flatnonzero(~passes)
-            order = order[: stop[0] if stop.size else order.shape[0]]
-            if order.size == 0:
-                return
+                if board.tpot[worst] - median <= cfg.balance_noise_z * sigma:
+                    return  # the worst replica is within chance spread of the rest
             if first and cfg.scale_migrations_with_gap:
-                extra = math.ceil(cfg.max_migrations_per_round * (gap[0] / threshold - 1.0))
+                extra = math.ceil(cfg.max_migrations_per_round * (gap / threshold - 1.0))
                 limit = len(moves) + min(cfg.max_migrations_per_round, max(extra, 1))
                 if not cfg.balance_own_budget:
                     limit = min(limit, cfg.max_migrations_per_round)
             first = False
+            if chunk == 1:
+                order = np.array([worst])
+            else:  # the next worst (ties by position, np.argmax's order) while they pass too
+                waiting = np.flatnonzero(~exhausted)
+                order = waiting[np.argsort(-board.tpot[waiting], kind="stable")]
+                passes = board.tpot[order] - board.tpot[best] > threshold
+                if gated:
+                    passes &= board.tpot[order] - median > cfg.balance_noise_z * sigma
+                stop = np.flatnonzero(~passes)
+                order = order[: stop[0] if stop.size else order.shape[0]]
             sources = order[:chunk]
             found = self._best_move(board, movable, sources, best)
             if found is None:
