@@ -175,3 +175,22 @@ def test_grid_cost_precomputed_brackets_give_the_same_values() -> None:
     assert float(cost.step_ms(7, 7 * 3000)) == float(_grid_step_ms_reference(cost, 7, 7 * 3000))
     np.testing.assert_array_equal(cost.step_ms(np.array([3.0, 0.0]), 4096.0),
                                   _grid_step_ms_reference(cost, np.array([3.0, 0.0]), 4096.0))
+
+
+def test_descending_order_of_remaining_lengths() -> None:
+    """group_rows's sort (indices in a float sort's low bits) orders like argsort, ties in any
+    order, and falls back to argsort when two values differ only in those bits."""
+    from ares_jax.scheduler.load import _descending
+
+    rng = np.random.default_rng(5)
+    for values in (rng.gamma(1.0, 600.0, 5000), np.round(rng.gamma(1.0, 600.0, 5000) / 64) * 64,
+                   np.concatenate([np.zeros(50), -np.zeros(50), rng.normal(0, 1e3, 100)]),
+                   np.array([3.0]), np.zeros(0)):
+        order, ordered = _descending(values)
+        np.testing.assert_array_equal(np.sort(order), np.arange(values.shape[0]))
+        np.testing.assert_array_equal(ordered, values[order])
+        np.testing.assert_array_equal(ordered, np.sort(values)[::-1])
+    # 1 ulp apart, the larger first: their keys differ only in the index bits, in the wrong
+    # order, so only the fallback gets this right.
+    close = np.array([np.nextafter(1.0, 2.0), 1.0, 0.5])
+    assert _descending(close)[0].tolist() == [0, 1, 2]
