@@ -244,9 +244,11 @@ class AresPolicy:
                 # source's work without it (what the move needs), in one evaluation.
                 dests = np.flatnonzero(fits[0])
                 if dests.size:
-                    tpot, peak, work = board.joined(float(kv[0]), float(rem[0]), dests, src)
-                    ok = peak <= board.budget[dests]
-                    if ok.any():
+                    budget = board.budget[dests]
+                    tpot, peak, work = board.joined(float(kv[0]), float(rem[0]), dests, src,
+                                                    fits_in=budget)
+                    ok = peak <= budget
+                    if tpot is not None and work is not None:
                         best = int(np.argmin(np.where(ok, tpot[:-1], np.inf)))
                         self._move(board, movable, moves, int(rows[0]), int(dests[best]),
                                    work[[-1, best]], tpot[[-1, best]])

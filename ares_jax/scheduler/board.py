@@ -321,12 +321,14 @@ class Board:
         return np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=-1))
 
     def joined(self, kv: float, rem: float, positions: np.ndarray | None = None,
-               src: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               src: int | None = None, *, fits_in: np.ndarray | None = None,
+               ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
         """If request ``(kv, rem)`` joined each of ``positions`` (every replica by default):
         its predicted TPOT, its predicted peak (:meth:`peak_pairs`'s values) and its ``[P, S]``
         :func:`step_work`. With ``src``, ``tpot`` and ``work`` have one more row, last: ``src``
         with the request *leaving* it (a move's source, in the same evaluation of the cost
-        model).
+        model). With ``fits_in`` (a budget per position), the cost model is not run (``tpot``
+        and ``work`` are None) when the predicted peak fits none of them.
 
         One request at a time, in as few numpy calls as possible: a decision's cost is mostly
         the number of calls. The request is alive at the samples before its remaining length
@@ -352,15 +354,16 @@ class Board:
                 memory[:, :k] += added * sign[:, None]
                 batch, tokens = self.batch[at, :k] + sign[:, None], self.tokens[at] + k * sign
             peak, peak_at = self.peak[positions], self.peak_at[positions]
-        work[:, :k] = step_work(self.cost, batch, memory[:, :k])
-        tpot = tpot_of_work(work, tokens)
         p = positions.shape[0]
         t_x = np.float64(min(rem, float(self.horizon)))
         alive_at_x = self.kv_alive_at(t_x, positions)
         at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
         at_own_finish = alive_at_x + kv + t_x
         peak = np.maximum(np.maximum(at_old_peak, at_own_finish), memory[:p].max(axis=1))
-        return tpot, peak, work
+        if fits_in is not None and not (peak <= fits_in).any():
+            return None, peak, None
+        work[:, :k] = step_work(self.cost, batch, memory[:, :k])
+        return tpot_of_work(work, tokens), peak, work
 
     def old_peak_bound(self, kv: np.ndarray, rem: np.ndarray) -> np.ndarray:
         """``[C, R]``: the part of :meth:`peak_pairs` at the old peak, a lower bound of it."""
