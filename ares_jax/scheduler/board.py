@@ -119,6 +119,17 @@ def _replicas_peak(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray,
     return segments_peak(segments_of(finish, kv, lengths))
 
 
+@lru_cache(maxsize=8)
+def _samples(horizon_steps: int, samples: int) -> tuple[np.ndarray, list[float], bool]:
+    """The sample steps (read-only, shared by every board), as a list (``bisect``: one scalar
+    lookup, no numpy call), and whether they are all integers: KV tokens are, so then every
+    trajectory sum is exact in float64 whatever the order, and a move can add and subtract the
+    moved row's share instead of re-summing both replicas (the same values)."""
+    times = sample_times(horizon_steps, samples)
+    times.setflags(write=False)
+    return times, times.tolist(), bool(np.all(times == np.floor(times)))
+
+
 class Board:
     """Mutable forecast of every replica for the duration of one policy call.
 
@@ -130,12 +141,7 @@ class Board:
                  *, room: int = 0) -> None:
         self.cost = cost
         self.horizon = cfg.memory_horizon_steps
-        self.times = sample_times(cfg.horizon_steps, cfg.samples)
-        self._time_list = self.times.tolist()  # (bisect: one scalar lookup, no numpy call)
-        # KV tokens are integers; with integer sample steps too, every trajectory sum is exact
-        # in float64 whatever the order, so a move can add and subtract the moved row's share
-        # instead of re-summing both replicas (the same values).
-        self._exact_sums = bool(np.all(self.times == np.floor(self.times)))
+        self.times, self._time_list, self._exact_sums = _samples(cfg.horizon_steps, cfg.samples)
         self.n = snapshot.num_replicas
         self._everyone = np.arange(self.n)
         self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
