@@ -7,7 +7,7 @@ of both, alternating which goes first, and checks that they decided the same. Th
 tree's ``ares_jax/scheduler`` package is copied into a temporary directory under another name
 (its imports rewritten), so the simulator and cluster state are this tree's for both.
 
-    git -C /work/main archive <commit> | tar -x -C /tmp/decision_base
+    mkdir -p /tmp/decision_base && git archive <commit> | tar -x -C /tmp/decision_base
     .venv/bin/python benchmarks/decision_round_ab.py --base /tmp/decision_base
         [--replicas 256] [--requests 128] [--rounds 60] [--scenario mixed|overflow]
 
