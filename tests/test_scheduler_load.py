@@ -8,6 +8,7 @@ import pytest
 from ares_jax.scheduler.cost import (
     GPUS,
     MODELS,
+    GridStepCost,
     LinearStepCost,
     TransferCost,
     default_grid_path,
@@ -140,3 +141,56 @@ def test_grid_cost_reproduces_grid_points_and_extrapolates() -> None:
     assert np.all(np.diff(steps) > 0)  # more KV, slower, beyond the grid too
     assert float(cost.prefill_ms(1024)) == pytest.approx(22.109286510104102)
     assert float(cost.prefill_ms(32768)) > float(cost.prefill_ms(16384))
+
+
+def _grid_step_ms_reference(cost: GridStepCost, batch: np.ndarray, kv: np.ndarray) -> np.ndarray:
+    """GridStepCost.step_ms before its precomputed brackets (a binary search per element)."""
+    def bracket(axis: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        i = np.minimum(np.maximum(np.searchsorted(axis, x, side="right") - 1, 0), axis.size - 2)
+        return i, (x - axis[i]) / np.diff(axis)[i]
+
+    n, kv = np.asarray(batch, dtype=np.float64), np.asarray(kv, dtype=np.float64)
+    safe_n = np.maximum(n, 1.0)
+    bi, bw = bracket(cost.batches, np.maximum(safe_n, cost.batches[0]))
+    li, lw = bracket(cost.lens, np.maximum(kv / safe_n, cost.lens[0]))
+    g = cost.grid
+    low = g[bi, li] * (1 - lw) + g[bi, li + 1] * lw
+    high = g[bi + 1, li] * (1 - lw) + g[bi + 1, li + 1] * lw
+    return np.where(n > 0, low * (1 - bw) + high * bw, 0.0)
+
+
+def test_grid_cost_precomputed_brackets_give_the_same_values() -> None:
+    """Integer batch sizes read a precomputed bracket; the values must be bit-identical to the
+    binary search's, inside the grid, beyond it, and on the general path (fractions, NaN)."""
+    rng = np.random.default_rng(3)
+    cost = GridStepCost([1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512],
+                        [256, 512, 1024, 2048, 4096, 8192, 16384], rng.uniform(5, 80, (13, 7)),
+                        [1, 8192], [1.0, 200.0])
+    batch = rng.integers(0, 5000, (64, 9)).astype(np.float64)  # some past the table (4096)
+    kv = batch * rng.uniform(0, 40_000, batch.shape)
+    for b in (batch, np.minimum(batch, 700), np.clip(batch, 1, 700), batch + 0.5,
+              np.where(batch > 9, np.nan, batch)):
+        got, want = cost.step_ms(b, kv), _grid_step_ms_reference(cost, b, kv)
+        np.testing.assert_array_equal(got, want)
+    assert float(cost.step_ms(7, 7 * 3000)) == float(_grid_step_ms_reference(cost, 7, 7 * 3000))
+    np.testing.assert_array_equal(cost.step_ms(np.array([3.0, 0.0]), 4096.0),
+                                  _grid_step_ms_reference(cost, np.array([3.0, 0.0]), 4096.0))
+
+
+def test_descending_order_of_remaining_lengths() -> None:
+    """group_rows's sort (indices in a float sort's low bits) orders like argsort, ties in any
+    order, and falls back to argsort when two values differ only in those bits."""
+    from ares_jax.scheduler.load import _descending
+
+    rng = np.random.default_rng(5)
+    for values in (rng.gamma(1.0, 600.0, 5000), np.round(rng.gamma(1.0, 600.0, 5000) / 64) * 64,
+                   np.concatenate([np.zeros(50), -np.zeros(50), rng.normal(0, 1e3, 100)]),
+                   np.array([3.0]), np.zeros(0)):
+        order, ordered = _descending(values)
+        np.testing.assert_array_equal(np.sort(order), np.arange(values.shape[0]))
+        np.testing.assert_array_equal(ordered, values[order])
+        np.testing.assert_array_equal(ordered, np.sort(values)[::-1])
+    # 1 ulp apart, the larger first: their keys differ only in the index bits, in the wrong
+    # order, so only the fallback gets this right.
+    close = np.array([np.nextafter(1.0, 2.0), 1.0, 0.5])
+    assert _descending(close)[0].tolist() == [0, 1, 2]

@@ -153,17 +153,14 @@ class AresPolicy:
         if not snapshot.pending:
             return Decisions(), state
         board = Board(snapshot, self.cost, self.config, room=len(snapshot.pending))
-        everyone = np.arange(board.n)
         fallback = DISPATCH_SCORES[self.config.dispatch_fallback](snapshot)
         min_gain = self.config.dispatch_min_gain
         if board.n < self.config.dispatch_fallback_min_replicas:
             min_gain = 0.0
         out = []
         for p in snapshot.pending:
-            kv = np.array([float(p.kv_tokens)])
-            rem = np.array([pending_remaining(p, self.config)])
-            tpot = board.tpot_with(kv, rem, everyone)[0]
-            peak = board.peak_with(kv, rem, everyone)[0]
+            kv, rem = float(p.kv_tokens), pending_remaining(p, self.config)
+            tpot, peak, work = board.joined(kv, rem)
             overflow = peak - board.budget
             fits = overflow <= 0
             if fits.any():
@@ -179,7 +176,7 @@ class AresPolicy:
             else:
                 pos = int(np.argmin(overflow))
             out.append(Dispatch(request_id=p.request_id, replica_id=int(snapshot.replica_ids[pos])))
-            board.place(float(kv[0]), float(rem[0]), pos, tpot[pos], peak[pos])
+            board.place(kv, rem, pos, tpot[pos], peak[pos], work[pos])
             fallback.place(pos, p.kv_tokens)
         return Decisions(dispatches=tuple(out)), state
 
@@ -212,10 +209,11 @@ class AresPolicy:
         return board.candidates(src, movable, self.config.candidates_per_replica)
 
     def _move(self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]],
-              row: int, dst: int) -> None:
+              row: int, dst: int, work: np.ndarray | None = None,
+              tpot: np.ndarray | None = None) -> None:
         moves.append((row, int(board.rep[row]), dst))
         movable[row] = False
-        board.move(row, dst)
+        board.move(row, dst, work, tpot)
 
     def _guard_memory(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
@@ -233,6 +231,8 @@ class AresPolicy:
                 rows = self._candidates(board, movable, src)
                 # Only requests still alive at the peak lower it.
                 rows = rows[board.rem[rows] >= board.peak_at[src]]
+                if rows.size == 0:
+                    break
                 kv, rem = board.kv[rows], board.rem[rows]
                 fits = board.could_take(kv)  # [rows, replicas]
                 fits[:, src] = False
@@ -240,23 +240,35 @@ class AresPolicy:
                 # then the exact peak for the pairs left: of the first candidate alone (it
                 # usually fits somewhere), then of all the others at once.
                 fits &= board.old_peak_bound(kv, rem) <= board.budget
-                c = None
-                for first, last in ((0, 1), (1, rows.shape[0])):
-                    c_idx, p_idx = np.nonzero(fits[first:last])
-                    c_idx += first
-                    if c_idx.size:
-                        over = (board.peak_pairs(kv[c_idx], rem[c_idx], p_idx)
-                                > board.budget[p_idx])
-                        fits[c_idx[over], p_idx[over]] = False
-                    hit = np.flatnonzero(fits[first:last].any(axis=1))
-                    if hit.size:
-                        c = first + int(hit[0])  # the first candidate that fits somewhere
-                        break
-                if c is None:
+                # The first candidate's exact peak and TPOT on the replicas left, with the
+                # source's work without it (what the move needs), in one evaluation.
+                dests = np.flatnonzero(fits[0])
+                if dests.size:
+                    budget = board.budget[dests]
+                    tpot, peak, work = board.joined(float(kv[0]), float(rem[0]), dests, src,
+                                                    fits_in=budget)
+                    ok = peak <= budget
+                    if tpot is not None and work is not None:
+                        best = int(np.argmin(np.where(ok, tpot[:-1], np.inf)))
+                        self._move(board, movable, moves, int(rows[0]), int(dests[best]),
+                                   work[[-1, best]], tpot[[-1, best]])
+                        continue
+                # Then the exact peaks of all the others at once; the first that fits somewhere
+                # goes where its TPOT is lowest.
+                c_idx, p_idx = np.nonzero(fits[1:])
+                c_idx += 1
+                if c_idx.size:
+                    over = board.peak_pairs(kv[c_idx], rem[c_idx], p_idx) > board.budget[p_idx]
+                    fits[c_idx[over], p_idx[over]] = False
+                hit = np.flatnonzero(fits[1:].any(axis=1))
+                if hit.size == 0:
                     break
+                c = 1 + int(hit[0])
                 dests = np.flatnonzero(fits[c])
-                tpot = board.tpot_with(kv[c:c + 1], rem[c:c + 1], dests)[0]
-                self._move(board, movable, moves, int(rows[c]), int(dests[np.argmin(tpot)]))
+                tpot, _, work = board.joined(float(kv[c]), float(rem[c]), dests, src)
+                best = int(np.argmin(tpot[:-1]))
+                self._move(board, movable, moves, int(rows[c]), int(dests[best]),
+                           work[[-1, best]], tpot[[-1, best]])
 
     def _delay_overflow(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
@@ -341,10 +353,18 @@ class AresPolicy:
     def _balance(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]
     ) -> None:
+        """While the worst-minus-best TPOT gap is over the threshold (and over chance spread),
+        move from the worst replica to the best the first candidate that pays; a replica with
+        no such candidate is passed over for the next worst.
+
+        Until a move changes the board, the replicas passed over come in the order of their
+        TPOT and the checks depend on that alone, so they are examined in chunks (1, then
+        doubling while none has a move): one evaluation per chunk, not one per replica."""
         cfg = self.config
         exhausted = np.zeros(board.n, dtype=bool)
         limit = cfg.max_migrations_per_round
         first = True
+        chunk = 1
         while len(moves) < limit:
             mean = float(board.tpot.mean())
             worst = int(np.argmax(np.where(exhausted, -np.inf, board.tpot)))
@@ -353,7 +373,8 @@ class AresPolicy:
             threshold = max(cfg.balance_threshold_ms, cfg.balance_threshold * mean)
             if exhausted[worst] or gap <= threshold:
                 return
-            if cfg.balance_noise_z > 0 and board.n >= cfg.balance_noise_min_replicas:
+            gated = cfg.balance_noise_z > 0 and board.n >= cfg.balance_noise_min_replicas
+            if gated:
                 median = _median(board.tpot)
                 sigma = 1.4826 * _median(np.abs(board.tpot - median))
                 if board.tpot[worst] - median <= cfg.balance_noise_z * sigma:
@@ -364,37 +385,63 @@ class AresPolicy:
                 if not cfg.balance_own_budget:
                     limit = min(limit, cfg.max_migrations_per_round)
             first = False
-            row = self._best_move(board, movable, worst, best)
-            if row is None:
-                exhausted[worst] = True
+            if chunk == 1:
+                order = np.array([worst])
+            else:  # the next worst (ties by position, np.argmax's order) while they pass too
+                waiting = np.flatnonzero(~exhausted)
+                order = waiting[np.argsort(-board.tpot[waiting], kind="stable")]
+                passes = board.tpot[order] - board.tpot[best] > threshold
+                if gated:
+                    passes &= board.tpot[order] - median > cfg.balance_noise_z * sigma
+                stop = np.flatnonzero(~passes)
+                order = order[: stop[0] if stop.size else order.shape[0]]
+            sources = order[:chunk]
+            found = self._best_move(board, movable, sources, best)
+            if found is None:
+                exhausted[sources] = True
+                chunk *= 2
                 continue
-            self._move(board, movable, moves, row, best)
+            k, row, work, tpot = found
+            exhausted[sources[:k]] = True
+            self._move(board, movable, moves, row, best, work, tpot)
+            chunk = 1
 
     def _best_move(
-        self, board: Board, movable: np.ndarray, worst: int, best: int
-    ) -> int | None:
-        """The first candidate of ``worst`` (longest remaining first) whose move to ``best``
-        fits its memory, improves the pair and recoups its transfer cost."""
+        self, board: Board, movable: np.ndarray, sources: np.ndarray, best: int
+    ) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+        """The first of ``sources`` (in order) with a candidate (longest remaining first) whose
+        move to ``best`` fits its memory, improves the pair and recoups its transfer cost:
+        ``(index in sources, row, the move's work and TPOTs)`` (:meth:`Board.tpot_moved`).
+        All the sources' candidates are evaluated at once."""
         cfg = self.config
-        rows = self._candidates(board, movable, worst)
+        per = [self._candidates(board, movable, int(src)) for src in sources]
+        rows = np.concatenate(per)
         if rows.size == 0:
             return None
+        counts = [r.shape[0] for r in per]
+        owner = np.repeat(np.arange(len(per)), counts)
+        src = sources[owner]
         kv, rem = board.kv[rows], board.rem[rows]
         fits = board.peak_pairs(kv, rem, np.full(rows.shape[0], best)) <= board.budget[best]
-        tpot_src, tpot_dst = board.tpot_moved(rows, best)
-        before = board.tpot[worst]
+        tpot_src, tpot_dst, work = board.tpot_moved(rows, best)
+        before = board.tpot[src]
         improves = np.maximum(tpot_src, tpot_dst) < before  # the pair must improve
         if cfg.net_gain:
             saved_ms = board.token_time_saved(rows, best, tpot_src, tpot_dst)
         else:
             horizon = float(cfg.horizon_steps)
             # Summed in row order, as the rows of a replica were always summed.
-            others_tokens = np.minimum(board.rem[np.sort(board.rows_of(worst))], horizon).sum()
+            others = [np.minimum(board.rem[np.sort(board.rows_of(int(s)))], horizon).sum()
+                      for s in sources]
+            others_tokens = np.repeat(np.array(others, dtype=np.float64), counts)
             own = np.minimum(rem, horizon)
             saved_ms = (before - tpot_dst) * own + (before - tpot_src) * (others_tokens - own)
         cost_ms = self.transfer.migration_ms(kv)  # elementwise over the candidates
         if cfg.gate_full_cost and self.transfer.copy_slowdown > 0:
-            both = board.batch[worst, 0] + board.batch[best, 0]
+            both = board.batch[src, 0] + board.batch[best, 0]
             cost_ms = cost_ms + self.transfer.copy_slowdown * self.transfer.copy_ms(kv) * both
         ok = np.flatnonzero(fits & improves & (saved_ms >= cfg.recoup_factor * cost_ms))
-        return int(rows[ok[0]]) if ok.size else None
+        if ok.size == 0:
+            return None
+        i = int(ok[0])  # rows are in source order: the first source with a move, its first
+        return int(owner[i]), int(rows[i]), work[i], np.array([tpot_src[i], tpot_dst[i]])

@@ -15,6 +15,7 @@ on them) are those of the per-request formulation in docs/SIMULATOR.md, section 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -24,12 +25,16 @@ import numpy as np
 from ares_jax.scheduler.cost import StepCostModel
 from ares_jax.scheduler.load import (
     GroupedRows,
-    first_crossings,
+    Segments,
     group_rows,
-    grouped_peak,
+    grouped_segments,
     grouped_trajectories,
     sample_times,
-    weighted_tpot,
+    segments_crossings,
+    segments_of,
+    segments_peak,
+    step_work,
+    tpot_of_work,
 )
 from ares_jax.scheduler.state import ClusterSnapshot, RequestTable
 
@@ -47,7 +52,8 @@ def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
         rem = np.where(np.isnan(table.true_remaining), rem, table.true_remaining)
     rem = np.where(np.isnan(rem), cfg.prior_remaining_tokens, rem)
     allowed = np.maximum(table.max_tokens - table.generated_tokens, 0)
-    return np.clip(rem, 0.0, allowed).astype(np.float64)
+    # (np.clip's value: no NaN is left; minimum/maximum cost less on 32k rows)
+    return np.minimum(np.maximum(rem, 0.0), allowed).astype(np.float64, copy=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,10 +64,13 @@ class BaseForecast:
     rem: np.ndarray  # [N]
     rep: np.ndarray  # [N] int64
     groups: GroupedRows
+    segments: Segments  # of the grouping: its peaks, and its budget crossings per snapshot
     batch: np.ndarray  # [R, S]
     memory: np.ndarray  # [R, S]
     peak: np.ndarray  # [R]
     peak_at: np.ndarray  # [R]
+    work: np.ndarray  # [R, S] step time x batch size (step_work)
+    tokens: np.ndarray  # [R] batch sizes summed over the samples
     tpot: np.ndarray  # [R]
 
 
@@ -77,17 +86,20 @@ def base_forecast(
     rep = table.replica.astype(np.int64)
     groups = group_rows(kv, rem, rep, num_replicas)
     batch, memory = grouped_trajectories(groups, sample_times(cfg.horizon_steps, cfg.samples))
-    peak, peak_at = grouped_peak(groups, cfg.memory_horizon_steps)
-    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups, batch=batch, memory=memory,
-                        peak=peak, peak_at=peak_at, tpot=weighted_tpot(cost, batch, memory))
+    segments = grouped_segments(groups, cfg.memory_horizon_steps)
+    peak, peak_at = segments_peak(segments)
+    work, tokens = step_work(cost, batch, memory), batch.sum(axis=1)
+    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups, segments=segments,
+                        batch=batch, memory=memory,
+                        peak=peak, peak_at=peak_at, work=work, tokens=tokens,
+                        tpot=tpot_of_work(work, tokens))
 
 
 def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, times: np.ndarray,
                        horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(B, M, peak, peak_at)`` of a few replicas whose rows are laid end to end (``lengths``
     each), each group sorted by ``rem`` descending: :func:`grouped_trajectories` and
-    :func:`grouped_peak` for rows that are not in the table's grouping."""
-    g = len(lengths)
+    :func:`segments_peak` for rows that are not in the table's grouping."""
     # Groups are contiguous: per-group sums are differences of running sums (counts and
     # integer KV sums, exact in float64 whatever the order).
     alive = (rem[:, None] > times[None, :]).astype(np.float64)  # [n, S]
@@ -97,18 +109,25 @@ def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, tim
     sums = running[ends] - running[ends - lengths]
     batch, memory = sums[:, :times.shape[0]], sums[:, times.shape[0]:]
     memory += batch * times[None, :]
-    peak, peak_at = np.zeros(g), np.zeros(g)
-    busy = np.flatnonzero(lengths)
-    if busy.size:
-        starts = (np.cumsum(lengths) - lengths)[busy]
-        finish = np.minimum(np.maximum(rem, 0.0), float(horizon))
-        cum = np.cumsum(kv)
-        rank = np.arange(kv.shape[0]) - np.repeat(starts, lengths[busy])
-        m = cum - np.repeat(cum[starts] - kv[starts], lengths[busy]) + (rank + 1) * finish
-        peak[busy] = np.maximum.reduceat(m, starts)
-        at = np.where(m == np.repeat(peak[busy], lengths[busy]), finish, -1.0)
-        peak_at[busy] = np.maximum.reduceat(at, starts)
-    return batch, memory, peak, peak_at
+    return (batch, memory, *_replicas_peak(kv, rem, lengths, horizon))
+
+
+def _replicas_peak(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray,
+                   horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(peak, peak_at)`` part of :func:`_replicas_forecast`."""
+    finish = np.minimum(np.maximum(rem, 0.0), float(horizon))
+    return segments_peak(segments_of(finish, kv, lengths))
+
+
+@lru_cache(maxsize=8)
+def _samples(horizon_steps: int, samples: int) -> tuple[np.ndarray, list[float], bool]:
+    """The sample steps (read-only, shared by every board), as a list (``bisect``: one scalar
+    lookup, no numpy call), and whether they are all integers: KV tokens are, so then every
+    trajectory sum is exact in float64 whatever the order, and a move can add and subtract the
+    moved row's share instead of re-summing both replicas (the same values)."""
+    times = sample_times(horizon_steps, samples)
+    times.setflags(write=False)
+    return times, times.tolist(), bool(np.all(times == np.floor(times)))
 
 
 class Board:
@@ -122,11 +141,12 @@ class Board:
                  *, room: int = 0) -> None:
         self.cost = cost
         self.horizon = cfg.memory_horizon_steps
-        self.times = sample_times(cfg.horizon_steps, cfg.samples)
+        self.times, self._time_list, self._exact_sums = _samples(cfg.horizon_steps, cfg.samples)
         self.n = snapshot.num_replicas
+        self._everyone = np.arange(self.n)
         self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
         base = base_forecast(snapshot.table(), self.n, cost, cfg)
-        self.groups = base.groups
+        self.groups, self._segments = base.groups, base.segments
         self.size = base.kv.shape[0]  # rows in use
         if room:
             self.kv = np.concatenate([base.kv, np.zeros(room)])
@@ -137,24 +157,35 @@ class Board:
         self.batch, self.memory = base.batch.copy(), base.memory.copy()
         self.peak, self.peak_at = base.peak.copy(), base.peak_at.copy()
         self.tpot = base.tpot.copy()
+        # Kept with the trajectories so that a request joining re-evaluates the cost model only
+        # at the samples where it is alive (joined).
+        self.work, self.tokens = base.work.copy(), base.tokens.copy()
         # Memory outside the running batch (page rounding, transfers, reservations, queue)
         # does not grow; the running batch's trajectory must fit in what is left.
         fixed = snapshot.used_tokens - snapshot.running_kv_tokens + snapshot.queued_kv_tokens
         self.budget = cfg.memory_target * snapshot.kv_capacity_tokens - fixed
         self._rows: dict[int, np.ndarray] = {}  # changed replicas: rows, longest remaining first
+        # Rows placed on a replica and not yet merged into its row list: merged (one stable
+        # sort) when the list is next asked for, which dispatch never does.
+        self._placed: dict[int, list[int]] = {}
         # Rows that left their table replica (moved) or joined one (moved, placed): what the
         # grouping no longer says. A row moves at most once per call (it is then not movable).
         self._base_rep = base.rep
         self._left: list[int] = []
         self._joined: list[int] = []
-        # The same as arrays, for kv_alive_at: rows, the replica each counts at, +1 / -1.
-        self._delta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # The same as arrays, for kv_alive_at: the rows' remaining and KV, the replica each
+        # counts at, +1 / -1; and the replicas they touch (the others need no correction).
+        self._delta: tuple[np.ndarray, ...] | None = None
+        self._touched = np.zeros(self.n, dtype=bool)
         self._crossing: np.ndarray | None = None
         self._stale: set[int] = set()
 
     # ------------------------------------------------------------------ rows of a replica
     def rows_of(self, pos: int) -> np.ndarray:
         """Rows of ``pos``, longest remaining first (ties in no particular order)."""
+        placed = self._placed.pop(pos, None)
+        if placed is not None:  # after the rows there, in placement order (a stable sort)
+            self._set_rows(pos, np.append(self.rows_of(pos), placed))
         rows = self._rows.get(pos)
         if rows is None:
             start = self.groups.starts[pos]
@@ -180,26 +211,58 @@ class Board:
                                              self.times, self.horizon)
         self.batch[positions], self.memory[positions] = b, m
         self.peak[positions], self.peak_at[positions] = pk, pk_at
-        self.tpot[positions] = weighted_tpot(self.cost, b, m)
+        work, tokens = step_work(self.cost, b, m), b.sum(axis=1)
+        self.work[positions], self.tokens[positions] = work, tokens
+        self.tpot[positions] = tpot_of_work(work, tokens)
         self._stale.update(positions)  # their predicted overflow, when next asked for
 
-    def move(self, row: int, dst: int) -> None:
+    def move(self, row: int, dst: int, work: np.ndarray | None = None,
+             tpot: np.ndarray | None = None) -> None:
+        """Move ``row`` to ``dst``. ``work`` and ``tpot``: the ``[2, S]`` :func:`step_work` and
+        the TPOT of its replica without it and of ``dst`` with it, when the caller evaluated
+        them already (the same values as re-evaluating)."""
         src = int(self.rep[row])
         self.rep[row] = dst
         self._left.append(row)
         self._joined.append(row)
         self._delta = None
+        self._touched[[src, dst]] = True
         left = self.rows_of(src)
         self._rows[src] = left[left != row]
         self._set_rows(dst, np.append(self.rows_of(dst), row))
-        self.refresh([src, dst])
+        if not self._exact_sums:
+            self.refresh([src, dst])
+            return
+        pair = [src, dst]
+        alive = (self.rem[row] > self.times).astype(np.float64)  # as _added
+        d_batch = np.stack([-alive, alive])  # it leaves src, joins dst (-x * y is -(x * y))
+        self.batch[pair] += d_batch
+        self.memory[pair] += d_batch * (self.kv[row] + self.times)
+        k = bisect.bisect_left(self._time_list, float(self.rem[row]))  # its alive samples
+        self.tokens[src] -= k  # (sums of integers, exact)
+        self.tokens[dst] += k
+        if work is None or tpot is None:
+            work = step_work(self.cost, self.batch[pair], self.memory[pair])
+            tpot = tpot_of_work(work, self.tokens[pair])
+        self.work[pair], self.tpot[pair] = work, tpot
+        rows = [self.rows_of(src), self.rows_of(dst)]
+        both = np.concatenate(rows)
+        lengths = np.array([rows[0].shape[0], rows[1].shape[0]], dtype=np.int64)
+        self.peak[pair], self.peak_at[pair] = _replicas_peak(self.kv[both], self.rem[both],
+                                                             lengths, self.horizon)
+        self._stale.update(pair)
 
-    def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float) -> None:
-        """Add a request to ``pos`` with the forecast :meth:`tpot_with` / :meth:`peak_with`
-        computed for it. The peak is updated approximately (as dispatch has always done)."""
-        d_batch, d_memory = self._added(np.array([kv]), np.array([rem]))
-        self.batch[pos] += d_batch[0]
-        self.memory[pos] += d_memory[0]
+    def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float,
+              work: np.ndarray) -> None:
+        """Add a request to ``pos`` with the forecast :meth:`joined` computed for it
+        (``work``: its row of ``pos``). The peak is updated approximately (as dispatch has
+        always done)."""
+        k = bisect.bisect_left(self._time_list, rem)  # the samples it is alive at (t < rem)
+        # (_added's values: 1.0 and 1.0 * (kv + t) where alive, 0.0 after, which adds nothing)
+        self.batch[pos, :k] += 1.0
+        self.memory[pos, :k] += kv + self.times[:k]
+        self.work[pos] = work
+        self.tokens[pos] += k  # a sum of integers, exact
         self.tpot[pos] = tpot
         self.idle[pos] = False
         if peak > self.peak[pos]:
@@ -212,7 +275,8 @@ class Board:
         self.size += 1
         self._joined.append(row)
         self._delta = None
-        self._set_rows(pos, np.append(self.rows_of(pos), row))
+        self._touched[pos] = True
+        self._placed.setdefault(pos, []).append(row)
 
     # ------------------------------------------------------------------ forecasts with a request
     def _added(self, kv: np.ndarray, rem: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +285,8 @@ class Board:
         return alive, alive * (kv[:, None] + self.times[None, :])
 
     def kv_alive_at(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """``M`` of ``positions[k]`` just before ``steps[k]`` (rows with ``rem >= step``)."""
+        """``M`` of ``positions`` just before ``steps`` (rows with ``rem >= step``); the two
+        broadcast together (``[C, 1]`` steps and ``[P]`` positions: ``[C, P]``)."""
         g = self.groups
         u = g.levels.shape[0]
         start = g.starts[positions]
@@ -232,43 +297,84 @@ class Board:
             if self._delta is None:
                 left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
                 rows = np.concatenate([joined, left])
-                self._delta = (rows, np.concatenate([self.rep[joined], self._base_rep[left]]),
+                self._delta = (self.rem[rows], self.kv[rows],
+                               np.concatenate([self.rep[joined], self._base_rep[left]]),
                                np.concatenate([np.ones(joined.shape[0]), -np.ones(left.shape[0])]))
-            rows, where, sign = self._delta
-            on = (self.rem[rows][None, :] >= steps[:, None]) & (
-                where[None, :] == positions[:, None])
-            alive += (on * (self.kv[rows][None, :] + steps[:, None]) * sign).sum(axis=1)
+            rem, kv, where, sign = self._delta
+            if np.ndim(steps) == 0 and np.ndim(positions) == 1:
+                # Only the touched positions get a correction (elsewhere it is 0.0); the same
+                # sums, row by row.
+                sel = np.flatnonzero(self._touched[positions])
+                if sel.size:
+                    on = (rem >= steps) & (where == positions[sel, None])
+                    alive[sel] += (on * (kv + steps) * sign).sum(axis=-1)
+            else:
+                on = (rem >= steps[..., None]) & (where == positions[..., None])
+                alive = alive + (on * (kv + steps[..., None]) * sign).sum(axis=-1)
         return alive
 
     def peak_pairs(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Predicted peak of ``positions[k]`` if request ``(kv[k], rem[k])`` joined it. Exact at
-        the old peak, at the request's own finish and at the samples."""
-        _, d_memory = self._added(kv, rem)
-        memory = self.memory[positions] + d_memory
+        the old peak, at the request's own finish and at the samples. The arguments broadcast
+        (``[C, 1]`` requests with ``[P]`` positions: ``[C, P]``)."""
+        alive = (rem[..., None] > self.times).astype(np.float64)  # as _added
+        memory = self.memory[positions] + alive * (kv[..., None] + self.times)
         t_x = np.minimum(rem, float(self.horizon))
         alive_at_x = self.kv_alive_at(t_x, positions)
         peak, peak_at = self.peak[positions], self.peak_at[positions]
         at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
         at_own_finish = alive_at_x + kv + t_x
-        return np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=1))
+        return np.maximum(np.maximum(at_old_peak, at_own_finish), memory.max(axis=-1))
 
-    def peak_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """``[C, P]``: :meth:`peak_pairs` of every request with every position."""
-        c, p = kv.shape[0], positions.shape[0]
-        return self.peak_pairs(np.repeat(kv, p), np.repeat(rem, p),
-                               np.tile(positions, c)).reshape(c, p)
+    def joined(self, kv: float, rem: float, positions: np.ndarray | None = None,
+               src: int | None = None, *, fits_in: np.ndarray | None = None,
+               ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+        """If request ``(kv, rem)`` joined each of ``positions`` (every replica by default):
+        its predicted TPOT, its predicted peak (:meth:`peak_pairs`'s values) and its ``[P, S]``
+        :func:`step_work`. With ``src``, ``tpot`` and ``work`` have one more row, last: ``src``
+        with the request *leaving* it (a move's source, in the same evaluation of the cost
+        model). With ``fits_in`` (a budget per position), the cost model is not run (``tpot``
+        and ``work`` are None) when the predicted peak fits none of them.
+
+        One request at a time, in as few numpy calls as possible: a decision's cost is mostly
+        the number of calls. The request is alive at the samples before its remaining length
+        only; at the later ones every position keeps its own work, so the cost model runs on
+        the first ``k`` samples alone (the same values as evaluating all of them)."""
+        k = bisect.bisect_left(self._time_list, rem)  # the samples it is alive at (t < rem)
+        added = kv + self.times[:k]  # its KV there (_added: 1.0 * (kv + t)); 0.0 later
+        if positions is None:
+            positions = self._everyone
+            memory, work, tokens = self.memory.copy(), self.work.copy(), self.tokens + k
+            memory[:, :k] += added
+            batch = self.batch[:, :k] + 1.0
+            peak, peak_at = self.peak, self.peak_at
+        else:
+            at = positions if src is None else np.append(positions, src)
+            memory, work = self.memory[at], self.work[at]
+            if src is None:
+                memory[:, :k] += added
+                batch, tokens = self.batch[at, :k] + 1.0, self.tokens[at] + k
+            else:  # (x + -y is x - y exactly)
+                sign = np.ones(at.shape[0])
+                sign[-1] = -1.0
+                memory[:, :k] += added * sign[:, None]
+                batch, tokens = self.batch[at, :k] + sign[:, None], self.tokens[at] + k * sign
+            peak, peak_at = self.peak[positions], self.peak_at[positions]
+        p = positions.shape[0]
+        t_x = np.float64(min(rem, float(self.horizon)))
+        alive_at_x = self.kv_alive_at(t_x, positions)
+        at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
+        at_own_finish = alive_at_x + kv + t_x
+        peak = np.maximum(np.maximum(at_old_peak, at_own_finish), memory[:p].max(axis=1))
+        if fits_in is not None and not (peak <= fits_in).any():
+            return None, peak, None
+        work[:, :k] = step_work(self.cost, batch, memory[:, :k])
+        return tpot_of_work(work, tokens), peak, work
 
     def old_peak_bound(self, kv: np.ndarray, rem: np.ndarray) -> np.ndarray:
-        """``[C, R]``: the part of :meth:`peak_with` at the old peak, a lower bound of it."""
+        """``[C, R]``: the part of :meth:`peak_pairs` at the old peak, a lower bound of it."""
         peak, peak_at = self.peak[None, :], self.peak_at[None, :]
         return np.where(rem[:, None] >= peak_at, peak + kv[:, None] + peak_at, peak)
-
-    def tpot_with(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """``[C, P]``: predicted TPOT of each position if request ``c`` joined it."""
-        d_batch, d_memory = self._added(kv, rem)
-        batch = self.batch[positions][None, :, :] + d_batch[:, None, :]
-        memory = self.memory[positions][None, :, :] + d_memory[:, None, :]
-        return weighted_tpot(self.cost, batch, memory)
 
     def could_take(self, kv: np.ndarray) -> np.ndarray:
         """``[C, R]``: replicas that might fit a request of ``kv`` tokens (a necessary
@@ -276,15 +382,19 @@ class Board:
         return (self.peak <= self.budget)[None, :] & (
             self.memory[None, :, 0] + kv[:, None] <= self.budget[None, :])
 
-    def tpot_moved(self, rows: np.ndarray, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    def tpot_moved(self, rows: np.ndarray,
+                   dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predicted TPOT of each row's replica without it, and of ``dst`` with it (one
-        evaluation of the cost model for both)."""
+        evaluation of the cost model for both), and the ``[C, 2, S]`` work of the two (what
+        :meth:`move` takes)."""
         src = self.rep[rows]
         d_batch, d_memory = self._added(self.kv[rows], self.rem[rows])
         batch = np.concatenate([self.batch[src] - d_batch, self.batch[dst] + d_batch])
         memory = np.concatenate([self.memory[src] - d_memory, self.memory[dst] + d_memory])
-        tpot = weighted_tpot(self.cost, batch, memory)
-        return tpot[:rows.shape[0]], tpot[rows.shape[0]:]
+        work = step_work(self.cost, batch, memory)
+        tpot = tpot_of_work(work, batch.sum(axis=-1))
+        c = rows.shape[0]
+        return tpot[:c], tpot[c:], np.stack([work[:c], work[c:]], axis=1)
 
     def token_time_saved(self, rows: np.ndarray, dst: int, tpot_src: np.ndarray,
                          tpot_dst: np.ndarray) -> np.ndarray:
@@ -294,7 +404,7 @@ class Board:
         speed. Per sample, ``sum B * step = tpot * sum B``; samples are ``H / (S - 1)`` apart."""
         src = self.rep[rows]
         d_batch, _ = self._added(self.kv[rows], self.rem[rows])
-        tokens_src, tokens_dst = self.batch[src].sum(axis=1), self.batch[dst].sum()
+        tokens_src, tokens_dst = self.tokens[src], self.tokens[dst]
         moved = d_batch.sum(axis=1)
         before = self.tpot[src] * tokens_src + self.tpot[dst] * tokens_dst
         after = tpot_src * (tokens_src - moved) + tpot_dst * (tokens_dst + moved)
@@ -304,9 +414,7 @@ class Board:
     def overflow_steps(self) -> np.ndarray:
         """Predicted steps until each replica's running KV passes its budget (inf: never)."""
         if self._crossing is None:
-            g = self.groups
-            finish = np.minimum(np.maximum(g.rem, 0.0), float(self.horizon))
-            self._crossing = first_crossings(finish, g.kv, g.lengths, self.budget)
+            self._crossing = segments_crossings(self._segments, self.budget)
             self._stale = set(self._rows)
         if self._stale:
             stale = sorted(self._stale)
@@ -335,5 +443,5 @@ class Board:
             lengths = lengths + 1
         # (ties in remaining length may come in any order: they do not change the crossing)
         finish = np.minimum(np.maximum(self.rem[rows], 0.0), float(self.horizon))
-        return first_crossings(finish, self.kv[rows], lengths,
-                               self.budget[np.asarray(positions, dtype=np.int64)])
+        return segments_crossings(segments_of(finish, self.kv[rows], lengths),
+                                  self.budget[np.asarray(positions, dtype=np.int64)])

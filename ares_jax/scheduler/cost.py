@@ -185,6 +185,9 @@ class LinearStepCost:
         return cls(a=a, b=b, c=c)
 
 
+_COUNTS = 4096  # batch sizes with a precomputed bracket (GridStepCost.step_ms)
+
+
 class GridStepCost:
     """Bilinear interpolation of decode step time over (batch, KV tokens per request)."""
 
@@ -206,33 +209,65 @@ class GridStepCost:
         # as a flat array (the same values as computing them per call).
         self._batch_width = np.diff(self.batches)
         self._len_width = np.diff(self.lens)
-        self._flat = np.ascontiguousarray(self.grid).ravel()
+        flat = np.ascontiguousarray(self.grid).ravel()
+        cols = self.lens.size
+        # The four corners of a cell as flat arrays indexed by its lower corner (one ``take``
+        # each instead of an index sum and a gather).
+        self._corners = (flat, flat[1:], flat[cols:], flat[cols + 1:])
+        # Batch sizes are counts wherever ARES forecasts: the batch axis's bracket of every
+        # count below _COUNTS, computed once with step_ms's own arithmetic, replaces a binary
+        # search per element (the costliest part of a call); other values take the general
+        # path. Same values either way.
+        counts = np.arange(float(_COUNTS))
+        bi, bw = self._bracket(self.batches, self._batch_width,
+                               np.maximum(np.maximum(counts, 1.0), self.batches[0]))
+        self._count_row, self._count_w, self._count_w1 = bi * cols, bw, 1 - bw
 
     @staticmethod
     def _bracket(axis: np.ndarray, width: np.ndarray,
                  x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Lower index and weight for linear interpolation; weights outside [0, 1] extrapolate."""
-        # (np.minimum/np.maximum: np.clip's dtype checks cost more than the clipping here)
-        i = np.minimum(np.maximum(np.searchsorted(axis, x, side="right") - 1, 0), axis.size - 2)
-        w = (x - axis[i]) / width[i]
+        # The lower index clipped to [0, size - 2]: the count of interior points <= x
+        # (searchsorted over all points, minus one, clipped: the same index in one call).
+        i = np.searchsorted(axis[1:-1], x, side="right")
+        w = (x - axis.take(i)) / width.take(i)
         return i, w
+
+    @staticmethod
+    def _as_counts(n: np.ndarray) -> tuple[np.ndarray | None, bool]:
+        """``n`` as indices of the precomputed brackets (None unless every value is an integer
+        in ``[0, _COUNTS)``; NaN fails the first test, before any cast), and whether every
+        value is known to be positive."""
+        if n.size == 0:
+            return None, False
+        lowest = n.min()
+        if not (lowest >= 0 and n.max() < _COUNTS):
+            return None, False
+        count = n.astype(np.intp)
+        return (count if (count == n).all() else None), bool(lowest > 0)
 
     def step_ms(self, batch: ArrayLike, kv_tokens: ArrayLike) -> np.ndarray:
         n = np.asarray(batch, dtype=np.float64)
         kv = np.asarray(kv_tokens, dtype=np.float64)
         safe_n = np.maximum(n, 1.0)
         # Below the grid's first row (batch 1 / 256 tokens) the step time is flat: clamp there.
-        b = np.maximum(safe_n, self.batches[0])
         length = np.maximum(kv / safe_n, self.lens[0])
-        bi, bw = self._bracket(self.batches, self._batch_width, b)
         li, lw = self._bracket(self.lens, self._len_width, length)
-        g, cols = self._flat, self.lens.size
-        at = bi * cols + li  # grid[bi, li] in the flat grid
+        count, positive = self._as_counts(n)
+        if count is not None:
+            at = self._count_row.take(count) + li  # grid[bi, li] in the flat grid
+            bw, bw1 = self._count_w.take(count), self._count_w1.take(count)
+        else:
+            bi, bw = self._bracket(self.batches, self._batch_width,
+                                   np.maximum(safe_n, self.batches[0]))
+            at = bi * self.lens.size + li
+            bw1 = 1 - bw
+        g00, g01, g10, g11 = self._corners
         lw1 = 1 - lw
-        low = g[at] * lw1 + g[at + 1] * lw
-        high = g[at + cols] * lw1 + g[at + cols + 1] * lw
-        ms = low * (1 - bw) + high * bw
-        return np.where(n > 0, ms, 0.0)
+        low = g00.take(at) * lw1 + g01.take(at) * lw
+        high = g10.take(at) * lw1 + g11.take(at) * lw
+        ms = low * bw1 + high * bw
+        return ms if positive else np.where(n > 0, ms, 0.0)
 
     def prefill_ms(self, prompt_tokens: ArrayLike) -> np.ndarray:
         return self._prefill(prompt_tokens)

@@ -140,11 +140,19 @@ def kv_alive_at(
     return np.bincount(replica[alive], weights=kv[alive] + step, minlength=num_replicas)
 
 
+def step_work(cost: StepCostModel, batch: np.ndarray, memory: np.ndarray) -> np.ndarray:
+    """Token-time of each sample (step time x batch size), what :func:`weighted_tpot` sums."""
+    return cost.step_ms(batch, memory) * batch
+
+
+def tpot_of_work(work: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """:func:`weighted_tpot` from :func:`step_work` and ``tokens = batch.sum(axis=-1)``."""
+    return np.where(tokens > 0, work.sum(axis=-1) / np.maximum(tokens, 1), 0.0)
+
+
 def weighted_tpot(cost: StepCostModel, batch: np.ndarray, memory: np.ndarray) -> np.ndarray:
     """Token-weighted mean step time over the samples (0 for a replica with no work)."""
-    step = cost.step_ms(batch, memory)
-    tokens = batch.sum(axis=-1)
-    return np.where(tokens > 0, (step * batch).sum(axis=-1) / np.maximum(tokens, 1), 0.0)
+    return tpot_of_work(step_work(cost, batch, memory), batch.sum(axis=-1))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -227,32 +235,60 @@ class GroupedRows:
         return self.prefix[self.starts + counts] - self.prefix[self.starts]
 
 
+def _descending(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of ``values`` (float64, no NaN) in descending order, ties in any order, and
+    the values in that order.
+
+    numpy sorts float values with SIMD instructions but float *indices* (argsort) without, at
+    3x the cost on 32k rows. So each value's lowest mantissa bits are replaced by its index, the
+    keys sorted as floats, and the indices read back from the bits: distinct values keep their
+    order unless they agree in every other bit (a relative difference below ~2^-37 for 32k
+    rows), which the check below catches, falling back to argsort."""
+    n = values.shape[0]
+    bits = max(n - 1, 1).bit_length()
+    if n > 1 and bits <= 24:
+        mask = (1 << bits) - 1
+        key = values.astype(np.float64)  # a copy, its bits rewritten
+        key_bits = key.view(np.int64)
+        key_bits &= ~mask
+        key_bits |= np.arange(n, dtype=np.int64)
+        key.sort()
+        order = (key.view(np.int64) & mask)[::-1]
+        ordered = values[order]
+        if (ordered[1:] <= ordered[:-1]).all():
+            return order, ordered
+    order = np.argsort(values)[::-1]
+    return order, values[order]
+
+
 def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
                num_replicas: int) -> GroupedRows:
     """Sort rows by (replica, remaining descending): one float sort by ``remaining`` (which
     also ranks it), then a stable integer sort by replica (a radix sort for fewer than 32,768
-    replicas). Rows with equal ``remaining`` come in no particular order (3x faster than a
-    lexsort that would order them too); :meth:`Board.candidates` orders them where it
-    matters."""
+    replicas, one pass up to 256). Rows with equal ``remaining`` come in no particular order
+    (3x faster than a lexsort that would order them too); :meth:`Board.candidates` orders them
+    where it matters."""
     n = remaining.shape[0]
-    by_rem = np.argsort(remaining)[::-1]  # descending (ties in any order)
-    ordered = remaining[by_rem]
+    by_rem, ordered = _descending(remaining)
     first = np.empty(n, dtype=bool)
     first[:1] = True
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
     levels = ordered[first][::-1].copy()  # ascending
     level_desc = np.cumsum(first) - 1  # 0 for the largest value
-    rep_dtype = np.int16 if num_replicas < 2**15 else np.int64
+    # (the narrowest type: a radix sort makes one pass per byte)
+    rep_dtype = (np.uint8 if num_replicas <= 2**8 else np.int16 if num_replicas < 2**15
+                 else np.int64)
     by_rep = np.argsort(replica[by_rem].astype(rep_dtype), kind="stable")
     rows = by_rem[by_rep]
-    rep_s = replica[rows].astype(np.int64)
-    kv_s = kv[rows].astype(np.float64)
-    lengths = np.bincount(rep_s, minlength=num_replicas).astype(np.int64)
+    # Grouped by replica: the replica column is each replica's number repeated (no gather).
+    lengths = np.bincount(replica, minlength=num_replicas).astype(np.int64)
+    rep_s = np.repeat(np.arange(num_replicas, dtype=np.int64), lengths)
+    kv_s = kv[rows].astype(np.float64, copy=False)
     prefix = np.zeros(n + 1)
     np.cumsum(kv_s, out=prefix[1:])
     return GroupedRows(
         rows=rows, replica=rep_s, starts=np.cumsum(lengths) - lengths, lengths=lengths,
-        rem=remaining[rows], kv=kv_s, prefix=prefix,
+        rem=ordered[by_rep], kv=kv_s, prefix=prefix,
         key=rep_s * levels.shape[0] + level_desc[by_rep], levels=levels,
     )
 
@@ -265,44 +301,71 @@ def grouped_trajectories(g: GroupedRows, times: np.ndarray) -> tuple[np.ndarray,
     return alive.T.astype(np.float64), np.ascontiguousarray(memory.T)
 
 
-def grouped_peak(g: GroupedRows, horizon_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`peak_kv` from grouped rows (the same arithmetic, so the same values)."""
-    num_replicas = g.starts.shape[0]
-    peak, peak_at = np.zeros(num_replicas), np.zeros(num_replicas)
-    n = g.rows.shape[0]
-    if n == 0:
-        return peak, peak_at
-    finish = np.clip(g.rem, 0.0, float(horizon_steps))
-    rank = np.arange(n) - np.repeat(g.starts, g.lengths)
-    m = g.prefix[1:] - np.repeat(g.prefix[g.starts], g.lengths) + (rank + 1) * finish
-    busy = np.flatnonzero(g.lengths)
-    starts = g.starts[busy]
-    group_peak = np.maximum.reduceat(m, starts)
-    at_peak = np.where(m == np.repeat(group_peak, g.lengths[busy]), finish, -1.0)
-    peak[busy] = group_peak
-    peak_at[busy] = np.maximum.reduceat(at_peak, starts)
-    return peak, peak_at
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """Groups of rows laid end to end, each sorted by ``finish`` descending: the rising
+    segments of each group's ``M`` that :func:`peak_kv` and :func:`steps_to_overflow` evaluate.
+    Rank ``k`` of a group finishes at ``finish[k]``; up to then ranks ``0..k`` are alive and
+    ``M(t) = alive_kv[k] + (k + 1) t``. Computed once per table, shared by the peak and the
+    budget crossings."""
+
+    finish: np.ndarray  # [N] remaining steps clipped to the horizon
+    alive_kv: np.ndarray  # [N] KV now of ranks 0..k of the row's group
+    rank1: np.ndarray  # [N] k + 1
+    lengths: np.ndarray  # [G]
+    busy: np.ndarray  # groups with rows
+    starts: np.ndarray  # first row of each busy group
+    sizes: np.ndarray  # rows of each busy group
 
 
-def first_crossings(finish: np.ndarray, kv: np.ndarray, lengths: np.ndarray,
-                    budget: np.ndarray) -> np.ndarray:
-    """:func:`steps_to_overflow` of groups laid end to end, each already sorted by ``finish``
-    (remaining steps clipped to the horizon) descending: the first step each group's ``M``
-    passes its budget (``inf``: never). The arithmetic is ``steps_to_overflow``'s."""
-    out = np.full(lengths.shape[0], np.inf)
-    out[budget < 0] = 0.0
+def segments_of(finish: np.ndarray, kv: np.ndarray, lengths: np.ndarray) -> Segments:
+    """:class:`Segments` of rows laid end to end, ``lengths`` per group, each group sorted by
+    ``finish`` descending (KV sums: integers, exact whatever the order)."""
     n = finish.shape[0]
-    if n == 0:
-        return out
     busy = np.flatnonzero(lengths)
     starts, sizes = (np.cumsum(lengths) - lengths)[busy], lengths[busy]
     cum = np.cumsum(kv)
-    alive_kv = cum - np.repeat(cum[starts] - kv[starts], sizes)
-    rank = np.arange(n) - np.repeat(starts, sizes)
+    return Segments(finish=finish, alive_kv=cum - np.repeat(cum[starts] - kv[starts], sizes),
+                    rank1=np.arange(n) - np.repeat(starts, sizes) + 1, lengths=lengths,
+                    busy=busy, starts=starts, sizes=sizes)
+
+
+def grouped_segments(g: GroupedRows, horizon_steps: int) -> Segments:
+    """:func:`segments_of` the table's grouping (its running KV sums are already there)."""
+    n = g.rows.shape[0]
+    busy = np.flatnonzero(g.lengths)
+    return Segments(finish=np.clip(g.rem, 0.0, float(horizon_steps)),
+                    alive_kv=g.prefix[1:] - np.repeat(g.prefix[g.starts], g.lengths),
+                    rank1=np.arange(n) - np.repeat(g.starts, g.lengths) + 1, lengths=g.lengths,
+                    busy=busy, starts=g.starts[busy], sizes=g.lengths[busy])
+
+
+def segments_peak(s: Segments) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`peak_kv` of each group (the same arithmetic, so the same values)."""
+    peak, peak_at = np.zeros(s.lengths.shape[0]), np.zeros(s.lengths.shape[0])
+    if s.finish.shape[0] == 0:
+        return peak, peak_at
+    # Just before a request finishes, every request ranked at or above it is still alive.
+    m = s.alive_kv + s.rank1 * s.finish
+    group_peak = np.maximum.reduceat(m, s.starts)
+    at_peak = np.where(m == np.repeat(group_peak, s.sizes), s.finish, -1.0)
+    peak[s.busy] = group_peak
+    peak_at[s.busy] = np.maximum.reduceat(at_peak, s.starts)
+    return peak, peak_at
+
+
+def segments_crossings(s: Segments, budget: np.ndarray) -> np.ndarray:
+    """:func:`steps_to_overflow` of each group: the first step its ``M`` passes its budget
+    (``inf``: never). The arithmetic is ``steps_to_overflow``'s."""
+    out = np.full(s.lengths.shape[0], np.inf)
+    out[budget < 0] = 0.0
+    n = s.finish.shape[0]
+    if n == 0:
+        return out
     seg_start = np.empty(n)  # (np.r_ costs more than the rest of a small call)
-    seg_start[:-1], seg_start[-1] = finish[1:], 0.0
-    seg_start[starts + sizes - 1] = 0.0  # a group's last rank is alive from t = 0
-    at_budget = (np.repeat(budget, lengths) - alive_kv) / (rank + 1)
-    cross = np.where(at_budget < finish, np.maximum(at_budget, seg_start), np.inf)
-    out[busy] = np.minimum(out[busy], np.minimum.reduceat(cross, starts))
+    seg_start[:-1], seg_start[-1] = s.finish[1:], 0.0
+    seg_start[s.starts + s.sizes - 1] = 0.0  # a group's last rank is alive from t = 0
+    at_budget = (np.repeat(budget, s.lengths) - s.alive_kv) / s.rank1
+    cross = np.where(at_budget < s.finish, np.maximum(at_budget, seg_start), np.inf)
+    out[s.busy] = np.minimum(out[s.busy], np.minimum.reduceat(cross, s.starts))
     return out
