@@ -216,7 +216,7 @@ def markdown(agg: list[dict[str, Any]], hr: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(hr: list[dict[str, Any]], path: str) -> None:
+def plot(hr: list[dict[str, Any]], path: str, seeds: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +244,7 @@ def plot(hr: list[dict[str, Any]], path: str) -> None:
         ax.set_xlabel("migration")
         ax.set_title(title, fontsize=9)
     fig.suptitle("P99 TPOT below the better of least-load and llumnix (geometric mean of "
-                 "4 trace seeds; blue = ahead)", fontsize=9)
+                 f"{seeds} trace seeds; blue = ahead)", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.8, label="% lower P99 TPOT")
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
@@ -329,7 +329,10 @@ def main(argv: list[str] | None = None) -> None:
                       file=sys.stderr)
                 if args.out:  # a checkpoint: --reuse it to resume an interrupted map
                     _save(args.out, {"rates": _rates(rates), "rows": rows})
-    agg = aggregate(rows)
+    # Only the asked-for cells and seeds: a --reuse file may hold more (e.g. extra seeds).
+    asked = [r for r in rows if r["seed"] in seeds and r["replicas"] in reps
+             and r["kv_units"] in units]
+    agg = aggregate(asked)
     hr = headroom(agg)
     out = {"command": " ".join(sys.argv), "wall_s": time.perf_counter() - t0,
            "rates": _rates(rates),
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(agg, hr), file=sys.stderr)
     print(f"wall {out['wall_s']:.0f} s, {len(rows)} runs", file=sys.stderr)
     if args.plot:
-        plot(hr, args.plot)
+        plot(hr, args.plot, len(seeds))
 
 
 if __name__ == "__main__":
