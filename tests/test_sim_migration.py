@@ -14,8 +14,12 @@ from typing import ClassVar
 import numpy as np
 from test_sim_simulator import assert_conserved, config, run
 
+from ares_jax.cluster import ClusterConfig, ClusterCore
 from ares_jax.cluster.migration import MigrationConfig, MigrationOutcome
+from ares_jax.engine.sampling import SamplingParams
+from ares_jax.engine.types import Request
 from ares_jax.paging import pages_for
+from ares_jax.replica.simulated import SimulatedDecodeReplica, SimulatedPrefillReplica
 from ares_jax.scheduler import ClusterSnapshot, Decisions, Dispatch, Migration, PolicyState
 from ares_jax.sim.simulator import Simulator
 from ares_jax.sim.workloads import Workload
@@ -24,11 +28,13 @@ PROMPT, OUTPUT = 1000, 600
 
 
 class MoveOnce:
-    """Test policy: everything to replica 0; at the first round, request 0 to replica 1."""
+    """Test policy: everything to replica 0; at the first round, request 0 to replica 1.
+    ``kv_at_move`` keeps the KV the request had when the move was decided."""
 
     name = "move-once"
     needs_request_table: ClassVar[bool] = False
     migrates: ClassVar[bool] = True
+    kv_at_move: int = -1
 
     def dispatch(self, snapshot: ClusterSnapshot, state: PolicyState):  # noqa: ANN201
         return Decisions(dispatches=tuple(Dispatch(request_id=p.request_id, replica_id=0)
@@ -42,17 +48,19 @@ class MoveOnce:
         if not rows.size:
             return Decisions(), state
         move = Migration(request_id=table.id_at(int(rows[0])), src=0, dst=1)
+        self.kv_at_move = int(table.kv_tokens[rows[0]])
         return Decisions(migrations=(move,)), dataclasses.replace(state, round_robin_next=1)
 
 
-def one_request() -> Workload:
-    return Workload(name="one", arrival_s=np.zeros(1), prompt_tokens=np.array([PROMPT]),
+def one_request(prompt: int = PROMPT) -> Workload:
+    return Workload(name="one", arrival_s=np.zeros(1), prompt_tokens=np.array([prompt]),
                     output_tokens=np.array([OUTPUT]), max_tokens=4096)
 
 
-def migrate(link_gbytes_per_s: float, migration: MigrationConfig) -> Simulator:
+def migrate(link_gbytes_per_s: float, migration: MigrationConfig,
+            policy: MoveOnce | None = None, prompt: int = PROMPT) -> Simulator:
     cfg = config(decode=2, link_gbytes_per_s=link_gbytes_per_s, migration=migration)
-    sim = run(one_request(), MoveOnce(), cfg)
+    sim = run(one_request(prompt), policy or MoveOnce(), cfg)
     assert_conserved(sim)
     assert int(sim.result.finish_count[0]) == 1
     return sim
@@ -112,3 +120,39 @@ def test_timeout_leaves_the_request_on_its_source() -> None:
     assert sim.result.counters["migrations_aborted"] == 1
     # It finished on its source with its whole output (assert_conserved checked the pages).
     assert sim.result.counters["decode_tokens"] == OUTPUT - 1
+
+
+def test_the_scheduler_core_migrates_the_same_way() -> None:
+    """The same move through the live core (over simulated replicas, one copy stage per
+    iteration) and through the simulator (stages timed by a 50 GB/s link) takes the same
+    passes and copies the same pages: both run ``next_stage``. The request is moved with its
+    KV mid-page, so the one or two decode steps the stages take add no page."""
+    mcfg = MigrationConfig()  # the live defaults: 64-page stages, stop-and-copy at 2 left
+    policy, prompt = MoveOnce(), PROMPT + 8
+    sim = migrate(50.0, mcfg, policy, prompt)
+    (simulated,) = sim.migration_history
+    kv = policy.kv_at_move
+    assert 2 < kv % sim.page < sim.page - 4 and kv // sim.page > 64  # two stages, then final
+
+    kw = dict(page_size=sim.page, max_model_len=8192, kv_bytes_per_token=sim.kv_bytes)
+    decode = [SimulatedDecodeReplica(i, num_pages=512, max_num_seqs=4, **kw) for i in range(2)]
+    core = ClusterCore([SimulatedPrefillReplica(2, **kw)], decode, None, vocab_size=1000,
+                       cluster=ClusterConfig(policy="least-load", migration=mcfg))
+    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT, ignore_eos=True)
+    core.add_request(Request(request_id="r0", prompt_ids=[5] * prompt, params=params))
+    for _ in range(10 * OUTPUT):
+        load = decode[0].load()
+        if "r0" in load.request_ids and int(load.kv_tokens[0]) == kv:
+            break
+        core.step()
+    rec = core.start_migration("r0", 0, 1)
+    while rec.active:
+        core.step()
+    while core.has_work:
+        core.step()
+
+    assert rec.outcome is simulated.outcome is MigrationOutcome.COMMITTED
+    assert (rec.stages, rec.copied_pages) == (simulated.stages, simulated.copied_pages)
+    assert rec.bytes_moved == simulated.bytes_moved
+    assert len(core.finished["r0"].token_ids) == OUTPUT
+    assert all(h.load().used_pages == 0 for h in decode)
