@@ -20,6 +20,7 @@ Importing this module (for ``SHAPE``/``block``) must not touch JAX's configurati
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +33,40 @@ def block(seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return (rng.standard_normal(SHAPE).astype(np.float32),
             rng.standard_normal(SHAPE).astype(np.float32))
+
+
+class SourceProcess:
+    """This module run as the offering process (``*args``: ``shm`` or nothing), driven line by
+    line over its stdin/stdout."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the source process died (exit {self.proc.poll()})")
+        return json.loads(line)
+
+    def offer(self, seed: int, ttl_s: float = 30.0, replicated: bool = False):  # noqa: ANN201
+        from ares_jax.transfer.kv_transport import KvTicket
+
+        cmd = "offer_replicated" if replicated else "offer"
+        return KvTicket.from_json(self.ask(f"{cmd} {seed} {ttl_s}")["ticket"])
+
+    def offer_big(self, mib: int, ttl_s: float):  # noqa: ANN201
+        from ares_jax.transfer.kv_transport import KvTicket
+
+        return KvTicket.from_json(self.ask(f"offer_big {mib} {ttl_s}")["ticket"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=20)
 
 
 def main() -> None:

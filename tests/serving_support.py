@@ -74,3 +74,23 @@ def close_processes(cluster) -> None:
     stubborn = cluster.procs.close()
     assert not stubborn, f"needed SIGKILL: {stubborn}"
     assert not [pid for pid in pids if process_alive(pid)]
+
+
+def stream_and_migrate(client: Client, prompt: list[int], params: SamplingParams, *,
+                       after: int = 12, destinations: tuple[int, ...] = (1, 2)
+                       ) -> tuple[list[int], int]:
+    """Stream ``prompt``; after ``after`` tokens ask the scheduler to move the request to the
+    first of ``destinations`` it is not already on. Returns every token and the destination."""
+    tokens: list[int] = []
+    migrated: list[int] = []
+    for chunk in client.stream(prompt, params):
+        if chunk.token_id >= 0:
+            tokens.append(chunk.token_id)
+        if len(tokens) == after and not migrated:
+            for dst in destinations:  # whichever decode replica it is not on
+                started, reason = client.migrate(chunk.request_id, dst)
+                if started:
+                    migrated.append(dst)
+                    break
+            assert migrated, reason
+    return tokens, migrated[0]

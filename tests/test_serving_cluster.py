@@ -10,7 +10,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from serving_support import in_process_tokens, settled
+from serving_support import in_process_tokens, settled, stream_and_migrate
 
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig
@@ -71,22 +71,12 @@ def test_request_migrated_between_decode_processes_keeps_its_tokens(cluster, ref
     client, _, _ = cluster
     params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
     p = prompt(7, 40)
-    tokens, migrated = [], []
-    for chunk in client.stream(p, params):
-        if chunk.token_id >= 0:
-            tokens.append(chunk.token_id)
-        if len(tokens) == 12 and not migrated:
-            for dst in (1, 2):  # whichever decode replica it is not on
-                started, reason = client.migrate(chunk.request_id, dst)
-                if started:
-                    migrated.append(dst)
-                    break
-            assert migrated, reason
+    tokens, dst = stream_and_migrate(client, p, params)
     assert tokens == reference([p], params)[0]
     stats = client.stats()
     assert stats["counters"]["migrations_committed"] >= 1, stats["migrations"]
     last = stats["migrations"][-1]
-    assert last["outcome"] == "committed" and last["bytes"] > 0 and last["dst"] == migrated[0]
+    assert last["outcome"] == "committed" and last["bytes"] > 0 and last["dst"] == dst
     stats = settled(client)  # page accounting balances on both decode processes
     assert all(r["kv_pages_used"] == 0 for r in stats["replicas"]), stats["replicas"]
 

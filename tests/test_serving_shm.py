@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from serving_support import in_process_tokens, settled, wait_for
+from serving_support import in_process_tokens, settled, stream_and_migrate, wait_for
 
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.engine.types import EngineConfig
@@ -67,21 +67,11 @@ def test_migration_between_decode_processes_through_shared_memory(cluster, refer
     client, pids = cluster
     params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
     p = prompt(7, 40)
-    tokens, migrated = [], []
-    for chunk in client.stream(p, params):
-        if chunk.token_id >= 0:
-            tokens.append(chunk.token_id)
-        if len(tokens) == 12 and not migrated:
-            for dst in (1, 2):  # whichever decode replica it is not on
-                started, reason = client.migrate(chunk.request_id, dst)
-                if started:
-                    migrated.append(dst)
-                    break
-            assert migrated, reason
+    tokens, dst = stream_and_migrate(client, p, params)
     assert tokens == reference([p], params)[0]
     stats = client.stats()
     last = stats["migrations"][-1]
-    assert last["outcome"] == "committed" and last["bytes"] > 0 and last["dst"] == migrated[0]
+    assert last["outcome"] == "committed" and last["bytes"] > 0 and last["dst"] == dst
     stats = settled(client)
     assert all(r["kv_pages_used"] == 0 for r in stats["replicas"]), stats["replicas"]
     wait_for(lambda: segments_of(pids) == [], 10, "the migration segments to be unlinked")

@@ -1,8 +1,6 @@
 """The KvTransport seam: cross-process pulls over jax.experimental.transfer with a real second
 process on localhost, and LocalTransport between two meshes of this process."""
 
-import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,44 +17,14 @@ from ares_jax.transfer.local_transport import LocalTransport
 from ares_jax.transfer.remote import JaxTransferTransport
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kv_source_process import SHAPE, block  # noqa: E402
+from kv_source_process import SHAPE, SourceProcess, block  # noqa: E402
 
 HEADS = PartitionSpec(None, None, None, "model", None)
 
 
-class Source:
-    """The offering process, driven line by line over its stdin/stdout."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "kv_source_process.py")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def ask(self, command: str) -> dict:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            pytest.fail(f"the source process died (exit {self.proc.poll()})")
-        return json.loads(line)
-
-    def offer(self, seed: int, ttl_s: float = 30.0, replicated: bool = False) -> KvTicket:
-        cmd = "offer_replicated" if replicated else "offer"
-        return KvTicket.from_json(self.ask(f"{cmd} {seed} {ttl_s}")["ticket"])
-
-    def offer_big(self, mib: int, ttl_s: float) -> KvTicket:
-        return KvTicket.from_json(self.ask(f"offer_big {mib} {ttl_s}")["ticket"])
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def source():
-    src = Source()
+    src = SourceProcess()
     try:
         yield src
     finally:
@@ -68,7 +36,7 @@ def receiver():
     return JaxTransferTransport()
 
 
-def wait_for_expiry(source: Source, uuid: int, within_s: float = 10.0) -> None:
+def wait_for_expiry(source: SourceProcess, uuid: int, within_s: float = 10.0) -> None:
     """Until the source's on_expire callback has fired for ``uuid`` (it runs right after the
     offer leaves the pending count)."""
     deadline = time.monotonic() + within_s

@@ -3,9 +3,7 @@ this process pulls them; every way an offer ends unlinks its segment, and segmen
 SIGKILLed process are swept by the next transport, those of running processes left alone."""
 
 import dataclasses
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,35 +19,9 @@ from ares_jax.transfer.kv_transport import KvTicket, KvTransport
 from ares_jax.transfer.shm import DEFAULT_DIR, PREFIX, ShmTransport, process_start, sweep_stale
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kv_source_process import SHAPE, block  # noqa: E402
+from kv_source_process import SHAPE, SourceProcess, block  # noqa: E402
 
 HEADS = PartitionSpec(None, None, None, "model", None)
-
-
-class Source:
-    """The offering process (``kv_source_process.py shm``), driven over stdin/stdout."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "kv_source_process.py"), "shm"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def ask(self, command: str) -> dict:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            pytest.fail(f"the source process died (exit {self.proc.poll()})")
-        return json.loads(line)
-
-    def offer(self, seed: int, ttl_s: float = 30.0) -> KvTicket:
-        return KvTicket.from_json(self.ask(f"offer {seed} {ttl_s}")["ticket"])
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=20)
 
 
 def segments(pid: int) -> list[str]:
@@ -58,7 +30,7 @@ def segments(pid: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def source():
-    src = Source()
+    src = SourceProcess("shm")
     try:
         yield src
     finally:
@@ -166,7 +138,7 @@ def test_in_process_offers_bfloat16_release_and_close_unlink(receiver):
 
 
 def test_sweep_removes_a_killed_process_segments_only(receiver):
-    killed = Source()
+    killed = SourceProcess("shm")
     live_prefix = f"{PREFIX}{os.getpid()}-{process_start(os.getpid())}-0000-"
     recycled = f"{PREFIX}{os.getpid()}-1-0000-1"  # our pid with another start time
     not_ours = f"{PREFIX}notes"

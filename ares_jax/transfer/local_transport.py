@@ -22,9 +22,8 @@ from ares_jax.transfer.kv_transport import (
     KvTicket,
     check_block,
     check_expected,
-    uuid_of,
 )
-from ares_jax.transfer.offers import Offer, OfferBook
+from ares_jax.transfer.offers import BookedOffers, Offer, OfferBook
 from ares_jax.transfer.shards import shard_index, spec_entries
 
 KIND = "local"
@@ -34,7 +33,7 @@ _ids = itertools.count(1)
 _lock = threading.Lock()
 
 
-class LocalTransport:
+class LocalTransport(BookedOffers):
     """One per replica (mesh) of a single process."""
 
     def __init__(self) -> None:
@@ -84,15 +83,6 @@ class LocalTransport:
         except (ValueError, RuntimeError) as err:
             raise TransferError(f"device_put of a {k.shape} block to {target} failed: {err}") \
                 from err
-
-    def ack(self, ticket_or_uuid: KvTicket | int) -> bool:
-        return self._book.remove(uuid_of(ticket_or_uuid))
-
-    def release(self, uuid: int) -> bool:
-        return self._book.remove(uuid)
-
-    def pending_offers(self) -> int:
-        return len(self._book)
 
     def close(self) -> None:
         self._book.close()

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ares_jax.transfer.kv_transport import ExpiryCallback
+from ares_jax.transfer.kv_transport import ExpiryCallback, KvTicket, uuid_of
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +130,18 @@ class OfferBook:
                     self._tick()
                 except Exception:  # noqa: BLE001
                     log.exception("transport tick failed")
+
+
+class BookedOffers:
+    """The seam's source-side calls that only read or change the transport's ``OfferBook``."""
+
+    _book: OfferBook
+
+    def ack(self, ticket_or_uuid: KvTicket | int) -> bool:
+        return self._book.remove(uuid_of(ticket_or_uuid))
+
+    def release(self, uuid: int) -> bool:
+        return self._book.remove(uuid)
+
+    def pending_offers(self) -> int:
+        return len(self._book)

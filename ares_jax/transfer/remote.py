@@ -50,16 +50,15 @@ from ares_jax.transfer.kv_transport import (
     KvTicket,
     check_block,
     check_expected,
-    uuid_of,
 )
-from ares_jax.transfer.offers import Offer, OfferBook
+from ares_jax.transfer.offers import BookedOffers, Offer, OfferBook
 from ares_jax.transfer.shards import (
     as_source_sharding,
     assemble,
+    block_ticket,
     direct_layout,
     distinct_shards,
     landing_devices,
-    spec_entries,
 )
 
 KIND = "jax-transfer"
@@ -79,7 +78,7 @@ class TransferSettings:
     poll_s: float = 2e-3  # longest sleep between readiness checks while pulling
 
 
-class JaxTransferTransport:
+class JaxTransferTransport(BookedOffers):
     """One per process: offers page blocks to, and pulls them from, peer processes."""
 
     def __init__(self, address: str = "127.0.0.1:0",
@@ -136,20 +135,9 @@ class JaxTransferTransport:
         except (RuntimeError, ValueError):
             self._drop(uuid)
             raise
-        mesh = sharding.mesh
-        return KvTicket(uuid=uuid, address=self._address, kind=KIND, shape=tuple(k.shape),
-                        dtype=str(k.dtype), mesh_shape=tuple(mesh.devices.shape),
-                        mesh_axes=tuple(mesh.axis_names), spec=spec_entries(sharding.spec),
-                        shards=indices, ttl_s=ttl_s, chunk_bytes=self.settings.transfer_size)
-
-    def ack(self, ticket_or_uuid: KvTicket | int) -> bool:
-        return self._book.remove(uuid_of(ticket_or_uuid))
-
-    def release(self, uuid: int) -> bool:
-        return self._book.remove(uuid)
-
-    def pending_offers(self) -> int:
-        return len(self._book)
+        return block_ticket(uuid=uuid, address=self._address, kind=KIND, k=k,
+                            sharding=sharding, shards=indices, ttl_s=ttl_s,
+                            chunk_bytes=self.settings.transfer_size)
 
     def _drop(self, uuid: int) -> None:
         """Let the runtime forget ``uuid``'s buffers now.

@@ -110,3 +110,13 @@ def assemble(ticket: KvTicket, pieces: Sequence[jax.Array], layout: NamedShardin
     if target is not None and target != layout:
         whole = jax.device_put(whole, target)
     return whole
+
+
+def block_ticket(*, uuid: int, address: str, kind: str, k: jax.Array, sharding: NamedSharding,
+                 shards: Sequence[ShardIndex], ttl_s: float, chunk_bytes: int = 0) -> KvTicket:
+    """The ticket of an offered block ``k`` (and its ``v`` twin) laid out by ``sharding``."""
+    mesh = sharding.mesh
+    return KvTicket(uuid=uuid, address=address, kind=kind, shape=tuple(k.shape),
+                    dtype=str(k.dtype), mesh_shape=tuple(mesh.devices.shape),
+                    mesh_axes=tuple(mesh.axis_names), spec=spec_entries(sharding.spec),
+                    shards=tuple(shards), ttl_s=ttl_s, chunk_bytes=chunk_bytes)

@@ -54,14 +54,13 @@ from ares_jax.transfer.kv_transport import (
     KvTicket,
     check_block,
     check_expected,
-    uuid_of,
 )
-from ares_jax.transfer.offers import Offer, OfferBook
+from ares_jax.transfer.offers import BookedOffers, Offer, OfferBook
 from ares_jax.transfer.shards import (
     as_source_sharding,
+    block_ticket,
     distinct_shards,
     shard_index,
-    spec_entries,
 )
 
 log = logging.getLogger(__name__)
@@ -141,7 +140,7 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-class ShmTransport:
+class ShmTransport(BookedOffers):
     """One per process: offers page blocks as ``/dev/shm`` segments, pulls peers' segments."""
 
     def __init__(self, directory: str = DEFAULT_DIR,
@@ -206,21 +205,9 @@ class ShmTransport:
         except BaseException:
             self._unlink(uuid)
             raise
-        mesh = sharding.mesh
         whole = shard_index(tuple(slice(None) for _ in k.shape), k.shape)
-        return KvTicket(uuid=uuid, address=self._address, kind=KIND, shape=tuple(k.shape),
-                        dtype=str(k.dtype), mesh_shape=tuple(mesh.devices.shape),
-                        mesh_axes=tuple(mesh.axis_names), spec=spec_entries(sharding.spec),
-                        shards=(whole,), ttl_s=ttl_s)
-
-    def ack(self, ticket_or_uuid: KvTicket | int) -> bool:
-        return self._book.remove(uuid_of(ticket_or_uuid))
-
-    def release(self, uuid: int) -> bool:
-        return self._book.remove(uuid)
-
-    def pending_offers(self) -> int:
-        return len(self._book)
+        return block_ticket(uuid=uuid, address=self._address, kind=KIND, k=k,
+                            sharding=sharding, shards=(whole,), ttl_s=ttl_s)
 
     def _unlink(self, uuid: int) -> None:
         with contextlib.suppress(FileNotFoundError):
