@@ -167,8 +167,31 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def headroom(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per cell: the better current-load policy and every variant's P99 TPOT ratio to it."""
+def paired_interval(mine: dict[int, float], theirs: dict[int, float],
+                    level: float = 0.95) -> list[float] | None:
+    """Geometric mean of the per-seed ratios ``mine / theirs`` (every policy runs on the same
+    traces, so the seeds pair up) and its ``level`` interval: a t interval on the log ratios.
+    ``[ratio, low, high, seeds]``, or None with fewer than two shared seeds."""
+    from scipy.stats import t as student_t
+
+    seeds = sorted(set(mine) & set(theirs))
+    if len(seeds) < 2:
+        return None
+    logs = np.log([mine[s] / theirs[s] for s in seeds])
+    half = (student_t.ppf(0.5 + level / 2, len(seeds) - 1) * logs.std(ddof=1)
+            / math.sqrt(len(seeds)))
+    m = float(logs.mean())
+    return [math.exp(m), math.exp(m - half), math.exp(m + half), len(seeds)]
+
+
+def headroom(agg: list[dict[str, Any]],
+             rows: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Per cell: the better current-load policy and every variant's P99 TPOT ratio to it, and,
+    from the per-seed ``rows``, each ratio's paired 95% interval."""
+    p99: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        key = (r["replicas"], r["kv_units"], r["migration"], r["variant"])
+        p99.setdefault(key, {})[r["seed"]] = r["tpot_ms_p99"]
     cells = sorted({(a["replicas"], a["kv_units"], a["migration"]) for a in agg})
     out = []
     for cell in cells:
@@ -182,8 +205,16 @@ def headroom(agg: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "better": best, "better_p99": by[best]["tpot_ms_p99"],
                     "better_attainment": att,
                     "ratio": {n: a["tpot_ms_p99"] / by[best]["tpot_ms_p99"] for n, a in by.items()},
-                    "attainment": {n: a["slo_attainment"] for n, a in by.items()}})
+                    "attainment": {n: a["slo_attainment"] for n, a in by.items()},
+                    "interval": {n: iv for n in by if n != best and (iv := paired_interval(
+                        p99.get((*cell[:2], _mig(n, cell[2]), n), {}),
+                        p99.get((*cell[:2], _mig(best, cell[2]), best), {}))) is not None}})
     return out
+
+
+def _mig(variant: str, migration: str) -> str:
+    """The migration key a variant's rows are stored under (least-load's are shared: "-")."""
+    return "-" if variant == "least-load" else migration
 
 
 def markdown(agg: list[dict[str, Any]], hr: list[dict[str, Any]]) -> str:
@@ -213,6 +244,17 @@ def markdown(agg: list[dict[str, Any]], hr: list[dict[str, Any]]) -> str:
                      + " | ".join(f"{r[n]:.3f}" if n in r else "-"
                                   for n in names if n not in ("least-load", "llumnix"))
                      + f" | {1 - r.get('ares-oracle', float('nan')):+.1%} |")
+    if any(h.get("interval") for h in hr):
+        shown = [n for n in names if n not in ("least-load", "llumnix")]
+        lines += ["", "| replicas | KV units | migration | better | "
+                  + " | ".join(f"{n} / better, paired 95% interval" for n in shown) + " |",
+                  "|---" * (4 + len(shown)) + "|"]
+        for h in hr:
+            iv = h.get("interval", {})
+            lines.append(f"| {h['replicas']} | {h['kv_units']} | {h['migration']} | "
+                         f"{h['better']} | " + " | ".join(
+                             f"{iv[n][0]:.3f} [{iv[n][1]:.2f}, {iv[n][2]:.2f}] ({iv[n][3]})"
+                             if n in iv else "-" for n in shown) + " |")
     return "\n".join(lines)
 
 
@@ -333,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     asked = [r for r in rows if r["seed"] in seeds and r["replicas"] in reps
              and r["kv_units"] in units]
     agg = aggregate(asked)
-    hr = headroom(agg)
+    hr = headroom(agg, asked)
     out = {"command": " ".join(sys.argv), "wall_s": time.perf_counter() - t0,
            "rates": _rates(rates),
            "rows": rows, "aggregate": agg, "headroom": hr}
