@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -181,12 +181,16 @@ class Client:
             _raise_for(err)
             raise
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Block until every replica has registered."""
+    def wait_ready(self, timeout_s: float = 300.0,
+                   check: Callable[[], None] | None = None) -> None:
+        """Block until every replica has registered. ``check`` runs before each poll and may
+        raise to stop waiting (e.g. a replica process that launched this cluster exited)."""
         import time
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if check is not None:
+                check()
             try:
                 if self.stats().get("ready"):
                     return

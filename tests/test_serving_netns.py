@@ -30,9 +30,9 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from serving_support import FAULT_ECFG as ECFG
+from serving_support import FAULT_ENGINE as ENGINE
 from serving_support import (
-    FAULT_ECFG,
-    FAULT_ENGINE,
     all_free,
     close_processes,
     in_process_tokens,
@@ -45,10 +45,8 @@ from ares_jax.client import Client
 from ares_jax.engine.sampling import SamplingParams
 from ares_jax.serving.local_cluster import Processes, free_port
 
-ECFG = FAULT_ECFG
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 TIMEOUT_S = 2.0  # --replica-timeout; the lease is twice this
-ENGINE = FAULT_ENGINE
 
 
 def prompt(i: int, n: int = 12) -> list[int]:
@@ -155,18 +153,7 @@ class Cluster:
         self.wait_ready()
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            dead = [n for n, p in self.procs.procs.items() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"{dead[0]} exited:\n{self.procs.log(dead[0])}")
-            try:
-                if self.client.stats().get("ready"):
-                    return
-            except ConnectionError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"the cluster was not ready in {timeout_s} s")
+        self.client.wait_ready(timeout_s, check=self.procs.raise_if_exited)
 
     def ns_replica(self) -> dict:
         (row,) = [r for r in self.client.stats()["replicas"]

@@ -104,6 +104,7 @@ class Processes:
 
         self.log_dir = Path(log_dir)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.killed: set[str] = set()  # by kill(): their exit is no surprise
 
     def start(self, name: str, argv: Sequence[str], prefix: Sequence[str] = ()
               ) -> subprocess.Popen:
@@ -126,9 +127,16 @@ class Processes:
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]
+        self.killed.add(name)
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+    def raise_if_exited(self) -> None:
+        """``RuntimeError`` with its log if a process exited that ``kill`` did not stop."""
+        for name, proc in self.procs.items():
+            if name not in self.killed and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({proc.returncode}):\n{self.log(name)}")
 
     def log(self, name: str, lines: int = 30) -> str:
         text = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
