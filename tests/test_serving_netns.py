@@ -14,7 +14,8 @@ address, so commands, heartbeats, events and KV pulls all cross the link. In ord
 
 This kernel has no ``sch_netem`` (nor tc classifiers or iptables), so delay and loss are what
 ``tbf`` makes of a low rate and a short queue, not netem's configured distributions.
-Needs root and ``ip netns``; skipped with the reason otherwise.
+Needs root and ``ip netns``: skipped with the reason without root or where the kernel refuses a
+namespace; a missing iproute2 fails in CI (.ci/run installs it) and skips elsewhere.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def link():
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
     if shutil.which("ip") is None or shutil.which("tc") is None:
+        # .ci/run installs iproute2: in CI a missing one is a failure, not a skip.
+        assert not os.environ.get("CI"), "CI must have iproute2 (.ci/run installs it)"
         pytest.skip("iproute2 (ip, tc) is not installed")
     probe = ip("netns", "add", f"ares-probe-{os.getpid()}", check=False)
     if probe.returncode != 0:
