@@ -106,7 +106,7 @@ def test_metrics_from_cluster_state_and_streams(served):
                        _migration("r2", "aborted_destination", 11.0, None)],
         "counters": {"migrations_committed": 7, "migrations_aborted": 2,
                      "migration_bytes": 123456, "preemptions": 4, "fallback_dispatches": 1,
-                     "requests_finished": 10}}
+                     "migrations_capped": 5, "requests_finished": 10}}
     text = httpx.get(server.url + "/metrics").text
     assert metric(text, "ares:num_requests_running") == 5
     assert metric(text, "ares:num_requests_waiting") == 3
@@ -116,6 +116,7 @@ def test_metrics_from_cluster_state_and_streams(served):
     assert metric(text, "ares:migrations_total", outcome="aborted") == 2
     assert metric(text, "ares:migration_kv_bytes_total") == 123456
     assert metric(text, "ares:num_preemptions_total") == 4
+    assert metric(text, "ares:migrations_capped_total") == 5
     # each committed migration enters the downtime histogram once, however often it is read
     httpx.get(server.url + "/cluster")
     text = httpx.get(server.url + "/metrics").text

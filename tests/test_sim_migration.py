@@ -156,3 +156,41 @@ def test_the_scheduler_core_migrates_the_same_way() -> None:
     assert rec.bytes_moved == simulated.bytes_moved
     assert len(core.finished["r0"].token_ids) == OUTPUT
     assert all(h.load().used_pages == 0 for h in decode)
+
+
+def test_the_scheduler_core_caps_migration_starts_per_minute() -> None:
+    """``migration.max_starts_per_minute`` in the live core, as in the simulator: a policy
+    that proposes two moves every round gets at most the cap started in any 60 s (a fake
+    clock: one second per iteration); the rest are counted as capped, and nothing is lost."""
+    from test_sim_simulator import ShuffleEverything
+
+    def run_core(cap: int) -> ClusterCore:
+        kw = dict(page_size=16, max_model_len=4096, kv_bytes_per_token=1024)
+        decode = [SimulatedDecodeReplica(i, num_pages=512, max_num_seqs=4, **kw)
+                  for i in range(2)]
+        now = [0.0]
+        core = ClusterCore([SimulatedPrefillReplica(2, **kw)], decode, None, vocab_size=1000,
+                           cluster=ClusterConfig(policy="least-load", reschedule_every=1,
+                                                 migration=MigrationConfig(
+                                                     max_starts_per_minute=cap)),
+                           clock=lambda: now[0])
+        core.policy = ShuffleEverything()
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        for i in range(4):
+            core.add_request(Request(request_id=f"r{i}", prompt_ids=[5] * 40, params=params))
+        while core.has_work:
+            core.step()
+            now[0] += 1.0
+        assert all(len(core.finished[f"r{i}"].token_ids) == 200 for i in range(4))
+        assert all(h.load().used_pages == 0 for h in decode)
+        return core
+
+    capped = run_core(3)
+    # (the iteration a migration started at is its second on the fake clock)
+    starts = [float(d[0]) for d in capped.decisions if d[1] == "migrate"]
+    assert starts and all(sum(s <= t < s + 60 for t in starts) <= 3 for s in starts)
+    assert capped.counters["migrations_capped"] > 0
+    assert capped.stats()["migrations_capped"] == capped.counters["migrations_capped"]
+    free = run_core(0)
+    assert free.counters["migrations_capped"] == 0
+    assert sum(d[1] == "migrate" for d in free.decisions) > len(starts)

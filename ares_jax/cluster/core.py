@@ -35,7 +35,7 @@ import numpy as np
 from ares_jax.cluster.config import ClusterConfig
 from ares_jax.cluster.deadlines import DEADLINE, Deadlines
 from ares_jax.cluster.migrating import Migrations
-from ares_jax.cluster.migration import MigrationOutcome, MigrationRecord
+from ares_jax.cluster.migration import MigrationOutcome, MigrationRecord, StartLimiter
 from ares_jax.cluster.report import cluster_state
 from ares_jax.cluster.snapshot import build_snapshot
 from ares_jax.engine.outputs import RequestTracker, StreamChunk
@@ -113,6 +113,7 @@ class ClusterCore(Migrations):
         self.migration_history: collections.deque[MigrationRecord] = collections.deque(
             maxlen=1000)
         self.last_migrated: dict[str, float] = {}
+        self.start_limiter = StartLimiter(self.cluster.migration.max_starts_per_minute)
         self.counters: collections.Counter[str] = collections.Counter()
         # (iteration, kind, request, a, b): every placement and migration decision, in order
         # (kinds: dispatch, fallback, migrate, migration_end), for tests and debugging.
@@ -564,6 +565,7 @@ class ClusterCore(Migrations):
             "migrations_aborted": c["migrations_aborted"],
             "migration_bytes": int(c["migration_bytes"]),
             "fallback_dispatches": c["fallback_dispatches"],
+            "migrations_capped": c["migrations_capped"],
         }
 
 

@@ -23,6 +23,7 @@ from ares_jax.cluster.migration import (
     MigrationOutcome,
     MigrationRecord,
     Stage,
+    StartLimiter,
     next_stage,
     reservation_pages,
 )
@@ -55,6 +56,7 @@ class Migrations:
     detached: dict[str, Detached]
     migrations: dict[str, MigrationRecord]
     migration_history: collections.deque[MigrationRecord]
+    start_limiter: StartLimiter
     last_migrated: dict[str, float]
     replica_time: dict[str, float]
     decisions: collections.deque[tuple]
@@ -72,7 +74,12 @@ class Migrations:
             if rid in self.migrations or self.location.get(rid) != m.src or \
                     rid in self.inserting:
                 continue
-            self.start_migration(rid, int(m.src), int(m.dst), loads)
+            now = self.clock()
+            if self.start_limiter.full(now):  # migration.max_starts_per_minute
+                self.counters["migrations_capped"] += 1
+                continue
+            if self.start_migration(rid, int(m.src), int(m.dst), loads).active:
+                self.start_limiter.record(now)
 
     def start_migration(self, rid: str, src: int, dst: int,
                         loads: dict | None = None) -> MigrationRecord:

@@ -17,6 +17,7 @@ the request decoding on the source exactly where it was.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 
@@ -42,6 +43,39 @@ class MigrationConfig:
     headroom_pages: int = 1
     # Wall-clock limit for the whole migration before the destination gives up.
     timeout_s: float = 30.0
+    # At most this many migrations start per 60 s, cluster-wide; the scheduler drops the rest
+    # of a policy's moves (0: no cap). A deployment that rations its migration link trades P99
+    # TPOT for bytes this way (docs/results_sim.md, "What ARES's migrations buy").
+    max_starts_per_minute: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_starts_per_minute < 0:
+            raise ValueError("migration.max_starts_per_minute must be >= 0 (0: no cap), "
+                             f"not {self.max_starts_per_minute}")
+
+
+class StartLimiter:
+    """``MigrationConfig.max_starts_per_minute`` over a sliding 60 s window. The scheduler core
+    and the simulator ask it (``full``) before a start and ``record`` every start made, so both
+    start the same migrations."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._starts: collections.deque[float] = collections.deque()
+
+    def full(self, now: float) -> bool:
+        """True if ``per_minute`` migrations started in the 60 s up to ``now``."""
+        if not self.per_minute:
+            return False
+        while self._starts and self._starts[0] <= now - self.WINDOW_S:
+            self._starts.popleft()
+        return len(self._starts) >= self.per_minute
+
+    def record(self, now: float) -> None:
+        if self.per_minute:
+            self._starts.append(now)
 
 
 @dataclasses.dataclass

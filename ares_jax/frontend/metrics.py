@@ -196,5 +196,10 @@ class _ClusterCollector(Collector):
                                        "Dispatches placed elsewhere than the policy chose.",
                                        labels=["model_name"])
         fallback.add_metric([name], float(counters.get("fallback_dispatches", 0)))
+        capped = CounterMetricFamily(
+            "ares:migrations_capped",
+            "Migrations the policy proposed that migration.max_starts_per_minute dropped.",
+            labels=["model_name"])
+        capped.add_metric([name], float(counters.get("migrations_capped", 0)))
         yield from (running, waiting, usage, replica_running, preempt, migrations, kv_bytes,
-                    fallback)
+                    fallback, capped)

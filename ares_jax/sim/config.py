@@ -34,12 +34,10 @@ class SimClusterConfig:
     # While a migration copies, the source's and destination's decode steps take this fraction
     # longer (the copy competes with decoding for HBM bandwidth); 0 = free copies.
     migration_slowdown: float = 0.0
-    # At most this many migrations may start per 60 s of simulated time, cluster-wide (a
-    # deployment that rations its migration link); more are rejected. 0 = no cap.
-    migrations_per_minute: int = 0
     # The live protocol's knobs (``cluster/migration.py``). Stop-and-copy at 16 pages left, as
     # Llumnix does on GPUs: a 16-page final copy of Llama-3.1-8B is 33 MB, under 1 ms at 50
-    # GB/s (the CPU engines' default of 2 suits their slow copies).
+    # GB/s (the CPU engines' default of 2 suits their slow copies). Its
+    # ``max_starts_per_minute`` caps migrations started per 60 s of simulated time.
     migration: MigrationConfig = MigrationConfig(final_stage_pages=16)
     prefill_token_budget: int = 8192  # prompt tokens batched into one prefill
     admission_watermark: float = 0.01  # vLLM: keep this fraction of pages free at admission
@@ -50,9 +48,9 @@ class SimClusterConfig:
     preemption: str = "prefill"
 
     def __post_init__(self) -> None:
-        if self.migration_slowdown < 0 or self.migrations_per_minute < 0:
-            raise ValueError("cluster.migration_slowdown and cluster.migrations_per_minute "
-                             "must be >= 0")
+        if self.migration_slowdown < 0:
+            raise ValueError(f"cluster.migration_slowdown must be >= 0, "
+                             f"not {self.migration_slowdown}")
         if self.preemption not in ("prefill", "local"):
             raise ValueError(f"cluster.preemption must be 'prefill' or 'local', "
                              f"not {self.preemption!r}")

@@ -31,6 +31,7 @@ from ares_jax.cluster.migration import (
     MigrationOutcome,
     MigrationRecord,
     Stage,
+    StartLimiter,
     next_stage,
     reservation_pages,
 )
@@ -57,7 +58,7 @@ class MigrationMixin:
     watermark_pages: int
     kv_bytes: int
     mig_transfer: TransferCost
-    mig_starts: collections.deque[float]
+    start_limiter: StartLimiter
     decode: list[DecodeReplica]
     active: dict[int, MigrationRecord]
     migration_history: collections.deque[MigrationRecord]
@@ -92,15 +93,10 @@ class MigrationMixin:
         if pages > dest.free_pages - self.watermark_pages:
             self.counters["migrations_rejected"] += 1
             return
-        cap = self.cfg.cluster.migrations_per_minute
-        if cap:
-            starts = self.mig_starts
-            while starts and starts[0] <= self.now - 60.0:
-                starts.popleft()
-            if len(starts) >= cap:
-                self.counters["migrations_capped"] += 1
-                return
-            starts.append(self.now)
+        if self.start_limiter.full(self.now):
+            self.counters["migrations_capped"] += 1
+            return
+        self.start_limiter.record(self.now)
         self.decode[src].copying += 1
         dest.copying += 1
         self._hold(dest, pages)

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from ares_jax.cluster.migration import MigrationOutcome, MigrationRecord
+from ares_jax.cluster.migration import MigrationOutcome, MigrationRecord, StartLimiter
 from ares_jax.paging import pages_for
 from ares_jax.scheduler.cost import (
     GPUS,
@@ -105,7 +105,7 @@ class Simulator(MigrationMixin, ObserverMixin):
         self.transfer = cluster_transfer(cfg)
         self.mig_transfer = migration_transfer(cfg)
         self.copy_factor = 1.0 + c.migration_slowdown
-        self.mig_starts: collections.deque[float] = collections.deque()  # for the cap
+        self.start_limiter = StartLimiter(c.migration.max_starts_per_minute)
         self.kv_bytes = model.kv_bytes_per_token
         self.predictor = ErrorModel(cfg.prediction, cfg.seed)
         self.decode = [DecodeReplica(i, self.capacity_pages, self.page)
