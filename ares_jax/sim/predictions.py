@@ -1,8 +1,8 @@
 """Remaining-length predictions with a documented error model (see ``PredictionConfig``).
 
 The noise is a deterministic hash of (seed, request, refresh index), so a prediction is the same
-whenever it is asked for, with no per-request state: the simulator can evaluate it vectorised
-over all running requests at each policy call.
+whenever it is asked for (a per-request memo only saves drawing it again): the simulator can
+evaluate it vectorised over all running requests at each policy call.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import numpy as np
 
 from ares_jax.sim.config import PredictionConfig
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
+    # (uint64 arithmetic wraps modulo 2**64 by itself: no mask needed)
     with np.errstate(over="ignore"):
-        z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
 
 
@@ -48,42 +47,56 @@ class ErrorModel:
         self._table: tuple[np.ndarray, np.ndarray] | None = None
         if cfg.table:
             self._table = load_sigma_table(cfg.table)
-        # Memo per request index of the last refresh asked for (-1: none) and its factor
-        # exp(sigma(g_k) * z), a pure function of (seed, request, refresh index): every policy
-        # call asks for every running request, and between two calls most have not reached a
-        # new refresh, so only those that did are drawn again. The memo changes no value (each
-        # element is computed with the same operations on the same operands).
+        # Memo per request index: its persistent normal (NaN: not drawn yet), the last refresh
+        # asked for (-1: none) and that refresh's factor exp(sigma(g_k) * z). All are pure
+        # functions of (seed, request, refresh index); every policy call asks for every running
+        # request, and between two calls most have not reached a new refresh, so only those
+        # that did are drawn again. The memo changes no value (each element is computed with
+        # the same operations on the same operands).
+        self._persistent = np.zeros(0)
         self._fresh_k = np.zeros(0, dtype=np.int64)
         self._factor = np.zeros(0)
 
-    def _normals(self, index: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``hashed_normal(seed, index, -1)`` and ``hashed_normal(seed, index, k)``."""
-        return (hashed_normal(self.seed, index, np.full_like(k, -1)),
-                hashed_normal(self.seed, index, k))
+    def _grow(self, need: int) -> None:
+        have = self._fresh_k.shape[0]
+        if need > have:
+            grow = max(need, 2 * have) - have
+            self._persistent = np.concatenate([self._persistent, np.full(grow, np.nan)])
+            self._fresh_k = np.concatenate([self._fresh_k, np.full(grow, -1, dtype=np.int64)])
+            self._factor = np.concatenate([self._factor, np.zeros(grow)])
 
-    def _refresh_factor(self, index: np.ndarray, k: np.ndarray, g_k: np.ndarray) -> np.ndarray:
+    def _persistent_normals(self, index: np.ndarray) -> np.ndarray:
+        """``hashed_normal(seed, index, -1)``, memoised (``index``: non-negative)."""
+        persistent = self._persistent[index]
+        miss = np.flatnonzero(np.isnan(persistent))
+        if miss.size:
+            persistent[miss] = hashed_normal(self.seed, index[miss],
+                                             np.full(miss.size, -1, dtype=np.int64))
+            self._persistent[index[miss]] = persistent[miss]
+        return persistent
+
+    def _refresh_factor(self, persistent: np.ndarray, index: np.ndarray, k: np.ndarray,
+                        g_k: np.ndarray) -> np.ndarray:
         """``exp(sigma(g_k) * z)`` of each request at its last refresh ``k`` (at ``g_k``
         generated tokens): the multiplicative error of the prediction made there."""
-        persistent, fresh = self._normals(index, k)
         rho = self.cfg.persistence
-        z = rho * persistent + np.sqrt(max(1.0 - rho * rho, 0.0)) * fresh
+        z = rho * persistent + np.sqrt(max(1.0 - rho * rho, 0.0)) * hashed_normal(
+            self.seed, index, k)
         return np.exp(self.sigma(g_k) * z)
 
     def _factors(self, index: np.ndarray, k: np.ndarray, g_k: np.ndarray) -> np.ndarray:
         """:meth:`_refresh_factor`, memoised per request index (drawn again only for the
         requests whose refresh index changed since they were last asked for)."""
         if index.size == 0 or index.min() < 0:
-            return self._refresh_factor(index, k, g_k)
-        need = int(index.max()) + 1
-        if need > self._fresh_k.shape[0]:
-            grow = max(need, 2 * self._fresh_k.shape[0]) - self._fresh_k.shape[0]
-            self._fresh_k = np.concatenate([self._fresh_k, np.full(grow, -1, dtype=np.int64)])
-            self._factor = np.concatenate([self._factor, np.zeros(grow)])
+            persistent = hashed_normal(self.seed, index, np.full_like(k, -1))
+            return self._refresh_factor(persistent, index, k, g_k)
+        self._grow(int(index.max()) + 1)
         factor = self._factor[index]
         stale = np.flatnonzero(self._fresh_k[index] != k)
         if stale.size:
             at = index[stale]
-            factor[stale] = self._refresh_factor(at, k[stale], g_k[stale])
+            factor[stale] = self._refresh_factor(self._persistent_normals(at), at, k[stale],
+                                                 g_k[stale])
             self._fresh_k[at] = k[stale]
             self._factor[at] = factor[stale]
         return factor
