@@ -84,7 +84,9 @@ def base_forecast(
     kv = table.kv_tokens.astype(np.float64)
     rem = estimate_remaining(table, cfg)
     rep = table.replica.astype(np.int64)
-    groups = group_rows(kv, rem, rep, num_replicas)
+    # (the integer column: group_rows sums it in int64, faster and the same values)
+    groups = group_rows(table.kv_tokens if table.kv_tokens.dtype.kind in "iu" else kv,
+                        rem, rep, num_replicas)
     batch, memory = grouped_trajectories(groups, sample_times(cfg.horizon_steps, cfg.samples))
     segments = grouped_segments(groups, cfg.memory_horizon_steps)
     peak, peak_at = segments_peak(segments)
