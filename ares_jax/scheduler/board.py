@@ -132,6 +132,25 @@ def _samples(horizon_steps: int, samples: int) -> tuple[np.ndarray, list[float],
     return times, times.tolist(), bool(np.all(times == np.floor(times)))
 
 
+class _ChangeLog:
+    """Rows that changed replica during a call, as ``[4, size]`` columns (remaining, KV,
+    replica, sign) filled in place."""
+
+    def __init__(self, sign: float) -> None:
+        self.sign = sign
+        self.size = 0
+        self._cols = np.empty((4, 16))
+
+    def add(self, rem: float, kv: float, replica: int) -> None:
+        if self.size == self._cols.shape[1]:
+            self._cols = np.concatenate([self._cols, np.empty_like(self._cols)], axis=1)
+        self._cols[:, self.size] = (rem, kv, replica, self.sign)
+        self.size += 1
+
+    def view(self) -> np.ndarray:
+        return self._cols[:, :self.size]
+
+
 class Board:
     """Mutable forecast of every replica for the duration of one policy call.
 
@@ -170,14 +189,15 @@ class Board:
         # Rows placed on a replica and not yet merged into its row list: merged (one stable
         # sort) when the list is next asked for, which dispatch never does.
         self._placed: dict[int, list[int]] = {}
-        # Rows that left their table replica (moved) or joined one (moved, placed): what the
-        # grouping no longer says. A row moves at most once per call (it is then not movable).
-        self._base_rep = base.rep
-        self._left: list[int] = []
-        self._joined: list[int] = []
-        # The same as arrays, for kv_alive_at: the rows' remaining and KV, the replica each
-        # counts at, +1 / -1; and the replicas they touch (the others need no correction).
-        self._delta: tuple[np.ndarray, ...] | None = None
+        # Rows that joined a replica (moved, placed) or left their table replica (moved): what
+        # the grouping no longer says. A row moves at most once per call (it is then not
+        # movable), so each entry is final when written: its remaining and KV, the replica it
+        # counts at, +1 / -1 (columns, filled in place: no numpy call per change). kv_alive_at
+        # reads the joined rows, then the left ones, in the order they changed; and only the
+        # replicas they touch need a correction.
+        self._joins = _ChangeLog(+1.0)
+        self._leaves = _ChangeLog(-1.0)
+        self._delta: np.ndarray | None = None  # [4, changes]: the two logs end to end
         self._touched = np.zeros(self.n, dtype=bool)
         self._crossing: np.ndarray | None = None
         self._stale: set[int] = set()
@@ -225,10 +245,11 @@ class Board:
         them already (the same values as re-evaluating)."""
         src = int(self.rep[row])
         self.rep[row] = dst
-        self._left.append(row)
-        self._joined.append(row)
+        rem, kv = float(self.rem[row]), float(self.kv[row])
+        self._joins.add(rem, kv, dst)
+        self._leaves.add(rem, kv, src)
         self._delta = None
-        self._touched[[src, dst]] = True
+        self._touched[src] = self._touched[dst] = True
         left = self.rows_of(src)
         self._rows[src] = left[left != row]
         self._set_rows(dst, np.append(self.rows_of(dst), row))
@@ -275,7 +296,7 @@ class Board:
             raise ValueError("Board.place: no room left (pass room= to the constructor)")
         self.kv[row], self.rem[row], self.rep[row] = kv, rem, pos
         self.size += 1
-        self._joined.append(row)
+        self._joins.add(rem, kv, pos)
         self._delta = None
         self._touched[pos] = True
         self._placed.setdefault(pos, []).append(row)
@@ -291,17 +312,18 @@ class Board:
         broadcast together (``[C, 1]`` steps and ``[P]`` positions: ``[C, P]``)."""
         g = self.groups
         u = g.levels.shape[0]
-        start = g.starts[positions]
-        bound = positions * u + (u - 1 - np.searchsorted(g.levels, steps, side="left"))
-        count = np.searchsorted(g.key, bound, side="right") - start
-        alive = g.prefix[start + count] - g.prefix[start] + count * steps
-        if self._joined:  # correct the grouping by the rows that left and joined since
+        level = np.searchsorted(g.levels, steps, side="left")
+        if positions is self._everyone:  # (no gathers)
+            start, before, key_base = g.starts, g.start_prefix, g.key_base
+        else:
+            start, before, key_base = g.starts[positions], g.start_prefix[positions], positions * u
+        # The end of each replica's rows with rem >= step (rows are longest remaining first).
+        end = np.searchsorted(g.key, key_base + (u - 1 - level), side="right")
+        count = end - start
+        alive = g.prefix[end] - before + count * steps
+        if self._joins.size:  # correct the grouping by the rows that joined and left since
             if self._delta is None:
-                left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
-                rows = np.concatenate([joined, left])
-                self._delta = (self.rem[rows], self.kv[rows],
-                               np.concatenate([self.rep[joined], self._base_rep[left]]),
-                               np.concatenate([np.ones(joined.shape[0]), -np.ones(left.shape[0])]))
+                self._delta = np.concatenate([self._joins.view(), self._leaves.view()], axis=1)
             rem, kv, where, sign = self._delta
             if np.ndim(steps) == 0 and np.ndim(positions) == 1:
                 # Only the touched positions get a correction (elsewhere it is 0.0); the same

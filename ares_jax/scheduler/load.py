@@ -220,19 +220,20 @@ class GroupedRows:
     prefix: np.ndarray  # [N + 1] running KV sum: prefix[i] = kv[:i].sum()
     key: np.ndarray  # [N] int64 replica * U + (U - 1 - level): ascending
     levels: np.ndarray  # [U] distinct remaining values, ascending
+    key_base: np.ndarray  # [R] replica * U: the keys of each replica start there
+    start_prefix: np.ndarray  # [R] prefix[starts]: the running KV sum before each replica
 
     def count(self, t: np.ndarray | float, *, strict: bool) -> np.ndarray:
         """Rows per replica with ``rem > t`` (``strict``) or ``rem >= t``: ``[..., R]``."""
         t = np.asarray(t, dtype=np.float64)
         u = self.levels.shape[0]
         level = np.searchsorted(self.levels, t, side="right" if strict else "left")
-        replicas = np.arange(self.starts.shape[0], dtype=np.int64)
-        bound = replicas * u + (u - 1 - level)[..., None]
+        bound = self.key_base + (u - 1 - level)[..., None]
         return np.searchsorted(self.key, bound, side="right") - self.starts
 
     def kv_of_first(self, counts: np.ndarray) -> np.ndarray:
         """KV of the first ``counts`` rows (the longest remaining) of each replica."""
-        return self.prefix[self.starts + counts] - self.prefix[self.starts]
+        return self.prefix[self.starts + counts] - self.start_prefix
 
 
 def _descending(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -292,10 +293,13 @@ def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
         kv_s = kv_s.astype(np.float64)
     else:
         np.cumsum(kv_s, out=prefix[1:])
+    starts = np.cumsum(lengths) - lengths
     return GroupedRows(
-        rows=rows, replica=rep_s, starts=np.cumsum(lengths) - lengths, lengths=lengths,
+        rows=rows, replica=rep_s, starts=starts, lengths=lengths,
         rem=ordered[by_rep], kv=kv_s, prefix=prefix,
         key=rep_s * levels.shape[0] + level_desc[by_rep], levels=levels,
+        key_base=np.arange(num_replicas, dtype=np.int64) * levels.shape[0],
+        start_prefix=prefix[starts],
     )
 
 
