@@ -134,17 +134,19 @@ def _samples(horizon_steps: int, samples: int) -> tuple[np.ndarray, list[float],
 
 class _ChangeLog:
     """Rows that changed replica during a call, as ``[4, size]`` columns (remaining, KV,
-    replica, sign) filled in place."""
+    replica, sign) filled in place, and as a list of the same tuples."""
 
     def __init__(self, sign: float) -> None:
         self.sign = sign
         self.size = 0
         self._cols = np.empty((4, 16))
+        self.rows: list[tuple[float, float, int, float]] = []
 
     def add(self, rem: float, kv: float, replica: int) -> None:
         if self.size == self._cols.shape[1]:
             self._cols = np.concatenate([self._cols, np.empty_like(self._cols)], axis=1)
         self._cols[:, self.size] = (rem, kv, replica, self.sign)
+        self.rows.append((rem, kv, replica, self.sign))
         self.size += 1
 
     def view(self) -> np.ndarray:
@@ -310,6 +312,23 @@ class Board:
     def kv_alive_at(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """``M`` of ``positions`` just before ``steps`` (rows with ``rem >= step``); the two
         broadcast together (``[C, 1]`` steps and ``[P]`` positions: ``[C, P]``)."""
+        alive = self._grouped_alive(steps, positions)
+        if not self._joins.size:
+            return alive
+        # Correct the grouping by the rows that joined and left since (joins, then leaves).
+        if np.ndim(steps) == 0 and np.ndim(positions) == 1:
+            if self._joins.size + self._leaves.size < 8:
+                self._add_corrections(alive, float(steps), positions)
+                return alive
+            return self._corrections(alive, steps, positions)
+        if self._delta is None:
+            self._delta = np.concatenate([self._joins.view(), self._leaves.view()], axis=1)
+        rem, kv, where, sign = self._delta
+        on = (rem >= steps[..., None]) & (where == positions[..., None])
+        return alive + (on * (kv + steps[..., None]) * sign).sum(axis=-1)
+
+    def _grouped_alive(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """:meth:`kv_alive_at` of the table's grouping (the rows as the snapshot has them)."""
         g = self.groups
         u = g.levels.shape[0]
         level = np.searchsorted(g.levels, steps, side="left")
@@ -320,22 +339,38 @@ class Board:
         # The end of each replica's rows with rem >= step (rows are longest remaining first).
         end = np.searchsorted(g.key, key_base + (u - 1 - level), side="right")
         count = end - start
-        alive = g.prefix[end] - before + count * steps
-        if self._joins.size:  # correct the grouping by the rows that joined and left since
-            if self._delta is None:
-                self._delta = np.concatenate([self._joins.view(), self._leaves.view()], axis=1)
-            rem, kv, where, sign = self._delta
-            if np.ndim(steps) == 0 and np.ndim(positions) == 1:
-                # Only the touched positions get a correction (elsewhere it is 0.0); the same
-                # sums, row by row.
-                sel = np.flatnonzero(self._touched[positions])
-                if sel.size:
-                    on = (rem >= steps) & (where == positions[sel, None])
-                    alive[sel] += (on * (kv + steps) * sign).sum(axis=-1)
-            else:
-                on = (rem >= steps[..., None]) & (where == positions[..., None])
-                alive = alive + (on * (kv + steps[..., None]) * sign).sum(axis=-1)
+        return g.prefix[end] - before + count * steps
+
+    def _corrections(self, alive: np.ndarray, steps: np.ndarray,
+                     positions: np.ndarray) -> np.ndarray:
+        """:meth:`kv_alive_at`'s correction for one step and ``[P]`` positions: each touched
+        position's sum over the changed rows (0.0 for the rows not there or not alive)."""
+        if self._delta is None:
+            self._delta = np.concatenate([self._joins.view(), self._leaves.view()], axis=1)
+        rem, kv, where, sign = self._delta
+        sel = np.flatnonzero(self._touched[positions])  # (elsewhere the sum is 0.0)
+        if sel.size:
+            on = (rem >= steps) & (where == positions[sel, None])
+            alive[sel] += (on * (kv + steps) * sign).sum(axis=-1)
         return alive
+
+    def _add_corrections(self, alive: np.ndarray, step: float, positions: np.ndarray) -> None:
+        """:meth:`_corrections` in Python when fewer than 8 rows changed (dispatch's case:
+        one per placement), in place: the same values. numpy sums fewer than 8 elements left
+        to right from 0.0, as this loop does; the rows it skips add 0.0, which changes no
+        partial sum (tests/test_scheduler_board.py checks both ways agree)."""
+        sums: dict[int, float] = {}
+        for rem, kv, where, sign in self._joins.rows + self._leaves.rows:
+            if rem >= step:
+                sums[where] = sums.get(where, 0.0) + (kv + step) * sign
+        if positions is self._everyone:
+            for pos, add in sums.items():
+                alive[pos] += add
+            return
+        for i in np.flatnonzero(self._touched[positions]).tolist():
+            add = sums.get(int(positions[i]))
+            if add is not None:
+                alive[i] += add
 
     def peak_pairs(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Predicted peak of ``positions[k]`` if request ``(kv[k], rem[k])`` joined it. Exact at
