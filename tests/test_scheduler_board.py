@@ -39,8 +39,8 @@ def _check_alive(board: Board, rng: np.random.Generator) -> int:
     subset = rng.permutation(board.n)[: max(board.n // 2, 1)]
     checked = 0
     for step in steps:
-        for positions in (board._everyone, subset):
-            base = board._grouped_alive(np.float64(step), positions)
+        for positions in (board.everyone, subset):
+            base = board.grouped_alive(np.float64(step), positions)
             python = base.copy()
             board._add_corrections(python, step, positions)
             numpy = board._corrections(base.copy(), np.float64(step), positions)

@@ -158,9 +158,15 @@ class AresPolicy:
         if board.n < self.config.dispatch_fallback_min_replicas:
             min_gain = 0.0
         out = []
-        for p in snapshot.pending:
-            kv, rem = float(p.kv_tokens), pending_remaining(p, self.config)
-            tpot, peak, work = board.joined(kv, rem)
+        rems = [pending_remaining(p, self.config) for p in snapshot.pending]
+        # "KV just before the request's finish" on the snapshot's grouping, for every pending
+        # request at once (placements only add their own corrections, in joined).
+        horizon = float(self.config.memory_horizon_steps)
+        grouped = board.grouped_alive(np.minimum(np.array(rems), horizon)[:, None],
+                                      board.everyone)
+        for i, p in enumerate(snapshot.pending):
+            kv, rem = float(p.kv_tokens), rems[i]
+            tpot, peak, work = board.joined(kv, rem, grouped=grouped[i])
             overflow = peak - board.budget
             fits = overflow <= 0
             if fits.any():

@@ -166,7 +166,7 @@ class Board:
         self.horizon = cfg.memory_horizon_steps
         self.times, self._time_list, self._exact_sums = _samples(cfg.horizon_steps, cfg.samples)
         self.n = snapshot.num_replicas
-        self._everyone = np.arange(self.n)
+        self.everyone = np.arange(self.n)  # positions: every replica (queries need no gather)
         self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
         base = base_forecast(snapshot.table(), self.n, cost, cfg)
         self.groups, self._segments = base.groups, base.segments
@@ -309,10 +309,13 @@ class Board:
         alive = (rem[:, None] > self.times[None, :]).astype(np.float64)
         return alive, alive * (kv[:, None] + self.times[None, :])
 
-    def kv_alive_at(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def kv_alive_at(self, steps: np.ndarray, positions: np.ndarray,
+                    grouped: np.ndarray | None = None) -> np.ndarray:
         """``M`` of ``positions`` just before ``steps`` (rows with ``rem >= step``); the two
-        broadcast together (``[C, 1]`` steps and ``[P]`` positions: ``[C, P]``)."""
-        alive = self._grouped_alive(steps, positions)
+        broadcast together (``[C, 1]`` steps and ``[P]`` positions: ``[C, P]``). ``grouped``:
+        :meth:`grouped_alive` of the same arguments, when the caller has it (a copy is
+        corrected)."""
+        alive = self.grouped_alive(steps, positions) if grouped is None else grouped.copy()
         if not self._joins.size:
             return alive
         # Correct the grouping by the rows that joined and left since (joins, then leaves).
@@ -327,12 +330,14 @@ class Board:
         on = (rem >= steps[..., None]) & (where == positions[..., None])
         return alive + (on * (kv + steps[..., None]) * sign).sum(axis=-1)
 
-    def _grouped_alive(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """:meth:`kv_alive_at` of the table's grouping (the rows as the snapshot has them)."""
+    def grouped_alive(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """:meth:`kv_alive_at` of the table's grouping (the rows as the snapshot has them):
+        what the moves and placements of this call do not change, so a caller with several
+        steps to ask about (dispatch: one per pending request) asks for them at once."""
         g = self.groups
         u = g.levels.shape[0]
         level = np.searchsorted(g.levels, steps, side="left")
-        if positions is self._everyone:  # (no gathers)
+        if positions is self.everyone:  # (no gathers)
             start, before, key_base = g.starts, g.start_prefix, g.key_base
         else:
             start, before, key_base = g.starts[positions], g.start_prefix[positions], positions * u
@@ -363,7 +368,7 @@ class Board:
         for rem, kv, where, sign in self._joins.rows + self._leaves.rows:
             if rem >= step:
                 sums[where] = sums.get(where, 0.0) + (kv + step) * sign
-        if positions is self._everyone:
+        if positions is self.everyone:
             for pos, add in sums.items():
                 alive[pos] += add
             return
@@ -387,13 +392,15 @@ class Board:
 
     def joined(self, kv: float, rem: float, positions: np.ndarray | None = None,
                src: int | None = None, *, fits_in: np.ndarray | None = None,
+               grouped: np.ndarray | None = None,
                ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
         """If request ``(kv, rem)`` joined each of ``positions`` (every replica by default):
         its predicted TPOT, its predicted peak (:meth:`peak_pairs`'s values) and its ``[P, S]``
         :func:`step_work`. With ``src``, ``tpot`` and ``work`` have one more row, last: ``src``
         with the request *leaving* it (a move's source, in the same evaluation of the cost
         model). With ``fits_in`` (a budget per position), the cost model is not run (``tpot``
-        and ``work`` are None) when the predicted peak fits none of them.
+        and ``work`` are None) when the predicted peak fits none of them. ``grouped``:
+        :meth:`grouped_alive` at ``min(rem, memory horizon)`` and ``positions``, if known.
 
         One request at a time, in as few numpy calls as possible: a decision's cost is mostly
         the number of calls. The request is alive at the samples before its remaining length
@@ -402,32 +409,38 @@ class Board:
         k = bisect.bisect_left(self._time_list, rem)  # the samples it is alive at (t < rem)
         added = kv + self.times[:k]  # its KV there (_added: 1.0 * (kv + t)); 0.0 later
         if positions is None:
-            positions = self._everyone
-            memory, work, tokens = self.memory.copy(), self.work.copy(), self.tokens + k
+            positions = self.everyone
+            memory, work = self.memory.copy(), self.work.copy()
             memory[:, :k] += added
-            batch = self.batch[:, :k] + 1.0
+            batch, tokens = self.batch[:, :k] + 1.0, self.tokens + k
             peak, peak_at = self.peak, self.peak_at
         else:
-            at = positions if src is None else np.append(positions, src)
-            memory, work = self.memory[at], self.work[at]
             if src is None:
+                memory, work = self.memory[positions], self.work[positions]
                 memory[:, :k] += added
-                batch, tokens = self.batch[at, :k] + 1.0, self.tokens[at] + k
-            else:  # (x + -y is x - y exactly)
-                sign = np.ones(at.shape[0])
-                sign[-1] = -1.0
-                memory[:, :k] += added * sign[:, None]
-                batch, tokens = self.batch[at, :k] + sign[:, None], self.tokens[at] + k * sign
+                batch, tokens = self.batch[positions, :k] + 1.0, self.tokens[positions] + k
+            else:  # the source, last, with the request leaving (x - y is x + -y exactly)
+                at = np.concatenate((positions, (src,)))
+                memory, work = self.memory[at], self.work[at]
+                memory[:-1, :k] += added
+                memory[-1, :k] -= added
+                batch, tokens = self.batch[at, :k], self.tokens[at]
+                batch[:-1] += 1.0
+                batch[-1] -= 1.0
+                tokens[:-1] += k
+                tokens[-1] -= k
             peak, peak_at = self.peak[positions], self.peak_at[positions]
         p = positions.shape[0]
         t_x = np.float64(min(rem, float(self.horizon)))
-        alive_at_x = self.kv_alive_at(t_x, positions)
+        alive_at_x = self.kv_alive_at(t_x, positions, grouped)
         at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
         at_own_finish = alive_at_x + kv + t_x
         peak = np.maximum(np.maximum(at_old_peak, at_own_finish), memory[:p].max(axis=1))
         if fits_in is not None and not (peak <= fits_in).any():
             return None, peak, None
         work[:, :k] = step_work(self.cost, batch, memory[:, :k])
+        if k and src is None:  # every position has tokens: tpot_of_work's values, fewer calls
+            return work.sum(axis=-1) / tokens, peak, work
         return tpot_of_work(work, tokens), peak, work
 
     def old_peak_bound(self, kv: np.ndarray, rem: np.ndarray) -> np.ndarray:
