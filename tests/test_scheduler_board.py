@@ -3,7 +3,8 @@
 ARES's decisions compare forecasts for exact ties, so a faster path of ``Board`` must give the
 very same floats as the one it replaces, not merely close ones: here, "KV just before step t"
 corrected in Python for the few rows a call moved or placed, against the numpy correction, and
-both against a sum over each replica's current rows.
+both against a sum over each replica's current rows; and a move's peaks of one replica at a
+time against the grouped formula over both.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from ares_jax.scheduler import AresConfig, build_cost_model
-from ares_jax.scheduler.board import Board
+from ares_jax.scheduler.board import Board, _replicas_peak
 from ares_jax.sim.synthetic import random_snapshot
 
 
@@ -70,7 +71,16 @@ def test_corrections_in_python_equal_numpy(cost, seed: int) -> None:
             continue
         moved.add(row)
         dst = int((board.rep[row] + 1 + rng.integers(board.n - 1)) % board.n)
+        src = int(board.rep[row])
         board.move(row, dst)
         checked += _check_alive(board, rng)
+        # The two replicas' peaks: the grouped formula's values (segments_peak of both).
+        rows = [board.rows_of(src), board.rows_of(dst)]
+        both = np.concatenate(rows)
+        peak, peak_at = _replicas_peak(board.kv[both], board.rem[both],
+                                       np.array([r.shape[0] for r in rows]), board.horizon)
+        np.testing.assert_array_equal(board.peak[[src, dst]], peak)
+        np.testing.assert_array_equal(board.peak_at[[src, dst]], peak_at)
+        assert np.all(np.diff(board.rem[rows[1]]) <= 0)  # dst's rows: longest remaining first
     assert board._joins.size + board._leaves.size == 7
     assert checked > 50

@@ -170,6 +170,7 @@ class Board:
         self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
         base = base_forecast(snapshot.table(), self.n, cost, cfg)
         self.groups, self._segments = base.groups, base.segments
+        self._ranks = np.arange(1, int(base.groups.lengths.max(initial=0)) + 9)  # (_peak_of)
         self.size = base.kv.shape[0]  # rows in use
         if room:
             self.kv = np.concatenate([base.kv, np.zeros(room)])
@@ -253,29 +254,49 @@ class Board:
         self._delta = None
         self._touched[src] = self._touched[dst] = True
         left = self.rows_of(src)
-        self._rows[src] = left[left != row]
-        self._set_rows(dst, np.append(self.rows_of(dst), row))
+        left = self._rows[src] = left[left != row]
+        # It joins dst's rows after those with as long or longer remaining (where a stable
+        # sort of the rows with it appended puts it).
+        rows = self.rows_of(dst)
+        at = int(np.searchsorted(-self.rem[rows], -rem, side="right"))
+        joined = self._rows[dst] = np.concatenate((rows[:at], (row,), rows[at:]))
         if not self._exact_sums:
             self.refresh([src, dst])
             return
-        pair = [src, dst]
-        alive = (self.rem[row] > self.times).astype(np.float64)  # as _added
-        d_batch = np.stack([-alive, alive])  # it leaves src, joins dst (-x * y is -(x * y))
-        self.batch[pair] += d_batch
-        self.memory[pair] += d_batch * (self.kv[row] + self.times)
-        k = bisect.bisect_left(self._time_list, float(self.rem[row]))  # its alive samples
+        # _added's values: 1.0 and 1.0 * (kv + t) at the k samples where it is alive, 0.0
+        # after (which adds and subtracts nothing); x - y is x + -y exactly.
+        k = bisect.bisect_left(self._time_list, rem)
+        added = kv + self.times[:k]
+        self.batch[src, :k] -= 1.0
+        self.batch[dst, :k] += 1.0
+        self.memory[src, :k] -= added
+        self.memory[dst, :k] += added
         self.tokens[src] -= k  # (sums of integers, exact)
         self.tokens[dst] += k
+        pair = [src, dst]
         if work is None or tpot is None:
             work = step_work(self.cost, self.batch[pair], self.memory[pair])
             tpot = tpot_of_work(work, self.tokens[pair])
-        self.work[pair], self.tpot[pair] = work, tpot
-        rows = [self.rows_of(src), self.rows_of(dst)]
-        both = np.concatenate(rows)
-        lengths = np.array([rows[0].shape[0], rows[1].shape[0]], dtype=np.int64)
-        self.peak[pair], self.peak_at[pair] = _replicas_peak(self.kv[both], self.rem[both],
-                                                             lengths, self.horizon)
+        self.work[src], self.work[dst] = work[0], work[1]
+        self.tpot[src], self.tpot[dst] = tpot[0], tpot[1]
+        self.peak[src], self.peak_at[src] = self._peak_of(left)
+        self.peak[dst], self.peak_at[dst] = self._peak_of(joined)
         self._stale.update(pair)
+
+    def _peak_of(self, rows: np.ndarray) -> tuple[float, float]:
+        """:func:`segments_peak` of one replica's rows (longest remaining first): the same
+        arithmetic on the same operands, for one group."""
+        n = rows.shape[0]
+        if n == 0:
+            return 0.0, 0.0
+        if n > self._ranks.shape[0]:
+            self._ranks = np.arange(1, 2 * n + 1)
+        finish = np.minimum(np.maximum(self.rem[rows], 0.0), float(self.horizon))
+        # M just before each rank finishes: the KV of ranks 0..k now (integer sums, exact)
+        # plus (k + 1) requests growing until then.
+        m = np.cumsum(self.kv[rows]) + self._ranks[:n] * finish
+        peak = m.max()
+        return peak, finish[m == peak].max()
 
     def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float,
               work: np.ndarray) -> None:
