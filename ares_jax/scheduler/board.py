@@ -157,7 +157,7 @@ class Board:
     """Mutable forecast of every replica for the duration of one policy call.
 
     Rows are indexed as in the snapshot's request table; :meth:`place` appends rows after them
-    (``room`` of them are allocated up front).
+    (at most ``room`` of them).
     """
 
     def __init__(self, snapshot: ClusterSnapshot, cost: StepCostModel, cfg: AresConfig,
@@ -172,12 +172,14 @@ class Board:
         self.groups, self._segments = base.groups, base.segments
         self._ranks = np.arange(1, int(base.groups.lengths.max(initial=0)) + 9)  # (_peak_of)
         self.size = base.kv.shape[0]  # rows in use
-        if room:
-            self.kv = np.concatenate([base.kv, np.zeros(room)])
-            self.rem = np.concatenate([base.rem, np.zeros(room)])
-            self.rep = np.concatenate([base.rep, np.full(room, -1, np.int64)])
-        else:
-            self.kv, self.rem, self.rep = base.kv, base.rem, base.rep.copy()
+        self._capacity = self.size + room
+        # The row columns (kv, rem, rep) are the table's, shared with the memo (never
+        # written), until a column is read after a placement or a row moves: then copied with
+        # the placed rows after the table's. Dispatch does neither, and copying three columns
+        # of every running request cost more than the rest of setting up.
+        self._kv, self._rem, self._rep = base.kv, base.rem, base.rep
+        self._own_columns = False
+        self._unplaced: list[tuple[int, float, float, int]] = []  # rows placed before the copy
         self.batch, self.memory = base.batch.copy(), base.memory.copy()
         self.peak, self.peak_at = base.peak.copy(), base.peak_at.copy()
         self.tpot = base.tpot.copy()
@@ -206,6 +208,41 @@ class Board:
         self._stale: set[int] = set()
 
     # ------------------------------------------------------------------ rows of a replica
+    @property
+    def kv(self) -> np.ndarray:
+        """KV tokens of each row (read-only)."""
+        if self._unplaced:
+            self._columns()
+        return self._kv
+
+    @property
+    def rem(self) -> np.ndarray:
+        """Remaining steps of each row (read-only)."""
+        if self._unplaced:
+            self._columns()
+        return self._rem
+
+    @property
+    def rep(self) -> np.ndarray:
+        """Replica (position) of each row now (read-only)."""
+        if self._unplaced:
+            self._columns()
+        return self._rep
+
+    def _columns(self) -> None:
+        """The board's own copy of the row columns: the table's, then the placed rows."""
+        if self._own_columns:
+            return
+        room = self._capacity - self._kv.shape[0]
+        self._rep = np.concatenate([self._rep, np.full(room, -1, np.int64)])
+        if room:  # (without room only rep is ever written)
+            self._kv = np.concatenate([self._kv, np.zeros(room)])
+            self._rem = np.concatenate([self._rem, np.zeros(room)])
+        for row, kv, rem, pos in self._unplaced:
+            self._kv[row], self._rem[row], self._rep[row] = kv, rem, pos
+        self._unplaced.clear()
+        self._own_columns = True
+
     def rows_of(self, pos: int) -> np.ndarray:
         """Rows of ``pos``, longest remaining first (ties in no particular order)."""
         placed = self._placed.pop(pos, None)
@@ -246,8 +283,9 @@ class Board:
         """Move ``row`` to ``dst``. ``work`` and ``tpot``: the ``[2, S]`` :func:`step_work` and
         the TPOT of its replica without it and of ``dst`` with it, when the caller evaluated
         them already (the same values as re-evaluating)."""
-        src = int(self.rep[row])
-        self.rep[row] = dst
+        self._columns()  # (its own rep to write)
+        src = int(self._rep[row])
+        self._rep[row] = dst
         rem, kv = float(self.rem[row]), float(self.kv[row])
         self._joins.add(rem, kv, dst)
         self._leaves.add(rem, kv, src)
@@ -315,9 +353,12 @@ class Board:
             self.peak[pos] = peak
             self.peak_at[pos] = min(rem, float(self.horizon))  # approximately where it moved
         row = self.size
-        if row >= self.kv.shape[0]:
+        if row >= self._capacity:
             raise ValueError("Board.place: no room left (pass room= to the constructor)")
-        self.kv[row], self.rem[row], self.rep[row] = kv, rem, pos
+        if self._own_columns:
+            self._kv[row], self._rem[row], self._rep[row] = kv, rem, pos
+        else:
+            self._unplaced.append((row, kv, rem, pos))
         self.size += 1
         self._joins.add(rem, kv, pos)
         self._delta = None
