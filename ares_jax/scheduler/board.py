@@ -83,7 +83,7 @@ def base_forecast(
     Llumnix does) pays for it once."""
     kv = table.kv_tokens.astype(np.float64)
     rem = estimate_remaining(table, cfg)
-    rep = table.replica.astype(np.int64)
+    rep = table.replica.astype(np.int64, copy=False)  # (read-only: boards copy to move)
     # (the integer column: group_rows sums it in int64, faster and the same values)
     groups = group_rows(table.kv_tokens if table.kv_tokens.dtype.kind in "iu" else kv,
                         rem, rep, num_replicas)

@@ -216,7 +216,6 @@ class GroupedRows:
     starts: np.ndarray  # [R] first position of each replica (empty groups included)
     lengths: np.ndarray  # [R]
     rem: np.ndarray  # [N] remaining steps at each position (descending within a group)
-    kv: np.ndarray  # [N] KV tokens at each position
     prefix: np.ndarray  # [N + 1] running KV sum: prefix[i] = kv[:i].sum()
     key: np.ndarray  # [N] int64 replica * U + (U - 1 - level): ascending
     levels: np.ndarray  # [U] distinct remaining values, ascending
@@ -290,13 +289,12 @@ def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
         # KV tokens are integers: their running sum in int64 is exact, as it is in float64
         # (below 2**53), and numpy accumulates int64 ~5x faster than float64.
         prefix[1:] = np.cumsum(kv_s, dtype=np.int64)
-        kv_s = kv_s.astype(np.float64)
     else:
         np.cumsum(kv_s, out=prefix[1:])
     starts = np.cumsum(lengths) - lengths
     return GroupedRows(
         rows=rows, replica=rep_s, starts=starts, lengths=lengths,
-        rem=ordered[by_rep], kv=kv_s, prefix=prefix,
+        rem=ordered[by_rep], prefix=prefix,
         key=rep_s * levels.shape[0] + level_desc[by_rep], levels=levels,
         key_base=np.arange(num_replicas, dtype=np.int64) * levels.shape[0],
         start_prefix=prefix[starts],
@@ -344,7 +342,8 @@ def grouped_segments(g: GroupedRows, horizon_steps: int) -> Segments:
     """:func:`segments_of` the table's grouping (its running KV sums are already there)."""
     n = g.rows.shape[0]
     busy = np.flatnonzero(g.lengths)
-    return Segments(finish=np.clip(g.rem, 0.0, float(horizon_steps)),
+    # (np.clip's values: no NaN; minimum and maximum cost less on every row)
+    return Segments(finish=np.minimum(np.maximum(g.rem, 0.0), float(horizon_steps)),
                     alive_kv=g.prefix[1:] - np.repeat(g.prefix[g.starts], g.lengths),
                     rank1=np.arange(n) - np.repeat(g.starts, g.lengths) + 1, lengths=g.lengths,
                     busy=busy, starts=g.starts[busy], sizes=g.lengths[busy])
