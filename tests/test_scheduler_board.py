@@ -14,6 +14,7 @@ import pytest
 
 from ares_jax.scheduler import AresConfig, build_cost_model
 from ares_jax.scheduler.board import Board, _replicas_peak
+from ares_jax.scheduler.load import grouped_segments, segments_crossings
 from ares_jax.sim.synthetic import random_snapshot
 
 
@@ -84,3 +85,26 @@ def test_corrections_in_python_equal_numpy(cost, seed: int) -> None:
         assert np.all(np.diff(board.rem[rows[1]]) <= 0)  # dst's rows: longest remaining first
     assert board._joins.size + board._leaves.size == 7
     assert checked > 50
+
+
+@pytest.mark.parametrize("fill", [(0.5, 0.7), (0.9, 1.1), (2.1, 2.12)],
+                         ids=["mixed", "near-budget", "all-over"])
+def test_overflow_steps_equal_the_whole_tables(cost, fill: tuple[float, float]) -> None:
+    """Crossings evaluated only where the peak comes near the budget are the whole table's,
+    including budgets set exactly at, and a hair around, a replica's peak; then after moves."""
+    rng = np.random.default_rng(7)
+    snap = random_snapshot(rng, 12, 16, fill=fill, hot_fraction=0.2)
+    cfg = AresConfig()
+    for nudge in (None, 0.0, -1e-9, 1e-9, -1.0):
+        board = Board(snap, cost, cfg)
+        if nudge is not None:  # budgets right at the forecast peaks
+            board.budget = board.peak * (1.0 + nudge) + nudge
+        whole = segments_crossings(grouped_segments(board.groups, cfg.memory_horizon_steps),
+                                   board.budget)
+        np.testing.assert_array_equal(board.overflow_steps(), whole)
+        if nudge is not None and nudge < 0:  # every budget below its peak: every one crosses
+            assert np.isfinite(whole).all()
+        row = int(board.rows_of(int(np.argmax(board.groups.lengths)))[0])
+        board.move(row, int(np.argmin(board.groups.lengths)))
+        changed = board.overflow_steps()
+        np.testing.assert_array_equal(changed, board.crossings(list(range(board.n))))

@@ -25,7 +25,6 @@ import numpy as np
 from ares_jax.scheduler.cost import StepCostModel
 from ares_jax.scheduler.load import (
     GroupedRows,
-    Segments,
     group_rows,
     grouped_segments,
     grouped_trajectories,
@@ -64,7 +63,6 @@ class BaseForecast:
     rem: np.ndarray  # [N]
     rep: np.ndarray  # [N] int64
     groups: GroupedRows
-    segments: Segments  # of the grouping: its peaks, and its budget crossings per snapshot
     batch: np.ndarray  # [R, S]
     memory: np.ndarray  # [R, S]
     peak: np.ndarray  # [R]
@@ -91,7 +89,7 @@ def base_forecast(
     segments = grouped_segments(groups, cfg.memory_horizon_steps)
     peak, peak_at = segments_peak(segments)
     work, tokens = step_work(cost, batch, memory), batch.sum(axis=1)
-    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups, segments=segments,
+    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups,
                         batch=batch, memory=memory,
                         peak=peak, peak_at=peak_at, work=work, tokens=tokens,
                         tpot=tpot_of_work(work, tokens))
@@ -169,7 +167,7 @@ class Board:
         self.everyone = np.arange(self.n)  # positions: every replica (queries need no gather)
         self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
         base = base_forecast(snapshot.table(), self.n, cost, cfg)
-        self.groups, self._segments = base.groups, base.segments
+        self.groups, self._base_peak = base.groups, base.peak  # (the memo's: read-only)
         self._ranks = np.arange(1, int(base.groups.lengths.max(initial=0)) + 9)  # (_peak_of)
         self.size = base.kv.shape[0]  # rows in use
         self._capacity = self.size + room
@@ -548,7 +546,20 @@ class Board:
     def overflow_steps(self) -> np.ndarray:
         """Predicted steps until each replica's running KV passes its budget (inf: never)."""
         if self._crossing is None:
-            self._crossing = segments_crossings(self._segments, self.budget)
+            # Only a replica whose table forecast peaks near or above its budget can cross it
+            # (M's segments end at the values the peak is the maximum of); the others are
+            # inf. The margin is far above the rounding that could tell the two tests apart
+            # (a crossing compares (budget - KV) / ranks with a finish step, the peak compares
+            # KV + ranks * finish with the budget), so the values are the whole table's.
+            budget = self.budget
+            margin = 1e-6 * np.maximum(np.abs(budget), 1.0)
+            near = [p for p in np.flatnonzero(self._base_peak > budget - margin).tolist()
+                    if p not in self._rows]  # (changed replicas: below, from their rows)
+            self._crossing = np.full(self.n, np.inf)
+            if near:
+                g = self.groups
+                self._crossing[near] = self._crossings_of(
+                    [g.rows[g.starts[p]:g.starts[p] + g.lengths[p]] for p in near], near)
             self._stale = set(self._rows)
         if self._stale:
             stale = sorted(self._stale)
@@ -560,7 +571,14 @@ class Board:
                   add: np.ndarray | None = None) -> np.ndarray:
         """``overflow_steps()`` of each position, with ``drop[i]`` (a row index) taken out of
         position ``i`` or ``add[i]`` joining it, in one evaluation."""
-        groups = [self.rows_of(p) for p in positions]
+        return self._crossings_of([self.rows_of(p) for p in positions], positions,
+                                  drop=drop, add=add)
+
+    def _crossings_of(self, groups: list[np.ndarray], positions: list[int], *,
+                      drop: np.ndarray | None = None,
+                      add: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`crossings` of ``positions`` holding the rows ``groups`` (each longest
+        remaining first)."""
         lengths = np.array([r.shape[0] for r in groups], dtype=np.int64)
         rows = np.concatenate(groups) if groups else np.zeros(0, np.int64)
         if drop is not None:  # taking a row out keeps each group sorted
