@@ -261,13 +261,33 @@ def _descending(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, values[order]
 
 
+def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` of integer keys in ``[0, bound)``.
+
+    When key and position fit in 31 bits together, the keys are sorted as ``key << b |
+    position`` in int32 and the positions read back from the low bits: distinct values, so
+    any sort is stable, and numpy sorts 32-bit integers with SIMD instructions (2-3x faster
+    than its radix sort of one-byte keys on 32k rows, where 64-bit values get no SIMD)."""
+    n = keys.shape[0]
+    bits = max(n - 1, 1).bit_length()
+    if (bound - 1).bit_length() + bits <= 31:
+        packed = keys.astype(np.int32)
+        packed <<= bits
+        packed |= np.arange(n, dtype=np.int32)
+        packed.sort()
+        packed &= (1 << bits) - 1
+        return packed.astype(np.intp)
+    # (the narrowest type: a radix sort makes one pass per byte)
+    dtype = np.uint8 if bound <= 2**8 else np.int16 if bound < 2**15 else np.int64
+    return np.argsort(keys.astype(dtype), kind="stable")
+
+
 def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
                num_replicas: int) -> GroupedRows:
     """Sort rows by (replica, remaining descending): one float sort by ``remaining`` (which
-    also ranks it), then a stable integer sort by replica (a radix sort for fewer than 32,768
-    replicas, one pass up to 256). Rows with equal ``remaining`` come in no particular order
-    (3x faster than a lexsort that would order them too); :meth:`Board.candidates` orders them
-    where it matters."""
+    also ranks it), then a stable integer sort by replica (:func:`_stable_order`). Rows
+    with equal ``remaining`` come in no particular order (3x faster than a lexsort that would
+    order them too); :meth:`Board.candidates` orders them where it matters."""
     n = remaining.shape[0]
     by_rem, ordered = _descending(remaining)
     first = np.empty(n, dtype=bool)
@@ -275,10 +295,7 @@ def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
     levels = ordered[first][::-1].copy()  # ascending
     level_desc = np.cumsum(first) - 1  # 0 for the largest value
-    # (the narrowest type: a radix sort makes one pass per byte)
-    rep_dtype = (np.uint8 if num_replicas <= 2**8 else np.int16 if num_replicas < 2**15
-                 else np.int64)
-    by_rep = np.argsort(replica[by_rem].astype(rep_dtype), kind="stable")
+    by_rep = _stable_order(replica[by_rem], num_replicas)
     rows = by_rem[by_rep]
     # Grouped by replica: the replica column is each replica's number repeated (no gather).
     lengths = np.bincount(replica, minlength=num_replicas).astype(np.int64)
