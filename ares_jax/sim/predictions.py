@@ -119,9 +119,14 @@ class ErrorModel:
     ) -> np.ndarray:
         c = self.cfg
         g = np.asarray(generated, dtype=np.int64)
-        refresh = np.maximum(c.refresh_tokens, 1)
-        k = g // refresh  # index of the last refresh
-        g_k = k * refresh
+        refresh = max(c.refresh_tokens, 1)
+        shift = int(refresh).bit_length() - 1
+        if refresh == 1 << shift:  # (a shift is a floor division by a power of two, faster)
+            k = g >> shift  # index of the last refresh
+            g_k = k << shift
+        else:
+            k = g // refresh
+            g_k = k * refresh
         factor = self._factors(np.asarray(request_index, dtype=np.int64), k, g_k)
         at_refresh = (output_tokens - g_k) * factor
         pred = at_refresh - (g - g_k)
