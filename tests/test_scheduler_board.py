@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from ares_jax.scheduler import AresConfig, build_cost_model
-from ares_jax.scheduler.board import Board, _replicas_peak
+from ares_jax.scheduler.board import Board
+from ares_jax.scheduler.forecast import _replicas_peak
 from ares_jax.scheduler.load import grouped_segments, segments_crossings
 from ares_jax.sim.synthetic import random_snapshot
 
