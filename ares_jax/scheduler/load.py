@@ -212,7 +212,6 @@ class GroupedRows:
     """
 
     rows: np.ndarray  # [N] row index at each position
-    replica: np.ndarray  # [N] replica of each position (ascending)
     starts: np.ndarray  # [R] first position of each replica (empty groups included)
     lengths: np.ndarray  # [R]
     rem: np.ndarray  # [N] remaining steps at each position (descending within a group)
@@ -294,12 +293,11 @@ def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
     first[:1] = True
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
     levels = ordered[first][::-1].copy()  # ascending
-    level_desc = np.cumsum(first) - 1  # 0 for the largest value
+    level_desc_1 = np.cumsum(first)  # 1 + the level counted from the largest value
     by_rep = _stable_order(replica[by_rem], num_replicas)
     rows = by_rem[by_rep]
-    # Grouped by replica: the replica column is each replica's number repeated (no gather).
     lengths = np.bincount(replica, minlength=num_replicas).astype(np.int64)
-    rep_s = np.repeat(np.arange(num_replicas, dtype=np.int64), lengths)
+    key_base = np.arange(num_replicas, dtype=np.int64) * levels.shape[0]
     kv_s = kv[rows]
     prefix = np.zeros(n + 1)
     if kv_s.dtype.kind in "iu":
@@ -310,11 +308,11 @@ def group_rows(kv: np.ndarray, remaining: np.ndarray, replica: np.ndarray,
         np.cumsum(kv_s, out=prefix[1:])
     starts = np.cumsum(lengths) - lengths
     return GroupedRows(
-        rows=rows, replica=rep_s, starts=starts, lengths=lengths,
-        rem=ordered[by_rep], prefix=prefix,
-        key=rep_s * levels.shape[0] + level_desc[by_rep], levels=levels,
-        key_base=np.arange(num_replicas, dtype=np.int64) * levels.shape[0],
-        start_prefix=prefix[starts],
+        rows=rows, starts=starts, lengths=lengths, rem=ordered[by_rep], prefix=prefix,
+        # Grouped by replica: each position's replica base, repeated (no gather), plus its
+        # level (integers: the same keys however they are summed).
+        key=np.repeat(key_base - 1, lengths) + level_desc_1[by_rep], levels=levels,
+        key_base=key_base, start_prefix=prefix[starts],
     )
 
 
