@@ -74,7 +74,8 @@ class Board:
         self.everyone = np.arange(self.n)  # positions: every replica (queries need no gather)
         self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
         base = base_forecast(snapshot.table(), self.n, cost, cfg)
-        self.groups, self._base_peak = base.groups, base.peak  # (the memo's: read-only)
+        # (the memo's: read-only)
+        self.groups, self._segments, self._base_peak = base.groups, base.segments, base.peak
         self._ranks = np.arange(1, int(base.groups.lengths.max(initial=0)) + 9)  # (_peak_of)
         self.size = base.kv.shape[0]  # rows in use
         self._capacity = self.size + room
@@ -458,15 +459,19 @@ class Board:
             # inf. The margin is far above the rounding that could tell the two tests apart
             # (a crossing compares (budget - KV) / ranks with a finish step, the peak compares
             # KV + ranks * finish with the budget), so the values are the whole table's.
+            # When most replicas are near, the whole table's memoised segments cost less.
             budget = self.budget
             margin = 1e-6 * np.maximum(np.abs(budget), 1.0)
-            near = [p for p in np.flatnonzero(self._base_peak > budget - margin).tolist()
-                    if p not in self._rows]  # (changed replicas: below, from their rows)
-            self._crossing = np.full(self.n, np.inf)
-            if near:
-                g = self.groups
-                self._crossing[near] = self._crossings_of(
-                    [g.rows[g.starts[p]:g.starts[p] + g.lengths[p]] for p in near], near)
+            near = np.flatnonzero(self._base_peak > budget - margin)
+            if 4 * near.shape[0] > self.n:
+                self._crossing = segments_crossings(self._segments, budget)
+            else:
+                self._crossing = np.full(self.n, np.inf)
+                near = [p for p in near.tolist() if p not in self._rows]  # (those: below)
+                if near:
+                    g = self.groups
+                    self._crossing[near] = self._crossings_of(
+                        [g.rows[g.starts[p]:g.starts[p] + g.lengths[p]] for p in near], near)
             self._stale = set(self._rows)
         if self._stale:
             stale = sorted(self._stale)

@@ -17,6 +17,7 @@ import numpy as np
 from ares_jax.scheduler.cost import StepCostModel
 from ares_jax.scheduler.load import (
     GroupedRows,
+    Segments,
     group_rows,
     grouped_segments,
     grouped_trajectories,
@@ -54,6 +55,7 @@ class BaseForecast:
     rem: np.ndarray  # [N]
     rep: np.ndarray  # [N] int64
     groups: GroupedRows
+    segments: Segments  # of the grouping: its peaks, and its budget crossings per snapshot
     batch: np.ndarray  # [R, S]
     memory: np.ndarray  # [R, S]
     peak: np.ndarray  # [R]
@@ -80,7 +82,7 @@ def base_forecast(
     segments = grouped_segments(groups, cfg.memory_horizon_steps)
     peak, peak_at = segments_peak(segments)
     work, tokens = step_work(cost, batch, memory), batch.sum(axis=1)
-    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups,
+    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups, segments=segments,
                         batch=batch, memory=memory,
                         peak=peak, peak_at=peak_at, work=work, tokens=tokens,
                         tpot=tpot_of_work(work, tokens))
