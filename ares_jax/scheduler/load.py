@@ -18,6 +18,7 @@ their replica, and per-replica sums are ``bincount`` calls.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -234,6 +235,15 @@ class GroupedRows:
         return self.prefix[self.starts + counts] - self.start_prefix
 
 
+@lru_cache(maxsize=4)
+def _positions(n: int, dtype: type) -> np.ndarray:
+    """``np.arange(n, dtype=dtype)``, read-only and shared (a table keeps its size between
+    the calls on one snapshot, and between snapshots while no request starts or ends)."""
+    out = np.arange(n, dtype=dtype)
+    out.setflags(write=False)
+    return out
+
+
 def _descending(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Indices of ``values`` (float64, no NaN) in descending order, ties in any order, and
     the values in that order.
@@ -247,10 +257,9 @@ def _descending(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     bits = max(n - 1, 1).bit_length()
     if n > 1 and bits <= 24:
         mask = (1 << bits) - 1
-        key = values.astype(np.float64)  # a copy, its bits rewritten
-        key_bits = key.view(np.int64)
-        key_bits &= ~mask
-        key_bits |= np.arange(n, dtype=np.int64)
+        key_bits = np.ascontiguousarray(values, dtype=np.float64).view(np.int64) & ~mask
+        key_bits |= _positions(n, np.int64)
+        key = key_bits.view(np.float64)
         key.sort()
         order = (key.view(np.int64) & mask)[::-1]
         ordered = values[order]
@@ -270,9 +279,8 @@ def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
     n = keys.shape[0]
     bits = max(n - 1, 1).bit_length()
     if (bound - 1).bit_length() + bits <= 31:
-        packed = keys.astype(np.int32)
-        packed <<= bits
-        packed |= np.arange(n, dtype=np.int32)
+        packed = np.left_shift(keys, bits, dtype=np.int32, casting="unsafe")  # (keys fit)
+        packed |= _positions(n, np.int32)
         packed.sort()
         packed &= (1 << bits) - 1
         return packed.astype(np.intp)
