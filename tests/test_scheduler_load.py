@@ -194,3 +194,15 @@ def test_descending_order_of_remaining_lengths() -> None:
     # order, so only the fallback gets this right.
     close = np.array([np.nextafter(1.0, 2.0), 1.0, 0.5])
     assert _descending(close)[0].tolist() == [0, 1, 2]
+
+
+def test_stable_order_of_replicas() -> None:
+    """group_rows's replica sort (key and position packed in int32) is a stable argsort, and
+    falls back to one when they do not fit in 31 bits."""
+    from ares_jax.scheduler.load import _stable_order
+
+    rng = np.random.default_rng(6)
+    for n, bound in ((0, 4), (1, 1), (7, 3), (32108, 256), (5000, 300), (70000, 70000)):
+        keys = rng.integers(0, bound, n)
+        np.testing.assert_array_equal(_stable_order(keys, bound),
+                                      np.argsort(keys, kind="stable"))

@@ -162,9 +162,15 @@ class AresPolicy:
         if board.n < self.config.dispatch_fallback_min_replicas:
             min_gain = 0.0
         out = []
-        for p in snapshot.pending:
-            kv, rem = float(p.kv_tokens), pending_remaining(p, self.config)
-            tpot, peak, work = board.joined(kv, rem)
+        rems = [pending_remaining(p, self.config) for p in snapshot.pending]
+        # "KV just before the request's finish" on the snapshot's grouping, for every pending
+        # request at once (placements only add their own corrections, in joined).
+        horizon = float(self.config.memory_horizon_steps)
+        grouped = board.grouped_alive(np.minimum(np.array(rems), horizon)[:, None],
+                                      board.everyone)
+        for i, p in enumerate(snapshot.pending):
+            kv, rem = float(p.kv_tokens), rems[i]
+            tpot, peak, work = board.joined(kv, rem, grouped=grouped[i])
             overflow = peak - board.budget
             fits = overflow <= 0
             if fits.any():
@@ -238,15 +244,12 @@ class AresPolicy:
                 if rows.size == 0:
                     break
                 kv, rem = board.kv[rows], board.rem[rows]
-                fits = board.could_take(kv)  # [rows, replicas]
-                fits[:, src] = False
                 # The new peak is at least its value at the old peak: a cheap first filter,
                 # then the exact peak for the pairs left: of the first candidate alone (it
                 # usually fits somewhere), then of all the others at once.
-                fits &= board.old_peak_bound(kv, rem) <= board.budget
                 # The first candidate's exact peak and TPOT on the replicas left, with the
                 # source's work without it (what the move needs), in one evaluation.
-                dests = np.flatnonzero(fits[0])
+                dests = np.flatnonzero(self._might_fit(board, kv[:1], rem[:1], src)[0])
                 if dests.size:
                     budget = board.budget[dests]
                     tpot, peak, work = board.joined(float(kv[0]), float(rem[0]), dests, src,
@@ -259,6 +262,7 @@ class AresPolicy:
                         continue
                 # Then the exact peaks of all the others at once; the first that fits somewhere
                 # goes where its TPOT is lowest.
+                fits = self._might_fit(board, kv, rem, src)
                 c_idx, p_idx = np.nonzero(fits[1:])
                 c_idx += 1
                 if c_idx.size:
@@ -273,6 +277,15 @@ class AresPolicy:
                 best = int(np.argmin(tpot[:-1]))
                 self._move(board, movable, moves, int(rows[c]), int(dests[best]),
                            work[[-1, best]], tpot[[-1, best]])
+
+    @staticmethod
+    def _might_fit(board: Board, kv: np.ndarray, rem: np.ndarray, src: int) -> np.ndarray:
+        """``[C, R]``: the replicas other than ``src`` where each candidate might fit (the
+        necessary conditions of :meth:`Board.could_take` and :meth:`Board.old_peak_bound`)."""
+        fits = board.could_take(kv)
+        fits[:, src] = False
+        fits &= board.old_peak_bound(kv, rem) <= board.budget
+        return fits
 
     def _delay_overflow(
         self, board: Board, movable: np.ndarray, moves: list[tuple[int, int, int]]

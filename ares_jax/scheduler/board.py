@@ -1,13 +1,14 @@
 """The forecast ARES works on during one policy call: every replica's predicted load, updated
 as the call places requests and plans migrations.
 
-Flow of a call: :func:`base_forecast` groups the request table's rows by replica, longest
-remaining first (one sort, memoised on the table), and derives every replica's batch and KV
-trajectory, predicted peak and TPOT from that grouping. A :class:`Board` starts from it; a
-replica that a placement or a move changes gets its own row list (``Board._rows``) and its
-forecast is recomputed from that; every query reads the grouping for the untouched replicas and
-the row lists for the touched ones. The queries are batched: "if each of these requests joined
-(or left) each of these replicas" is one numpy evaluation, not a Python loop over requests.
+Flow of a call: :func:`base_forecast` (:mod:`forecast`) groups the request table's rows by
+replica, longest remaining first (one sort, memoised on the table), and derives every replica's
+batch and KV trajectory, predicted peak and TPOT from that grouping. A :class:`Board` starts
+from it; a replica that a placement or a move changes gets its own row list (``Board._rows``)
+and its forecast is recomputed from that; every query reads the grouping for the untouched
+replicas and the row lists for the touched ones. The queries are batched: "if each of these
+requests joined (or left) each of these replicas" is one numpy evaluation, not a Python loop
+over requests.
 
 Sums of KV tokens are sums of integers, exact in float64, so the values (and the decisions built
 on them) are those of the per-request formulation in docs/SIMULATOR.md, section 2.
@@ -16,125 +17,52 @@ on them) are those of the per-request formulation in docs/SIMULATOR.md, section 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ares_jax.scheduler.cost import StepCostModel
-from ares_jax.scheduler.load import (
-    GroupedRows,
-    Segments,
-    group_rows,
-    grouped_segments,
-    grouped_trajectories,
-    sample_times,
-    segments_crossings,
-    segments_of,
-    segments_peak,
-    step_work,
-    tpot_of_work,
+from ares_jax.scheduler.forecast import (  # (estimate_remaining: re-exported)
+    _replicas_forecast,
+    _samples,
+    base_forecast,
+    estimate_remaining,
 )
-from ares_jax.scheduler.state import ClusterSnapshot, RequestTable
+from ares_jax.scheduler.load import segments_crossings, segments_of, step_work, tpot_of_work
+from ares_jax.scheduler.state import ClusterSnapshot
 
 if TYPE_CHECKING:
     from ares_jax.scheduler.ares import AresConfig
 
-
-def estimate_remaining(table: RequestTable, cfg: AresConfig) -> np.ndarray:
-    """Remaining tokens per row: prediction (or truth for the oracle), prior when unknown,
-    clipped to what ``max_tokens`` still allows."""
-    rem = table.predicted_remaining
-    if cfg.remaining_scale != 1.0:
-        rem = rem * cfg.remaining_scale
-    if cfg.use_true_remaining:
-        rem = np.where(np.isnan(table.true_remaining), rem, table.true_remaining)
-    rem = np.where(np.isnan(rem), cfg.prior_remaining_tokens, rem)
-    allowed = np.maximum(table.max_tokens - table.generated_tokens, 0)
-    # (np.clip's value: no NaN is left; minimum/maximum cost less on 32k rows)
-    return np.minimum(np.maximum(rem, 0.0), allowed).astype(np.float64, copy=False)
+__all__ = ["Board", "base_forecast", "estimate_remaining"]
 
 
-@dataclass(frozen=True, eq=False)
-class BaseForecast:
-    """The forecast of a request table (rows in table order, replicas in snapshot order)."""
+class _ChangeLog:
+    """Rows that changed replica during a call, as ``[4, size]`` columns (remaining, KV,
+    replica, sign) filled in place, and as a list of the same tuples."""
 
-    kv: np.ndarray  # [N] float
-    rem: np.ndarray  # [N]
-    rep: np.ndarray  # [N] int64
-    groups: GroupedRows
-    segments: Segments  # of the grouping: its peaks, and its budget crossings per snapshot
-    batch: np.ndarray  # [R, S]
-    memory: np.ndarray  # [R, S]
-    peak: np.ndarray  # [R]
-    peak_at: np.ndarray  # [R]
-    work: np.ndarray  # [R, S] step time x batch size (step_work)
-    tokens: np.ndarray  # [R] batch sizes summed over the samples
-    tpot: np.ndarray  # [R]
+    def __init__(self, sign: float) -> None:
+        self.sign = sign
+        self.size = 0
+        self._cols = np.empty((4, 16))
+        self.rows: list[tuple[float, float, int, float]] = []
 
+    def add(self, rem: float, kv: float, replica: int) -> None:
+        if self.size == self._cols.shape[1]:
+            self._cols = np.concatenate([self._cols, np.empty_like(self._cols)], axis=1)
+        self._cols[:, self.size] = (rem, kv, replica, self.sign)
+        self.rows.append((rem, kv, replica, self.sign))
+        self.size += 1
 
-@lru_cache(maxsize=4)
-def base_forecast(
-    table: RequestTable, num_replicas: int, cost: StepCostModel, cfg: AresConfig
-) -> BaseForecast:
-    """The forecast of a request table. Memoised on the table's identity: a caller that reuses
-    a snapshot for several dispatch calls (a scheduler polling replica state periodically, as
-    Llumnix does) pays for it once."""
-    kv = table.kv_tokens.astype(np.float64)
-    rem = estimate_remaining(table, cfg)
-    rep = table.replica.astype(np.int64)
-    groups = group_rows(kv, rem, rep, num_replicas)
-    batch, memory = grouped_trajectories(groups, sample_times(cfg.horizon_steps, cfg.samples))
-    segments = grouped_segments(groups, cfg.memory_horizon_steps)
-    peak, peak_at = segments_peak(segments)
-    work, tokens = step_work(cost, batch, memory), batch.sum(axis=1)
-    return BaseForecast(kv=kv, rem=rem, rep=rep, groups=groups, segments=segments,
-                        batch=batch, memory=memory,
-                        peak=peak, peak_at=peak_at, work=work, tokens=tokens,
-                        tpot=tpot_of_work(work, tokens))
-
-
-def _replicas_forecast(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray, times: np.ndarray,
-                       horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(B, M, peak, peak_at)`` of a few replicas whose rows are laid end to end (``lengths``
-    each), each group sorted by ``rem`` descending: :func:`grouped_trajectories` and
-    :func:`segments_peak` for rows that are not in the table's grouping."""
-    # Groups are contiguous: per-group sums are differences of running sums (counts and
-    # integer KV sums, exact in float64 whatever the order).
-    alive = (rem[:, None] > times[None, :]).astype(np.float64)  # [n, S]
-    ends = np.cumsum(lengths)
-    running = np.zeros((kv.shape[0] + 1, 2 * times.shape[0]))
-    np.cumsum(np.concatenate([alive, kv[:, None] * alive], axis=1), axis=0, out=running[1:])
-    sums = running[ends] - running[ends - lengths]
-    batch, memory = sums[:, :times.shape[0]], sums[:, times.shape[0]:]
-    memory += batch * times[None, :]
-    return (batch, memory, *_replicas_peak(kv, rem, lengths, horizon))
-
-
-def _replicas_peak(kv: np.ndarray, rem: np.ndarray, lengths: np.ndarray,
-                   horizon: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(peak, peak_at)`` part of :func:`_replicas_forecast`."""
-    finish = np.minimum(np.maximum(rem, 0.0), float(horizon))
-    return segments_peak(segments_of(finish, kv, lengths))
-
-
-@lru_cache(maxsize=8)
-def _samples(horizon_steps: int, samples: int) -> tuple[np.ndarray, list[float], bool]:
-    """The sample steps (read-only, shared by every board), as a list (``bisect``: one scalar
-    lookup, no numpy call), and whether they are all integers: KV tokens are, so then every
-    trajectory sum is exact in float64 whatever the order, and a move can add and subtract the
-    moved row's share instead of re-summing both replicas (the same values)."""
-    times = sample_times(horizon_steps, samples)
-    times.setflags(write=False)
-    return times, times.tolist(), bool(np.all(times == np.floor(times)))
+    def view(self) -> np.ndarray:
+        return self._cols[:, :self.size]
 
 
 class Board:
     """Mutable forecast of every replica for the duration of one policy call.
 
     Rows are indexed as in the snapshot's request table; :meth:`place` appends rows after them
-    (``room`` of them are allocated up front).
+    (at most ``room`` of them).
     """
 
     def __init__(self, snapshot: ClusterSnapshot, cost: StepCostModel, cfg: AresConfig,
@@ -143,17 +71,21 @@ class Board:
         self.horizon = cfg.memory_horizon_steps
         self.times, self._time_list, self._exact_sums = _samples(cfg.horizon_steps, cfg.samples)
         self.n = snapshot.num_replicas
-        self._everyone = np.arange(self.n)
+        self.everyone = np.arange(self.n)  # positions: every replica (queries need no gather)
         self.idle = (snapshot.batch_size == 0) & (snapshot.queued_count == 0)
         base = base_forecast(snapshot.table(), self.n, cost, cfg)
-        self.groups, self._segments = base.groups, base.segments
+        # (the memo's: read-only)
+        self.groups, self._segments, self._base_peak = base.groups, base.segments, base.peak
+        self._ranks = np.arange(1, int(base.groups.lengths.max(initial=0)) + 9)  # (_peak_of)
         self.size = base.kv.shape[0]  # rows in use
-        if room:
-            self.kv = np.concatenate([base.kv, np.zeros(room)])
-            self.rem = np.concatenate([base.rem, np.zeros(room)])
-            self.rep = np.concatenate([base.rep, np.full(room, -1, np.int64)])
-        else:
-            self.kv, self.rem, self.rep = base.kv, base.rem, base.rep.copy()
+        self._capacity = self.size + room
+        # The row columns (kv, rem, rep) are the table's, shared with the memo (never
+        # written), until a column is read after a placement or a row moves: then copied with
+        # the placed rows after the table's. Dispatch does neither, and copying three columns
+        # of every running request cost more than the rest of setting up.
+        self._kv, self._rem, self._rep = base.kv, base.rem, base.rep
+        self._own_columns = False
+        self._unplaced: list[tuple[int, float, float, int]] = []  # rows placed before the copy
         self.batch, self.memory = base.batch.copy(), base.memory.copy()
         self.peak, self.peak_at = base.peak.copy(), base.peak_at.copy()
         self.tpot = base.tpot.copy()
@@ -168,19 +100,55 @@ class Board:
         # Rows placed on a replica and not yet merged into its row list: merged (one stable
         # sort) when the list is next asked for, which dispatch never does.
         self._placed: dict[int, list[int]] = {}
-        # Rows that left their table replica (moved) or joined one (moved, placed): what the
-        # grouping no longer says. A row moves at most once per call (it is then not movable).
-        self._base_rep = base.rep
-        self._left: list[int] = []
-        self._joined: list[int] = []
-        # The same as arrays, for kv_alive_at: the rows' remaining and KV, the replica each
-        # counts at, +1 / -1; and the replicas they touch (the others need no correction).
-        self._delta: tuple[np.ndarray, ...] | None = None
+        # Rows that joined a replica (moved, placed) or left their table replica (moved): what
+        # the grouping no longer says. A row moves at most once per call (it is then not
+        # movable), so each entry is final when written: its remaining and KV, the replica it
+        # counts at, +1 / -1 (columns, filled in place: no numpy call per change). kv_alive_at
+        # reads the joined rows, then the left ones, in the order they changed; and only the
+        # replicas they touch need a correction.
+        self._joins = _ChangeLog(+1.0)
+        self._leaves = _ChangeLog(-1.0)
+        self._delta: np.ndarray | None = None  # [4, changes]: the two logs end to end
         self._touched = np.zeros(self.n, dtype=bool)
         self._crossing: np.ndarray | None = None
         self._stale: set[int] = set()
 
     # ------------------------------------------------------------------ rows of a replica
+    @property
+    def kv(self) -> np.ndarray:
+        """KV tokens of each row (read-only)."""
+        if self._unplaced:
+            self._columns()
+        return self._kv
+
+    @property
+    def rem(self) -> np.ndarray:
+        """Remaining steps of each row (read-only)."""
+        if self._unplaced:
+            self._columns()
+        return self._rem
+
+    @property
+    def rep(self) -> np.ndarray:
+        """Replica (position) of each row now (read-only)."""
+        if self._unplaced:
+            self._columns()
+        return self._rep
+
+    def _columns(self) -> None:
+        """The board's own copy of the row columns: the table's, then the placed rows."""
+        if self._own_columns:
+            return
+        room = self._capacity - self._kv.shape[0]
+        self._rep = np.concatenate([self._rep, np.full(room, -1, np.int64)])
+        if room:  # (without room only rep is ever written)
+            self._kv = np.concatenate([self._kv, np.zeros(room)])
+            self._rem = np.concatenate([self._rem, np.zeros(room)])
+        for row, kv, rem, pos in self._unplaced:
+            self._kv[row], self._rem[row], self._rep[row] = kv, rem, pos
+        self._unplaced.clear()
+        self._own_columns = True
+
     def rows_of(self, pos: int) -> np.ndarray:
         """Rows of ``pos``, longest remaining first (ties in no particular order)."""
         placed = self._placed.pop(pos, None)
@@ -221,36 +189,58 @@ class Board:
         """Move ``row`` to ``dst``. ``work`` and ``tpot``: the ``[2, S]`` :func:`step_work` and
         the TPOT of its replica without it and of ``dst`` with it, when the caller evaluated
         them already (the same values as re-evaluating)."""
-        src = int(self.rep[row])
-        self.rep[row] = dst
-        self._left.append(row)
-        self._joined.append(row)
+        self._columns()  # (its own rep to write)
+        src = int(self._rep[row])
+        self._rep[row] = dst
+        rem, kv = float(self.rem[row]), float(self.kv[row])
+        self._joins.add(rem, kv, dst)
+        self._leaves.add(rem, kv, src)
         self._delta = None
-        self._touched[[src, dst]] = True
+        self._touched[src] = self._touched[dst] = True
         left = self.rows_of(src)
-        self._rows[src] = left[left != row]
-        self._set_rows(dst, np.append(self.rows_of(dst), row))
+        left = self._rows[src] = left[left != row]
+        # It joins dst's rows after those with as long or longer remaining (where a stable
+        # sort of the rows with it appended puts it).
+        rows = self.rows_of(dst)
+        at = int(np.searchsorted(-self.rem[rows], -rem, side="right"))
+        joined = self._rows[dst] = np.concatenate((rows[:at], (row,), rows[at:]))
         if not self._exact_sums:
             self.refresh([src, dst])
             return
-        pair = [src, dst]
-        alive = (self.rem[row] > self.times).astype(np.float64)  # as _added
-        d_batch = np.stack([-alive, alive])  # it leaves src, joins dst (-x * y is -(x * y))
-        self.batch[pair] += d_batch
-        self.memory[pair] += d_batch * (self.kv[row] + self.times)
-        k = bisect.bisect_left(self._time_list, float(self.rem[row]))  # its alive samples
+        # _added's values: 1.0 and 1.0 * (kv + t) at the k samples where it is alive, 0.0
+        # after (which adds and subtracts nothing); x - y is x + -y exactly.
+        k = bisect.bisect_left(self._time_list, rem)
+        added = kv + self.times[:k]
+        self.batch[src, :k] -= 1.0
+        self.batch[dst, :k] += 1.0
+        self.memory[src, :k] -= added
+        self.memory[dst, :k] += added
         self.tokens[src] -= k  # (sums of integers, exact)
         self.tokens[dst] += k
+        pair = [src, dst]
         if work is None or tpot is None:
             work = step_work(self.cost, self.batch[pair], self.memory[pair])
             tpot = tpot_of_work(work, self.tokens[pair])
-        self.work[pair], self.tpot[pair] = work, tpot
-        rows = [self.rows_of(src), self.rows_of(dst)]
-        both = np.concatenate(rows)
-        lengths = np.array([rows[0].shape[0], rows[1].shape[0]], dtype=np.int64)
-        self.peak[pair], self.peak_at[pair] = _replicas_peak(self.kv[both], self.rem[both],
-                                                             lengths, self.horizon)
+        self.work[src], self.work[dst] = work[0], work[1]
+        self.tpot[src], self.tpot[dst] = tpot[0], tpot[1]
+        self.peak[src], self.peak_at[src] = self._peak_of(left)
+        self.peak[dst], self.peak_at[dst] = self._peak_of(joined)
         self._stale.update(pair)
+
+    def _peak_of(self, rows: np.ndarray) -> tuple[float, float]:
+        """:func:`segments_peak` of one replica's rows (longest remaining first): the same
+        arithmetic on the same operands, for one group."""
+        n = rows.shape[0]
+        if n == 0:
+            return 0.0, 0.0
+        if n > self._ranks.shape[0]:
+            self._ranks = np.arange(1, 2 * n + 1)
+        finish = np.minimum(np.maximum(self.rem[rows], 0.0), float(self.horizon))
+        # M just before each rank finishes: the KV of ranks 0..k now (integer sums, exact)
+        # plus (k + 1) requests growing until then.
+        m = np.cumsum(self.kv[rows]) + self._ranks[:n] * finish
+        peak = m.max()
+        return peak, finish[m == peak].max()
 
     def place(self, kv: float, rem: float, pos: int, tpot: float, peak: float,
               work: np.ndarray) -> None:
@@ -269,11 +259,14 @@ class Board:
             self.peak[pos] = peak
             self.peak_at[pos] = min(rem, float(self.horizon))  # approximately where it moved
         row = self.size
-        if row >= self.kv.shape[0]:
+        if row >= self._capacity:
             raise ValueError("Board.place: no room left (pass room= to the constructor)")
-        self.kv[row], self.rem[row], self.rep[row] = kv, rem, pos
+        if self._own_columns:
+            self._kv[row], self._rem[row], self._rep[row] = kv, rem, pos
+        else:
+            self._unplaced.append((row, kv, rem, pos))
         self.size += 1
-        self._joined.append(row)
+        self._joins.add(rem, kv, pos)
         self._delta = None
         self._touched[pos] = True
         self._placed.setdefault(pos, []).append(row)
@@ -284,34 +277,73 @@ class Board:
         alive = (rem[:, None] > self.times[None, :]).astype(np.float64)
         return alive, alive * (kv[:, None] + self.times[None, :])
 
-    def kv_alive_at(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def kv_alive_at(self, steps: np.ndarray, positions: np.ndarray,
+                    grouped: np.ndarray | None = None) -> np.ndarray:
         """``M`` of ``positions`` just before ``steps`` (rows with ``rem >= step``); the two
-        broadcast together (``[C, 1]`` steps and ``[P]`` positions: ``[C, P]``)."""
+        broadcast together (``[C, 1]`` steps and ``[P]`` positions: ``[C, P]``). ``grouped``:
+        :meth:`grouped_alive` of the same arguments, when the caller has it (a copy is
+        corrected)."""
+        alive = self.grouped_alive(steps, positions) if grouped is None else grouped.copy()
+        if not self._joins.size:
+            return alive
+        # Correct the grouping by the rows that joined and left since (joins, then leaves).
+        if np.ndim(steps) == 0 and np.ndim(positions) == 1:
+            if self._joins.size + self._leaves.size < 8:
+                self._add_corrections(alive, float(steps), positions)
+                return alive
+            return self._corrections(alive, steps, positions)
+        if self._delta is None:
+            self._delta = np.concatenate([self._joins.view(), self._leaves.view()], axis=1)
+        rem, kv, where, sign = self._delta
+        on = (rem >= steps[..., None]) & (where == positions[..., None])
+        return alive + (on * (kv + steps[..., None]) * sign).sum(axis=-1)
+
+    def grouped_alive(self, steps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """:meth:`kv_alive_at` of the table's grouping (the rows as the snapshot has them):
+        what the moves and placements of this call do not change, so a caller with several
+        steps to ask about (dispatch: one per pending request) asks for them at once."""
         g = self.groups
         u = g.levels.shape[0]
-        start = g.starts[positions]
-        bound = positions * u + (u - 1 - np.searchsorted(g.levels, steps, side="left"))
-        count = np.searchsorted(g.key, bound, side="right") - start
-        alive = g.prefix[start + count] - g.prefix[start] + count * steps
-        if self._joined:  # correct the grouping by the rows that left and joined since
-            if self._delta is None:
-                left, joined = np.array(self._left, np.int64), np.array(self._joined, np.int64)
-                rows = np.concatenate([joined, left])
-                self._delta = (self.rem[rows], self.kv[rows],
-                               np.concatenate([self.rep[joined], self._base_rep[left]]),
-                               np.concatenate([np.ones(joined.shape[0]), -np.ones(left.shape[0])]))
-            rem, kv, where, sign = self._delta
-            if np.ndim(steps) == 0 and np.ndim(positions) == 1:
-                # Only the touched positions get a correction (elsewhere it is 0.0); the same
-                # sums, row by row.
-                sel = np.flatnonzero(self._touched[positions])
-                if sel.size:
-                    on = (rem >= steps) & (where == positions[sel, None])
-                    alive[sel] += (on * (kv + steps) * sign).sum(axis=-1)
-            else:
-                on = (rem >= steps[..., None]) & (where == positions[..., None])
-                alive = alive + (on * (kv + steps[..., None]) * sign).sum(axis=-1)
+        level = np.searchsorted(g.levels, steps, side="left")
+        if positions is self.everyone:  # (no gathers)
+            start, before, key_base = g.starts, g.start_prefix, g.key_base
+        else:
+            start, before, key_base = g.starts[positions], g.start_prefix[positions], positions * u
+        # The end of each replica's rows with rem >= step (rows are longest remaining first).
+        end = np.searchsorted(g.key, key_base + (u - 1 - level), side="right")
+        count = end - start
+        return g.prefix[end] - before + count * steps
+
+    def _corrections(self, alive: np.ndarray, steps: np.ndarray,
+                     positions: np.ndarray) -> np.ndarray:
+        """:meth:`kv_alive_at`'s correction for one step and ``[P]`` positions: each touched
+        position's sum over the changed rows (0.0 for the rows not there or not alive)."""
+        if self._delta is None:
+            self._delta = np.concatenate([self._joins.view(), self._leaves.view()], axis=1)
+        rem, kv, where, sign = self._delta
+        sel = np.flatnonzero(self._touched[positions])  # (elsewhere the sum is 0.0)
+        if sel.size:
+            on = (rem >= steps) & (where == positions[sel, None])
+            alive[sel] += (on * (kv + steps) * sign).sum(axis=-1)
         return alive
+
+    def _add_corrections(self, alive: np.ndarray, step: float, positions: np.ndarray) -> None:
+        """:meth:`_corrections` in Python when fewer than 8 rows changed (dispatch's case:
+        one per placement), in place: the same values. numpy sums fewer than 8 elements left
+        to right from 0.0, as this loop does; the rows it skips add 0.0, which changes no
+        partial sum (tests/test_scheduler_board.py checks both ways agree)."""
+        sums: dict[int, float] = {}
+        for rem, kv, where, sign in self._joins.rows + self._leaves.rows:
+            if rem >= step:
+                sums[where] = sums.get(where, 0.0) + (kv + step) * sign
+        if positions is self.everyone:
+            for pos, add in sums.items():
+                alive[pos] += add
+            return
+        for i in np.flatnonzero(self._touched[positions]).tolist():
+            add = sums.get(int(positions[i]))
+            if add is not None:
+                alive[i] += add
 
     def peak_pairs(self, kv: np.ndarray, rem: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Predicted peak of ``positions[k]`` if request ``(kv[k], rem[k])`` joined it. Exact at
@@ -328,13 +360,15 @@ class Board:
 
     def joined(self, kv: float, rem: float, positions: np.ndarray | None = None,
                src: int | None = None, *, fits_in: np.ndarray | None = None,
+               grouped: np.ndarray | None = None,
                ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
         """If request ``(kv, rem)`` joined each of ``positions`` (every replica by default):
         its predicted TPOT, its predicted peak (:meth:`peak_pairs`'s values) and its ``[P, S]``
         :func:`step_work`. With ``src``, ``tpot`` and ``work`` have one more row, last: ``src``
         with the request *leaving* it (a move's source, in the same evaluation of the cost
         model). With ``fits_in`` (a budget per position), the cost model is not run (``tpot``
-        and ``work`` are None) when the predicted peak fits none of them.
+        and ``work`` are None) when the predicted peak fits none of them. ``grouped``:
+        :meth:`grouped_alive` at ``min(rem, memory horizon)`` and ``positions``, if known.
 
         One request at a time, in as few numpy calls as possible: a decision's cost is mostly
         the number of calls. The request is alive at the samples before its remaining length
@@ -343,32 +377,38 @@ class Board:
         k = bisect.bisect_left(self._time_list, rem)  # the samples it is alive at (t < rem)
         added = kv + self.times[:k]  # its KV there (_added: 1.0 * (kv + t)); 0.0 later
         if positions is None:
-            positions = self._everyone
-            memory, work, tokens = self.memory.copy(), self.work.copy(), self.tokens + k
+            positions = self.everyone
+            memory, work = self.memory.copy(), self.work.copy()
             memory[:, :k] += added
-            batch = self.batch[:, :k] + 1.0
+            batch, tokens = self.batch[:, :k] + 1.0, self.tokens + k
             peak, peak_at = self.peak, self.peak_at
         else:
-            at = positions if src is None else np.append(positions, src)
-            memory, work = self.memory[at], self.work[at]
             if src is None:
+                memory, work = self.memory[positions], self.work[positions]
                 memory[:, :k] += added
-                batch, tokens = self.batch[at, :k] + 1.0, self.tokens[at] + k
-            else:  # (x + -y is x - y exactly)
-                sign = np.ones(at.shape[0])
-                sign[-1] = -1.0
-                memory[:, :k] += added * sign[:, None]
-                batch, tokens = self.batch[at, :k] + sign[:, None], self.tokens[at] + k * sign
+                batch, tokens = self.batch[positions, :k] + 1.0, self.tokens[positions] + k
+            else:  # the source, last, with the request leaving (x - y is x + -y exactly)
+                at = np.concatenate((positions, (src,)))
+                memory, work = self.memory[at], self.work[at]
+                memory[:-1, :k] += added
+                memory[-1, :k] -= added
+                batch, tokens = self.batch[at, :k], self.tokens[at]
+                batch[:-1] += 1.0
+                batch[-1] -= 1.0
+                tokens[:-1] += k
+                tokens[-1] -= k
             peak, peak_at = self.peak[positions], self.peak_at[positions]
         p = positions.shape[0]
         t_x = np.float64(min(rem, float(self.horizon)))
-        alive_at_x = self.kv_alive_at(t_x, positions)
+        alive_at_x = self.kv_alive_at(t_x, positions, grouped)
         at_old_peak = np.where(rem >= peak_at, peak + kv + peak_at, peak)
         at_own_finish = alive_at_x + kv + t_x
         peak = np.maximum(np.maximum(at_old_peak, at_own_finish), memory[:p].max(axis=1))
         if fits_in is not None and not (peak <= fits_in).any():
             return None, peak, None
         work[:, :k] = step_work(self.cost, batch, memory[:, :k])
+        if k and src is None:  # every position has tokens: tpot_of_work's values, fewer calls
+            return work.sum(axis=-1) / tokens, peak, work
         return tpot_of_work(work, tokens), peak, work
 
     def old_peak_bound(self, kv: np.ndarray, rem: np.ndarray) -> np.ndarray:
@@ -414,7 +454,24 @@ class Board:
     def overflow_steps(self) -> np.ndarray:
         """Predicted steps until each replica's running KV passes its budget (inf: never)."""
         if self._crossing is None:
-            self._crossing = segments_crossings(self._segments, self.budget)
+            # Only a replica whose table forecast peaks near or above its budget can cross it
+            # (M's segments end at the values the peak is the maximum of); the others are
+            # inf. The margin is far above the rounding that could tell the two tests apart
+            # (a crossing compares (budget - KV) / ranks with a finish step, the peak compares
+            # KV + ranks * finish with the budget), so the values are the whole table's.
+            # When most replicas are near, the whole table's memoised segments cost less.
+            budget = self.budget
+            margin = 1e-6 * np.maximum(np.abs(budget), 1.0)
+            near = np.flatnonzero(self._base_peak > budget - margin)
+            if 4 * near.shape[0] > self.n:
+                self._crossing = segments_crossings(self._segments, budget)
+            else:
+                self._crossing = np.full(self.n, np.inf)
+                near = [p for p in near.tolist() if p not in self._rows]  # (those: below)
+                if near:
+                    g = self.groups
+                    self._crossing[near] = self._crossings_of(
+                        [g.rows[g.starts[p]:g.starts[p] + g.lengths[p]] for p in near], near)
             self._stale = set(self._rows)
         if self._stale:
             stale = sorted(self._stale)
@@ -426,7 +483,14 @@ class Board:
                   add: np.ndarray | None = None) -> np.ndarray:
         """``overflow_steps()`` of each position, with ``drop[i]`` (a row index) taken out of
         position ``i`` or ``add[i]`` joining it, in one evaluation."""
-        groups = [self.rows_of(p) for p in positions]
+        return self._crossings_of([self.rows_of(p) for p in positions], positions,
+                                  drop=drop, add=add)
+
+    def _crossings_of(self, groups: list[np.ndarray], positions: list[int], *,
+                      drop: np.ndarray | None = None,
+                      add: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`crossings` of ``positions`` holding the rows ``groups`` (each longest
+        remaining first)."""
         lengths = np.array([r.shape[0] for r in groups], dtype=np.int64)
         rows = np.concatenate(groups) if groups else np.zeros(0, np.int64)
         if drop is not None:  # taking a row out keeps each group sorted

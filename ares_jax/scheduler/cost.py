@@ -211,9 +211,12 @@ class GridStepCost:
         self._len_width = np.diff(self.lens)
         flat = np.ascontiguousarray(self.grid).ravel()
         cols = self.lens.size
-        # The four corners of a cell as flat arrays indexed by its lower corner (one ``take``
-        # each instead of an index sum and a gather).
-        self._corners = (flat, flat[1:], flat[cols:], flat[cols + 1:])
+        # The four corners of every cell, indexed by the flat index of its lower corner: one
+        # ``take`` along the columns of this [4, cells] table gathers all four (four
+        # contiguous rows) instead of four gathers.
+        cells = flat.size - cols - 1
+        self._corners = np.stack([flat[:cells], flat[1:cells + 1], flat[cols:cols + cells],
+                                  flat[cols + 1:cols + 1 + cells]])
         # Batch sizes are counts wherever ARES forecasts: the batch axis's bracket of every
         # count below _COUNTS, computed once with step_ms's own arithmetic, replaces a binary
         # search per element (the costliest part of a call); other values take the general
@@ -249,11 +252,12 @@ class GridStepCost:
     def step_ms(self, batch: ArrayLike, kv_tokens: ArrayLike) -> np.ndarray:
         n = np.asarray(batch, dtype=np.float64)
         kv = np.asarray(kv_tokens, dtype=np.float64)
-        safe_n = np.maximum(n, 1.0)
+        count, positive = self._as_counts(n)
+        # (counts of at least 1 are their own maximum with 1.0)
+        safe_n = n if positive and count is not None else np.maximum(n, 1.0)
         # Below the grid's first row (batch 1 / 256 tokens) the step time is flat: clamp there.
         length = np.maximum(kv / safe_n, self.lens[0])
         li, lw = self._bracket(self.lens, self._len_width, length)
-        count, positive = self._as_counts(n)
         if count is not None:
             at = self._count_row.take(count) + li  # grid[bi, li] in the flat grid
             bw, bw1 = self._count_w.take(count), self._count_w1.take(count)
@@ -262,10 +266,10 @@ class GridStepCost:
                                    np.maximum(safe_n, self.batches[0]))
             at = bi * self.lens.size + li
             bw1 = 1 - bw
-        g00, g01, g10, g11 = self._corners
+        g00, g01, g10, g11 = self._corners.take(at, axis=1)
         lw1 = 1 - lw
-        low = g00.take(at) * lw1 + g01.take(at) * lw
-        high = g10.take(at) * lw1 + g11.take(at) * lw
+        low = g00 * lw1 + g01 * lw
+        high = g10 * lw1 + g11 * lw
         ms = low * bw1 + high * bw
         return ms if positive else np.where(n > 0, ms, 0.0)
 

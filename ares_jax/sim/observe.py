@@ -74,14 +74,15 @@ class ObserverMixin:
             at = steps[rep]
             gen = self.gen_off[rows] + at
             out = self.output[rows]
+            max_tokens = self.max_tokens[rows]
             table = RequestTable(
                 request_ids=rows,
                 replica=rep,
                 generated_tokens=gen,
                 kv_tokens=self.kv_off[rows] + at,
-                max_tokens=self.max_tokens[rows],
-                predicted_remaining=self.predictor.predict(rows, gen, out, self.max_tokens[rows]),
-                true_remaining=(out - gen).astype(np.float64),
+                max_tokens=max_tokens,
+                predicted_remaining=self.predictor.predict(rows, gen, out, max_tokens),
+                true_remaining=np.subtract(out, gen, dtype=np.float64),
                 migrating=self.migrating[rows],
                 last_migrated_at=self.last_migrated[rows],
             )

@@ -1,8 +1,8 @@
 """Remaining-length predictions with a documented error model (see ``PredictionConfig``).
 
 The noise is a deterministic hash of (seed, request, refresh index), so a prediction is the same
-whenever it is asked for, with no per-request state: the simulator can evaluate it vectorised
-over all running requests at each policy call.
+whenever it is asked for (a per-request memo only saves drawing it again): the simulator can
+evaluate it vectorised over all running requests at each policy call.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import numpy as np
 
 from ares_jax.sim.config import PredictionConfig
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
+    # (uint64 arithmetic wraps modulo 2**64 by itself: no mask needed)
     with np.errstate(over="ignore"):
-        z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
 
 
@@ -48,39 +47,59 @@ class ErrorModel:
         self._table: tuple[np.ndarray, np.ndarray] | None = None
         if cfg.table:
             self._table = load_sigma_table(cfg.table)
-        # Memo of the normals per request index: the persistent one (NaN: not yet drawn) and
-        # the fresh one of the last refresh asked for (-1: none). Every policy call asks for
-        # every running request, and between two calls most have not reached a new refresh;
-        # the hash is a pure function, so the memo changes no value.
+        # Memo per request index: its persistent normal (NaN: not drawn yet), the last refresh
+        # asked for (-1: none) and that refresh's factor exp(sigma(g_k) * z). All are pure
+        # functions of (seed, request, refresh index); every policy call asks for every running
+        # request, and between two calls most have not reached a new refresh, so only those
+        # that did are drawn again. The memo changes no value (each element is computed with
+        # the same operations on the same operands).
         self._persistent = np.zeros(0)
         self._fresh_k = np.zeros(0, dtype=np.int64)
-        self._fresh = np.zeros(0)
+        self._factor = np.zeros(0)
 
-    def _normals(self, index: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``hashed_normal(seed, index, -1)`` and ``hashed_normal(seed, index, k)``."""
-        if index.size == 0 or index.min() < 0:
-            return (hashed_normal(self.seed, index, np.full_like(k, -1)),
-                    hashed_normal(self.seed, index, k))
-        need = int(index.max()) + 1
-        if need > self._persistent.shape[0]:
-            size = max(need, 2 * self._persistent.shape[0])
-            grow = size - self._persistent.shape[0]
-            self._persistent = np.r_[self._persistent, np.full(grow, np.nan)]
-            self._fresh_k = np.r_[self._fresh_k, np.full(grow, -1, dtype=np.int64)]
-            self._fresh = np.r_[self._fresh, np.zeros(grow)]
+    def _grow(self, need: int) -> None:
+        have = self._fresh_k.shape[0]
+        if need > have:
+            grow = max(need, 2 * have) - have
+            self._persistent = np.concatenate([self._persistent, np.full(grow, np.nan)])
+            self._fresh_k = np.concatenate([self._fresh_k, np.full(grow, -1, dtype=np.int64)])
+            self._factor = np.concatenate([self._factor, np.zeros(grow)])
+
+    def _persistent_normals(self, index: np.ndarray) -> np.ndarray:
+        """``hashed_normal(seed, index, -1)``, memoised (``index``: non-negative)."""
         persistent = self._persistent[index]
         miss = np.flatnonzero(np.isnan(persistent))
         if miss.size:
             persistent[miss] = hashed_normal(self.seed, index[miss],
                                              np.full(miss.size, -1, dtype=np.int64))
             self._persistent[index[miss]] = persistent[miss]
-        fresh = self._fresh[index]
+        return persistent
+
+    def _refresh_factor(self, persistent: np.ndarray, index: np.ndarray, k: np.ndarray,
+                        g_k: np.ndarray) -> np.ndarray:
+        """``exp(sigma(g_k) * z)`` of each request at its last refresh ``k`` (at ``g_k``
+        generated tokens): the multiplicative error of the prediction made there."""
+        rho = self.cfg.persistence
+        z = rho * persistent + np.sqrt(max(1.0 - rho * rho, 0.0)) * hashed_normal(
+            self.seed, index, k)
+        return np.exp(self.sigma(g_k) * z)
+
+    def _factors(self, index: np.ndarray, k: np.ndarray, g_k: np.ndarray) -> np.ndarray:
+        """:meth:`_refresh_factor`, memoised per request index (drawn again only for the
+        requests whose refresh index changed since they were last asked for)."""
+        if index.size == 0 or index.min() < 0:
+            persistent = hashed_normal(self.seed, index, np.full_like(k, -1))
+            return self._refresh_factor(persistent, index, k, g_k)
+        self._grow(int(index.max()) + 1)
+        factor = self._factor[index]
         stale = np.flatnonzero(self._fresh_k[index] != k)
         if stale.size:
-            fresh[stale] = hashed_normal(self.seed, index[stale], k[stale])
-            self._fresh_k[index[stale]] = k[stale]
-            self._fresh[index[stale]] = fresh[stale]
-        return persistent, fresh
+            at = index[stale]
+            factor[stale] = self._refresh_factor(self._persistent_normals(at), at, k[stale],
+                                                 g_k[stale])
+            self._fresh_k[at] = k[stale]
+            self._factor[at] = factor[stale]
+        return factor
 
     def sigma(self, generated: np.ndarray) -> np.ndarray:
         g = np.asarray(generated, dtype=np.float64)
@@ -100,16 +119,22 @@ class ErrorModel:
     ) -> np.ndarray:
         c = self.cfg
         g = np.asarray(generated, dtype=np.int64)
-        refresh = np.maximum(c.refresh_tokens, 1)
-        k = g // refresh  # index of the last refresh
-        g_k = k * refresh
-        persistent, fresh = self._normals(np.asarray(request_index, dtype=np.int64), k)
-        rho = c.persistence
-        z = rho * persistent + np.sqrt(max(1.0 - rho * rho, 0.0)) * fresh
-        at_refresh = (output_tokens - g_k) * np.exp(self.sigma(g_k) * z)
+        refresh = max(c.refresh_tokens, 1)
+        shift = int(refresh).bit_length() - 1
+        if refresh == 1 << shift:  # (a shift is a floor division by a power of two, faster)
+            k = g >> shift  # index of the last refresh
+            g_k = k << shift
+        else:
+            k = g // refresh
+            g_k = k * refresh
+        factor = self._factors(np.asarray(request_index, dtype=np.int64), k, g_k)
+        at_refresh = (output_tokens - g_k) * factor
         pred = at_refresh - (g - g_k)
         # The engine knows the request is still running and how much max_tokens allows.
-        return np.clip(pred, 1.0, np.maximum(max_tokens - g, 1)).astype(np.float64)
+        # (np.clip's values: the bounds are ordered and nothing is NaN; minimum and maximum
+        # cost less on 32k rows)
+        upper = np.maximum(max_tokens - g, 1)
+        return np.minimum(np.maximum(pred, 1.0), upper).astype(np.float64, copy=False)
 
 
 def load_sigma_table(path: str) -> tuple[np.ndarray, np.ndarray]:
