@@ -31,6 +31,7 @@ from headroom import (
     MIGRATION,
     MIGRATION_OFF,
     Variant,
+    add_cell_arguments,
     geomean,
     kv_scale,
     paired_interval,
@@ -125,15 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", required=True,
                    help="a headroom.py JSON whose 'rates' calibrate each cell")
-    p.add_argument("--workload", default="servegen-r1")
-    p.add_argument("--model", default="llama3_8b")
-    p.add_argument("--replicas", default="4")
-    p.add_argument("--kv-units", default="4,16")
-    p.add_argument("--migration", default=",".join(MIGRATION))
-    p.add_argument("--seeds", default="0,1,2,3")
+    add_cell_arguments(p, replicas="4", kv_units="4,16")
     p.add_argument("--scales", default="0.5,0.7,1,1.4,2,2.8,4",
                    help="rates of the scan, as multiples of the cell's calibrated rate")
-    p.add_argument("--requests-per-replica", type=int, default=150)
     p.add_argument("--variant", type=parse_variant, action="append", default=[])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--reuse", help="JSON of an earlier run: keep its rows")

@@ -300,15 +300,20 @@ def _save(path: str, data: dict[str, Any]) -> None:
         f.write(json.dumps(data, indent=1))
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_cell_arguments(p: argparse.ArgumentParser, *, replicas: str, kv_units: str) -> None:
+    """The map's axes and trace, shared with ``goodput_map.py``."""
     p.add_argument("--workload", default="servegen-r1")
     p.add_argument("--model", default="llama3_8b")
-    p.add_argument("--replicas", default="4,16")
-    p.add_argument("--kv-units", default="4,16,64")
+    p.add_argument("--replicas", default=replicas)
+    p.add_argument("--kv-units", default=kv_units)
     p.add_argument("--migration", default=",".join(MIGRATION))
     p.add_argument("--seeds", default="0,1,2,3")
     p.add_argument("--requests-per-replica", type=int, default=150)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_cell_arguments(p, replicas="4,16", kv_units="4,16,64")
     p.add_argument("--target", type=float, default=0.9, help="least-load attainment to calibrate")
     p.add_argument("--bisect-steps", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
