@@ -103,6 +103,15 @@ def test_transport_comes_from_the_file_and_an_unknown_one_is_refused(tmp_path):
         serve_args("--config", str(write(tmp_path / "bad.yaml", {"transport": "rdma"})))
 
 
+def test_migration_cap_flag_reaches_the_core_config_and_a_negative_one_is_refused():
+    assert cluster_config(serve_args("--model", "random:tiny")).migration.max_starts_per_minute \
+        == 0
+    cfg = cluster_config(serve_args("--model", "random:tiny", "--max-migrations-per-minute", "6"))
+    assert cfg.migration.max_starts_per_minute == 6
+    with pytest.raises(ValueError, match="max_starts_per_minute must be >= 0"):
+        cluster_config(serve_args("--model", "random:tiny", "--max-migrations-per-minute", "-1"))
+
+
 def test_without_a_file_the_flag_defaults_stand():
     args = serve_args("--model", "random:tiny")
     assert (args.policy, args.page_size, args.decode_replicas) == ("ares", 16, 2)

@@ -43,6 +43,9 @@ def _scheduler_flags(p: argparse.ArgumentParser) -> None:
                    help="dispatch by another policy than the one that migrates")
     p.add_argument("--reschedule-every", type=int, default=4,
                    help="scheduler iterations between rescheduling rounds")
+    p.add_argument("--max-migrations-per-minute", type=int, default=0,
+                   help="start at most this many migrations per 60 s (0: no cap); the "
+                        "policy's other moves are dropped and counted (migrations_capped)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--port", type=int, default=None,
@@ -161,13 +164,16 @@ def engine_config(args: argparse.Namespace):
 
 def cluster_config(args: argparse.Namespace):
     from ares_jax.cluster.config import ClusterConfig
+    from ares_jax.cluster.migration import MigrationConfig
     from ares_jax.scheduler.registry import POLICY_NAMES
 
     for name in (args.policy, args.dispatch_policy):
         if name is not None and name not in POLICY_NAMES:
             raise ValueError(f"unknown policy {name!r}; one of {', '.join(POLICY_NAMES)}")
     return ClusterConfig(policy=args.policy, dispatch_policy=args.dispatch_policy,
-                         reschedule_every=args.reschedule_every)
+                         reschedule_every=args.reschedule_every,
+                         migration=MigrationConfig(
+                             max_starts_per_minute=args.max_migrations_per_minute))
 
 
 def _logging(args: argparse.Namespace) -> None:
