@@ -20,6 +20,7 @@ with ``--reuse``), a markdown table on stderr.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -36,6 +37,7 @@ from headroom import (
     kv_scale,
     paired_interval,
     parse_variant,
+    row_migration,
     run_one,
 )
 
@@ -79,30 +81,32 @@ def goodputs(rows: list[dict[str, Any]]) -> Goodputs:
     return out
 
 
+def _series(gp: Goodputs, cell: tuple[int, float, str], name: str,
+            target: float) -> dict[int, float]:
+    """``{seed: goodput}`` of variant ``name`` in ``cell`` (replicas, KV, migration)."""
+    key = (cell[0], cell[1], row_migration(name, cell[2]), name)
+    return {s: g[target][0] for s, g in gp.get(key, {}).items()}
+
+
 def table(gp: Goodputs, migs: list[str]) -> list[dict[str, Any]]:
     """Per (cell, migration, target): each variant's goodput over the better baseline's."""
-    cells = sorted({key[:2] for key in gp})
     names = list(dict.fromkeys(key[3] for key in gp))
     out = []
-    for rep, kv in cells:
-        for mig in migs:
-            def series(name: str, target: float, rep: int = rep, kv: float = kv,
-                       mig: str = mig) -> dict[int, float]:
-                key = (rep, kv, "-" if name == "least-load" else mig, name)
-                return {s: g[target][0] for s, g in gp.get(key, {}).items()}
-            for target in TARGETS:
-                base = {n: series(n, target) for n in ("least-load", "llumnix")}
-                if not all(base.values()):
-                    continue
-                better = max(base, key=lambda n: geomean(list(base[n].values())))
-                row = {"replicas": rep, "kv_units": kv, "migration": mig, "target": target,
-                       "better": better,
-                       "better_req_s": geomean(list(base[better].values())), "ratio": {}}
-                for n in names:
-                    mine = series(n, target)
-                    if mine and n != better:
-                        row["ratio"][n] = paired_interval(mine, base[better])
-                out.append(row)
+    for rep, kv in sorted({key[:2] for key in gp}):
+        for mig, target in itertools.product(migs, TARGETS):
+            cell = (rep, kv, mig)
+            base = {n: _series(gp, cell, n, target) for n in ("least-load", "llumnix")}
+            if not all(base.values()):
+                continue
+            better = max(base, key=lambda n: geomean(list(base[n].values())))
+            row = {"replicas": rep, "kv_units": kv, "migration": mig, "target": target,
+                   "better": better, "better_req_s": geomean(list(base[better].values())),
+                   "ratio": {}}
+            for n in names:
+                mine = _series(gp, cell, n, target)
+                if mine and n != better:
+                    row["ratio"][n] = paired_interval(mine, base[better])
+            out.append(row)
     return out
 
 

@@ -201,18 +201,21 @@ def headroom(agg: list[dict[str, Any]],
             continue
         best = min(("least-load", "llumnix"), key=lambda n: by[n]["tpot_ms_p99"])
         att = max(by["least-load"]["slo_attainment"], by["llumnix"]["slo_attainment"])
+
+        def seeds(name: str, cell: tuple = cell) -> dict[int, float]:
+            return p99.get((*cell[:2], row_migration(name, cell[2]), name), {})
+
         out.append({"replicas": cell[0], "kv_units": cell[1], "migration": cell[2],
                     "better": best, "better_p99": by[best]["tpot_ms_p99"],
                     "better_attainment": att,
                     "ratio": {n: a["tpot_ms_p99"] / by[best]["tpot_ms_p99"] for n, a in by.items()},
                     "attainment": {n: a["slo_attainment"] for n, a in by.items()},
-                    "interval": {n: iv for n in by if n != best and (iv := paired_interval(
-                        p99.get((*cell[:2], _mig(n, cell[2]), n), {}),
-                        p99.get((*cell[:2], _mig(best, cell[2]), best), {}))) is not None}})
+                    "interval": {n: iv for n in by if n != best
+                                 and (iv := paired_interval(seeds(n), seeds(best))) is not None}})
     return out
 
 
-def _mig(variant: str, migration: str) -> str:
+def row_migration(variant: str, migration: str) -> str:
     """The migration key a variant's rows are stored under (least-load's are shared: "-")."""
     return "-" if variant == "least-load" else migration
 
